@@ -1,0 +1,30 @@
+"""The embedded default search (what `nemo-jax search` runs with no --config).
+
+resnet20 on the shipped Fashion-MNIST subset, NEMO's four species, objectives
+(top-1 error, model ratio, BOPs ratio), all minimised. Finishes in a few minutes on a
+2-core CPU.
+"""
+
+
+def get_config():
+  return {
+      "model": "resnet20",
+      "checkpoint": "default",
+      "dataset": "fashion_mnist_embedded",
+      "eval_split": "train",
+      "eval_per_class": 25,
+      "objectives": ["top1_error", "model_ratio", "bops_ratio"],
+      "bit_choices": [2, 3, 4, 5, 6, 7, 8],
+      "population": 32,
+      "generations": 25,
+      "species": [
+          {"kind": "direct_round"},
+          {"kind": "direct_floor"},
+          {"kind": "gcn"},
+          {"kind": "graph_unet"},
+      ],
+      "selection": "nsga3",
+      "utility": "r2",
+      "min_species_size": 4,
+      "seed": 0,
+  }

@@ -1,0 +1,214 @@
+"""Quantization-aware Flax (linen) layers and the per-call quantization context.
+
+A model's ``__call__(x, ctx=None, train=False)`` threads a :class:`QContext` through
+every :class:`QConv` / :class:`QDense`. Each quantized layer takes the next index in
+execution order from the context and reads its weight bit-width, input-activation
+bit-width and keep ratio from the context's (traced) config arrays. So:
+
+* layer ``i`` (0-based, execution order) has weight quantizer ``w_bits[i]`` and
+  input-activation quantizer ``a_bits[i]``: ``len(w_bits) == len(a_bits) ==``
+  number of conv/dense layers;
+* the config is data, not structure: one compiled function serves every config and a
+  population of configs can be ``vmap``-ed / ``lax.map``-ed over the same params.
+
+``ctx=None`` (or ``QContext()``) runs the plain float model.
+
+BatchNorm is NOT folded into the conv weights before quantization: weights are
+quantized as stored (like NNCF's default and EMOMC's reference code), BatchNorm runs
+in float after the (fake-quantized) conv. This keeps the float parameters the search
+evaluates identical to the trained/converted checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nemo_jax._src import quant
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+  """Static description of one quantized layer, recorded while tracing a model."""
+  index: int
+  name: str                 # module path, e.g. "layer1_0/conv1"
+  op: str                   # "conv", "depthwise" or "dense"
+  in_channels: int
+  out_channels: int
+  groups: int
+  kernel_size: tuple[int, int]
+  stride: tuple[int, int]
+  in_hw: tuple[int, int]    # input feature map (1, 1 for dense)
+  out_hw: tuple[int, int]
+  params: int               # weights + bias
+  weights: int              # weights only (what is quantized / pruned)
+  macs: int                 # per image
+
+
+class QContext:
+  """Carries one configuration through a model call (not a pytree; build it inside jit).
+
+  Args:
+    w_bits: int array ``[L]`` of weight bit-widths (``>= 32``: float), or None (float).
+    a_bits: int array ``[L]`` of input-activation bit-widths, or None (float).
+    keep: keep ratio, scalar or ``[L]`` (None: no pruning).
+    act_ranges: ``(lo[L], hi[L])`` calibrated activation ranges; None uses the current
+      batch's min/max (dynamic quantization, useful for QAT).
+    prune_ranks: optional tuple of precomputed ``quant.magnitude_ranks`` per layer.
+    weight_quant: weight quantizer mode (``quant.WEIGHT_MODES``).
+    observe: if True, each layer records the (min, max) of its input in
+      ``self.observed`` (calibration).
+    on_layer: optional callback receiving a :class:`LayerInfo` per layer (tracing).
+  """
+
+  def __init__(self, w_bits=None, a_bits=None, keep=None, act_ranges=None,
+               prune_ranks=None, weight_quant="symmetric_per_channel",
+               observe=False, on_layer: Callable[[LayerInfo], Any] | None = None):
+    if weight_quant not in quant.WEIGHT_MODES:
+      raise ValueError(f"weight_quant={weight_quant!r}; allowed: {quant.WEIGHT_MODES}")
+    self.w_bits = w_bits
+    self.a_bits = a_bits
+    self.keep = keep
+    self.act_ranges = act_ranges
+    self.prune_ranks = prune_ranks
+    self.weight_quant = weight_quant
+    self.observe = observe
+    self.on_layer = on_layer
+    self.observed: list[tuple[Array, Array]] = []
+    self.num_layers = 0
+
+  @classmethod
+  def from_config(cls, config, calibration=None, **kwargs):
+    """Context for a ``QuantConfig`` (one member, no population axis)."""
+    ranges = None if calibration is None else (calibration.lo, calibration.hi)
+    return cls(w_bits=config.w_bits, a_bits=config.a_bits, keep=config.keep,
+               act_ranges=ranges, **kwargs)
+
+  def next_index(self) -> int:
+    i = self.num_layers
+    self.num_layers += 1
+    return i
+
+  @staticmethod
+  def _pick(values, i):
+    if values is None:
+      return None
+    values = jnp.asarray(values)
+    return values if values.ndim == 0 else values[i]
+
+  def quantize_input(self, x, i):
+    if self.observe:
+      self.observed.append((jnp.min(x), jnp.max(x)))
+    bits = self._pick(self.a_bits, i)
+    if bits is None:
+      return x
+    if self.act_ranges is None:
+      lo, hi = jax.lax.stop_gradient(jnp.min(x)), jax.lax.stop_gradient(jnp.max(x))
+    else:
+      lo, hi = self.act_ranges[0][i], self.act_ranges[1][i]
+    return quant.quantize_affine(x, bits, lo, hi)
+
+  def quantize_kernel(self, kernel, i):
+    keep = self._pick(self.keep, i)
+    if keep is not None:
+      ranks = None if self.prune_ranks is None else self.prune_ranks[i]
+      kernel = quant.prune(kernel, keep, ranks)
+    bits = self._pick(self.w_bits, i)
+    if bits is None:
+      return kernel
+    return quant.quantize_weight(kernel, bits, self.weight_quant)
+
+
+def _pair(v) -> tuple[int, int]:
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _module_path(module: nn.Module) -> str:
+  return "/".join(str(p) for p in module.path)
+
+
+class QConv(nn.Module):
+  """2-D convolution (NHWC, HWIO kernel) with weight / input quantization and pruning.
+
+  Padding is explicit and symmetric (``padding=k//2`` per side by default), like
+  torchvision: Flax's "SAME" pads stride-2 convs asymmetrically on even inputs.
+  """
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  padding: int | Sequence[int] | None = None
+  feature_group_count: int = 1
+  use_bias: bool = False
+  kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: QContext | None = None) -> Array:
+    kh, kw = _pair(self.kernel_size)
+    sh, sw = _pair(self.strides)
+    ph, pw = _pair(self.padding) if self.padding is not None else (kh // 2, kw // 2)
+    cin = x.shape[-1]
+    if cin % self.feature_group_count:
+      raise ValueError(f"{_module_path(self)}: in_channels={cin} not divisible by "
+                       f"groups={self.feature_group_count}")
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, cin // self.feature_group_count, self.features))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    if ctx is not None:
+      i = ctx.next_index()
+      x = ctx.quantize_input(x, i)
+      kernel = ctx.quantize_kernel(kernel, i)
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (sh, sw), ((ph, ph), (pw, pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)
+    if bias is not None:
+      y = y + bias
+    if ctx is not None and ctx.on_layer is not None:
+      groups = self.feature_group_count
+      op = "depthwise" if groups > 1 and groups == cin else "conv"
+      oh, ow = y.shape[1], y.shape[2]
+      weights = kh * kw * (cin // groups) * self.features
+      ctx.on_layer(LayerInfo(
+          index=i, name=_module_path(self), op=op, in_channels=cin,
+          out_channels=self.features, groups=groups, kernel_size=(kh, kw),
+          stride=(sh, sw), in_hw=(x.shape[1], x.shape[2]), out_hw=(oh, ow),
+          params=weights + (self.features if self.use_bias else 0), weights=weights,
+          macs=weights * oh * ow))
+    return y
+
+
+class QDense(nn.Module):
+  """Dense layer (kernel ``[in, out]``) with weight / input quantization and pruning."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: Array, ctx: QContext | None = None) -> Array:
+    cin = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (cin, self.features))
+    bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+    if ctx is not None:
+      i = ctx.next_index()
+      x = ctx.quantize_input(x, i)
+      kernel = ctx.quantize_kernel(kernel, i)
+    y = x @ kernel.astype(x.dtype)
+    if bias is not None:
+      y = y + bias
+    if ctx is not None and ctx.on_layer is not None:
+      weights = cin * self.features
+      ctx.on_layer(LayerInfo(
+          index=i, name=_module_path(self), op="dense", in_channels=cin,
+          out_channels=self.features, groups=1, kernel_size=(1, 1), stride=(1, 1),
+          in_hw=(1, 1), out_hw=(1, 1),
+          params=weights + (self.features if self.use_bias else 0), weights=weights,
+          macs=weights))
+    return y

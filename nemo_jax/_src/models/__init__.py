@@ -1,0 +1,168 @@
+"""Model zoo registry: quantization-aware Flax (linen) models by name.
+
+Every model is a ``flax.linen.Module`` with ``__call__(x, ctx=None, train=False)``
+taking NHWC float images and returning logits; every conv / dense is a
+``QConv`` / ``QDense`` so a ``QContext`` quantizes it (``ctx=None``: float model).
+The quantizer index of a layer is its execution order (see each model's docstring).
+
+Quantized layers per model (weights quantizers = input-activation quantizers):
+mobilenet_v2 53, resnet18 21, resnet50 54, resnext101_32x8d 105, resnet20 22,
+vgg16_cifar 14.
+
+Usage::
+
+    model = get_model("resnet20", input_shape=(28, 28, 1), num_classes=10)
+    variables = init_variables(model, jax.random.key(0), (28, 28, 1))
+    logits = model.apply(variables, images, ctx)
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemo_jax._src.layers import LayerInfo, QContext
+from nemo_jax._src.models import mobilenet, resnet, vgg
+
+DEFAULT_MODEL = "resnet20"
+DEFAULT_INPUT_SHAPE = (28, 28, 1)
+DEFAULT_NUM_CLASSES = 10
+
+ModelConstructor = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelConstructor] = {}
+
+
+def register_model(name: str):
+  """Decorator registering ``constructor(input_shape, num_classes, **kwargs) -> Module``.
+
+  Args:
+    name: the model's name in ``get_model`` / configs / the CLI.
+
+  Returns:
+    The decorator (returns the constructor unchanged).
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"model name: expected a non-empty string, got {name!r}")
+
+  def decorator(constructor: ModelConstructor) -> ModelConstructor:
+    if name in _REGISTRY and _REGISTRY[name] is not constructor:
+      raise ValueError(f"model name {name!r} is already registered")
+    _REGISTRY[name] = constructor
+    return constructor
+
+  return decorator
+
+
+def list_models() -> list[str]:
+  """Names accepted by :func:`get_model`, sorted."""
+  return sorted(_REGISTRY)
+
+
+def check_input_shape(input_shape) -> tuple[int, int, int]:
+  """Validates ``(H, W, C)`` (positive integers); returns it as a tuple of ints."""
+  ok = (isinstance(input_shape, (tuple, list)) and len(input_shape) == 3
+        and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                for s in input_shape))
+  if not ok:
+    raise ValueError(f"input_shape: expected (H, W, C) of positive integers, "
+                     f"got {input_shape!r}")
+  return tuple(int(s) for s in input_shape)
+
+
+def check_num_classes(num_classes) -> int:
+  """Validates a positive integer number of classes."""
+  if (not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool)
+      or num_classes < 1):
+    raise ValueError(f"num_classes: expected a positive integer, got {num_classes!r}")
+  return int(num_classes)
+
+
+def get_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
+              **kwargs) -> nn.Module:
+  """Builds a registered model.
+
+  Args:
+    name: one of :func:`list_models`.
+    input_shape: ``(H, W, C)`` of one image (the module itself is shape-agnostic;
+      the shape is validated and passed to the constructor).
+    num_classes: number of logits.
+    **kwargs: model options (e.g. ``width_mult`` for mobilenet_v2, layer
+      constructors ``conv=``, ``dense=``, ``norm=``).
+
+  Returns:
+    An unbound ``flax.linen.Module``.
+
+  Raises:
+    ValueError: unknown name, bad ``input_shape`` / ``num_classes`` / options.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"model: unknown model {name!r}; allowed: {list_models()}")
+  input_shape = check_input_shape(input_shape)
+  num_classes = check_num_classes(num_classes)
+  try:
+    return _REGISTRY[name](input_shape, num_classes, **kwargs)
+  except TypeError as e:  # an unknown keyword reaches the module's dataclass
+    raise ValueError(f"model {name!r}: bad option(s) {sorted(kwargs)}: {e}") from None
+
+
+def dummy_input(input_shape, batch_size: int = 1, dtype=jnp.float32) -> jax.Array:
+  """Zeros ``[batch_size, H, W, C]`` for init / tracing."""
+  return jnp.zeros((batch_size, *check_input_shape(input_shape)), dtype)
+
+
+def init_variables(model: nn.Module, key: jax.Array, input_shape) -> dict:
+  """Initial ``{'params', 'batch_stats'}`` of ``model`` for images of ``input_shape``."""
+  x = dummy_input(input_shape)
+  init = jax.jit(lambda k, x: model.init(k, x, None, train=False))
+  # XLA:CPU's optimising backend spends ~20 s on the ~50 random-normal initialisers of
+  # even ResNet-20; this program runs once, so compile it without optimisation (~3x
+  # faster end to end; same random bits).
+  compiled = init.lower(key, x).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return dict(compiled(key, x))
+
+
+def abstract_variables(model: nn.Module, input_shape) -> dict:
+  """Shapes/dtypes (``jax.ShapeDtypeStruct``) of the variables, without allocating."""
+  return dict(jax.eval_shape(lambda k, x: model.init(k, x, None, train=False),
+                             jax.random.key(0), dummy_input(input_shape)))
+
+
+def count_params(variables) -> int:
+  """Number of trainable parameters (the ``params`` collection; works on shapes too)."""
+  params = variables["params"] if "params" in variables else variables
+  return int(sum(np.prod(leaf.shape, dtype=np.int64)
+                 for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def trace_layers(model: nn.Module, input_shape, batch_size: int = 1) -> list[LayerInfo]:
+  """The quantized layers of ``model`` in execution order (abstract trace, no FLOPs)."""
+  infos: list[LayerInfo] = []
+  x = dummy_input(input_shape, batch_size)
+  variables = abstract_variables(model, input_shape)
+
+  def run(v, x):
+    ctx = QContext(on_layer=infos.append)
+    return model.apply(v, x, ctx)
+
+  jax.eval_shape(run, variables, x)
+  return infos
+
+
+register_model("mobilenet_v2")(mobilenet.mobilenet_v2)
+register_model("resnet18")(resnet.resnet18)
+register_model("resnet50")(resnet.resnet50)
+register_model("resnext101_32x8d")(resnet.resnext101_32x8d)
+register_model("resnet20")(resnet.resnet20)
+register_model("vgg16_cifar")(vgg.vgg16_cifar)
+
+__all__ = [
+    "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "abstract_variables",
+    "check_input_shape", "check_num_classes", "count_params", "dummy_input", "get_model",
+    "init_variables", "list_models", "register_model", "trace_layers",
+]

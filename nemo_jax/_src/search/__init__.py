@@ -1,0 +1,1 @@
+"""NEMO search: GNN policies, evolutionary variation operators and the search engine."""

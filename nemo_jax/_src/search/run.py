@@ -1,0 +1,296 @@
+"""``search()``: the researcher-facing entry point (also behind ``nemo-jax search``).
+
+Runs the engine generation by generation with a progress bar, checkpoints the whole
+search state with orbax after every generation (a killed run resumes with
+``resume=True`` and ends with the same ``front.json`` as an uninterrupted one), and
+writes the results: ``config.json`` (resolved config, package versions, seed),
+``front.json``, ``history.csv``, ``uniform.json``, ``front.png`` and ``species.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from nemo_jax._src import evaluate as eval_lib
+from nemo_jax._src import data as data_lib
+from nemo_jax._src.config import QuantConfig
+from nemo_jax._src.search import report
+from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
+                                         species_labels)
+from nemo_jax._src.search.engine import Engine
+from nemo_jax._src.search.problem import Problem, build_problem
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class SearchResult:
+  """What a search returns.
+
+  Attributes:
+    front: list of front members (dicts as in ``front.json``: ``w_bits``, ``a_bits``,
+      ``keep``, ``species``, ``generation``, ``objectives`` and all ``metrics``).
+    archive: the raw archive arrays (every non-dominated configuration seen).
+    history: one dict per generation (as in ``history.csv``).
+    config: the resolved SearchConfig.
+    out_dir: where the files were written (None if not written).
+    uniform: the uniform-precision baselines (W = A for each bit choice).
+  """
+  front: list[dict]
+  archive: dict
+  history: list[dict]
+  config: SearchConfig
+  out_dir: str | None
+  uniform: list[dict]
+
+
+def package_versions() -> dict:
+  out = {}
+  for p in ("nemo-jax", "jax", "jaxlib", "flax", "optax", "evosax", "jraph", "orbax-checkpoint",
+            "numpy"):
+    try:
+      out[p] = importlib.metadata.version(p)
+    except importlib.metadata.PackageNotFoundError:
+      out[p] = None
+  return out
+
+
+def raw_names_for(problem: Problem) -> tuple[str, ...]:
+  names = list(problem.cost_names)
+  if problem.needs_accuracy:
+    names += list(ACCURACY_OBJECTIVES)
+  return tuple(names)
+
+
+def _raw_matrix(raw: Mapping[str, np.ndarray], names) -> np.ndarray:
+  return np.stack([np.asarray(raw[n], np.float32) for n in names], axis=-1)
+
+
+def _score(problem: Problem, batch, raw_names):
+  """Decodes and scores a batch; returns device arrays and the accuracy seconds."""
+  configs = problem.decode(batch["choice"], batch["keep_idx"])
+  F, violation, raw, acc_seconds = problem.objectives(configs, timed=True)
+  return (jnp.asarray(F), jnp.asarray(violation), jnp.asarray(_raw_matrix(raw, raw_names)),
+          acc_seconds)
+
+
+def _members(problem: Problem, choice, keep_idx, species, generation, raw, raw_names, labels):
+  configs = problem.decode(jnp.asarray(choice), jnp.asarray(keep_idx))
+  out = []
+  for i in range(len(keep_idx)):
+    metrics = {n: float(raw[i, j]) for j, n in enumerate(raw_names)}
+    out.append({
+        "w_bits": [int(b) for b in np.asarray(configs.w_bits[i])],
+        "a_bits": [int(b) for b in np.asarray(configs.a_bits[i])],
+        "keep": float(configs.keep[i]),
+        "species": labels[int(species[i])] if species is not None else "uniform",
+        "generation": int(generation[i]) if generation is not None else 0,
+        "objectives": {n: metrics[n] for n in problem.objective_names},
+        "metrics": metrics,
+    })
+  return out
+
+
+def front_members(problem: Problem, archive, raw_names, labels) -> list[dict]:
+  """The feasible non-dominated archive as a list of dicts, sorted by objectives."""
+  a = jax.tree.map(np.asarray, archive)
+  ok = a["valid"] & (a["violation"] <= 0)
+  if not ok.any():  # nothing feasible: report the least-violating configurations
+    ok = a["valid"] & (a["violation"] <= a["violation"][a["valid"]].min(initial=np.inf))
+  idx = np.nonzero(ok)[0]
+  idx = idx[np.lexsort(tuple(a["F"][idx, j] for j in reversed(range(a["F"].shape[1]))))]
+  return _members(problem, a["choice"][idx], a["keep_idx"][idx], a["species"][idx],
+                  a["generation"][idx], a["raw"][idx], raw_names, labels)
+
+
+def _final_evaluator(problem: Problem):
+  cfg = problem.cfg
+  images, labels = data_lib.load_split(cfg.dataset, cfg.final_split, source_dir=cfg.data_dir)
+  classes = data_lib.DATASETS[cfg.dataset].num_classes
+  per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
+  idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
+  x = data_lib.preprocess(cfg.dataset, images[idx])
+  return eval_lib.Evaluator(problem.model, problem.evaluation_variables, problem.calibration,
+                            x, labels[idx], batch_size=cfg.eval_batch_size,
+                            population_pad=cfg.population, strategy=cfg.eval_strategy)
+
+
+def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
+  """Adds ``final_top1`` (fraction, on ``final_split``) to every member, in place."""
+  if not members:
+    return
+  p = problem.cfg.population
+  for s in range(0, len(members), p):
+    chunk = members[s:s + p]
+    configs = QuantConfig(w_bits=jnp.asarray([m["w_bits"] for m in chunk], jnp.int32),
+                          a_bits=jnp.asarray([m["a_bits"] for m in chunk], jnp.int32),
+                          keep=jnp.asarray([m["keep"] for m in chunk], jnp.float32))
+    top1 = np.asarray(problem.evaluate_with(evaluator, configs).top1)
+    for m, t in zip(chunk, top1):
+      m["final_top1"] = float(t)
+
+
+def uniform_baselines(problem: Problem, raw_names) -> list[dict]:
+  """Uniform precision W = A = b for every bit choice (keep = largest keep choice)."""
+  cfg = problem.cfg
+  k = len(cfg.bit_choices)
+  choice = jnp.tile(jnp.arange(k, dtype=jnp.int32)[:, None], (1, len(problem.space.active_nodes)))
+  keep_idx = jnp.full((k,), len(cfg.keep_choices) - 1, jnp.int32)
+  configs = problem.decode(choice, keep_idx)
+  _, _, raw = problem.objectives(configs)
+  members = _members(problem, choice, keep_idx, None, None, _raw_matrix(raw, raw_names),
+                     raw_names, None)
+  for m, b in zip(members, cfg.bit_choices):
+    m["bits"] = int(b)
+  return members
+
+
+def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds):
+  row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state["evals"]))),
+         "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state["archive"]["valid"])))}
+  for i, l in enumerate(labels):
+    row[f"size:{l}"] = int(np.asarray(state["sizes"])[i])
+  for i, l in enumerate(labels):
+    row[f"utility:{l}"] = float(np.asarray(metrics["utility"])[i]) if metrics else float("nan")
+  for i, l in enumerate(labels):
+    row[f"front:{l}"] = int(np.asarray(metrics["front_counts"])[i]) if metrics else 0
+  row["seconds"] = round(seconds, 4)
+  row["accuracy_seconds"] = round(acc_seconds, 4)
+  return row
+
+
+def _canonical(tree):
+  """Host copy with strong dtypes (so the first and a resumed call compile the same)."""
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
+
+
+def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
+           progress: bool = True, problem: Problem | None = None,
+           callback: Callable[[dict], Any] | None = None, **overrides) -> SearchResult:
+  """Runs a NEMO (or baseline) search. All objectives are minimised.
+
+  Args:
+    config: a SearchConfig, a mapping, a ``.py`` (``get_config()``) / ``.json`` file, or
+      None for the embedded default (resnet20 on the shipped Fashion-MNIST, 4 species).
+    out_dir: where to write results and checkpoints (None: nothing is written and no
+      checkpoint is kept).
+    resume: continue the run in ``out_dir`` from its last checkpoint (its config.json
+      is used; ``generations`` may be overridden to extend it).
+    progress: show a progress bar.
+    problem: a prebuilt Problem (e.g. with a custom model); must match the config.
+    callback: called with each generation's history row.
+    **overrides: config fields to replace (``generations=5``, ``seed=1``, ...).
+
+  Returns:
+    A SearchResult with the front, the archive and the history.
+  """
+  if resume:
+    if out_dir is None or not os.path.exists(os.path.join(out_dir, report.CONFIG_FILE)):
+      raise ValueError(f"resume: {out_dir!r} holds no previous run ({report.CONFIG_FILE} missing)")
+    with open(os.path.join(out_dir, report.CONFIG_FILE)) as f:
+      saved = json.load(f)["config"]
+    cfg = load_search_config(saved, **overrides)
+  else:
+    cfg = load_search_config(config, **overrides)
+  problem = problem or build_problem(cfg)
+  labels = species_labels(cfg.species)
+  raw_names = raw_names_for(problem)
+  engine = Engine(cfg, problem.space, problem.graph, int(problem.graph.nodes.shape[-1]),
+                  raw_names)
+  hv_ref = jnp.asarray(cfg.hv_ref if cfg.hv_ref is not None else [1.0] * len(cfg.objectives),
+                       jnp.float32)
+  hv_fn = jax.jit(engine.hypervolume)
+
+  manager = None
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    report.write_json(os.path.join(out_dir, report.CONFIG_FILE),
+                      {"config": cfg.to_dict(), "seed": cfg.seed, "versions": package_versions()})
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(out_dir, CHECKPOINT_DIR)),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+  state, history = None, []
+  if resume and manager is not None and manager.latest_step() is not None:
+    key = jax.random.key(cfg.seed)
+    template, _ = jax.eval_shape(engine.init_state, key)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    state, history = _canonical(restored["state"]), list(restored["history"])
+
+  bar = tqdm(total=cfg.generations + 1, disable=not progress, desc="search", unit="gen")
+  if state is None:
+    t0 = time.perf_counter()
+    state, batch = engine.init_state(jax.random.key(cfg.seed))
+    F, viol, raw, acc_s = _score(problem, batch, raw_names)
+    state = _canonical(engine.finish_init(state, batch, F, viol, raw))
+    hv = hv_fn(state["archive"], hv_ref)
+    history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
+    _save(manager, state, history)
+  else:
+    bar.update(int(state["generation"]))
+  bar.update(1)
+  _postfix(bar, history[-1], labels)
+
+  while int(state["generation"]) < cfg.generations:
+    t0 = time.perf_counter()
+    proposal, batch = engine.propose(state)
+    F, viol, raw, acc_s = _score(problem, batch, raw_names)
+    state, metrics = engine.select(state, proposal, batch, F, viol, raw)
+    hv = hv_fn(state["archive"], hv_ref)
+    row = _history_row(int(state["generation"]), state, metrics, hv, labels,
+                       time.perf_counter() - t0, acc_s)
+    history.append(row)
+    _save(manager, state, history)
+    if callback is not None:
+      callback(row)
+    bar.update(1)
+    _postfix(bar, row, labels)
+  bar.close()
+  if manager is not None:
+    manager.wait_until_finished()
+
+  front = front_members(problem, state["archive"], raw_names, labels)
+  uniform = uniform_baselines(problem, raw_names)
+  if cfg.final_split is not None:
+    final_eval = _final_evaluator(problem)
+    _final_accuracy(problem, final_eval, front)
+    _final_accuracy(problem, final_eval, uniform)
+  if out_dir is not None:
+    write_outputs(out_dir, cfg, front, uniform, history, labels)
+  return SearchResult(front=front, archive=jax.tree.map(np.asarray, state["archive"]),
+                      history=history, config=cfg, out_dir=out_dir, uniform=uniform)
+
+
+def write_outputs(out_dir, cfg, front, uniform, history, labels):
+  report.write_json(os.path.join(out_dir, report.FRONT_FILE), front)
+  report.write_json(os.path.join(out_dir, report.UNIFORM_FILE), uniform)
+  report.write_history(os.path.join(out_dir, report.HISTORY_FILE), history)
+  if front:
+    report.plot_front(out_dir, front, cfg.objectives, uniform)
+  report.plot_species(out_dir, history, labels)
+
+
+def _save(manager, state, history):
+  if manager is None:
+    return
+  step = int(state["generation"])
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             history=ocp.args.JsonSave(history)))
+
+
+def _postfix(bar, row, labels):
+  bar.set_postfix_str(f"evals={row['evaluations']} hv={row['hypervolume']:.4f} sizes="
+                      + "/".join(str(row[f'size:{l}']) for l in labels))

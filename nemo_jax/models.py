@@ -1,0 +1,23 @@
+"""Quantization-aware Flax (linen) model zoo.
+
+Every conv / dense layer is a :class:`QConv` / :class:`QDense` whose weight bits,
+input-activation bits and keep ratio come from a :class:`QContext` at call time, so one
+compiled function serves every configuration::
+
+    model = nemo_jax.models.get_model("resnet20", input_shape=(28, 28, 1), num_classes=10)
+    logits = model.apply(variables, images, QContext.from_config(config, calibration))
+"""
+
+from nemo_jax._src.checkpoint import load_variables, save_variables
+from nemo_jax._src.convert import convert_checkpoint, load_torch_checkpoint, torchvision_to_flax
+from nemo_jax._src.layers import LayerInfo, QContext, QConv, QDense
+from nemo_jax._src.models import (DEFAULT_INPUT_SHAPE, DEFAULT_MODEL, DEFAULT_NUM_CLASSES,
+                                  get_model, list_models, register_model)
+from nemo_jax._src.train import TrainConfig, load_default_model, train
+
+__all__ = [
+    "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "LayerInfo", "QContext",
+    "QConv", "QDense", "TrainConfig", "convert_checkpoint", "get_model", "list_models",
+    "load_default_model", "load_torch_checkpoint", "load_variables", "register_model",
+    "save_variables", "torchvision_to_flax", "train",
+]

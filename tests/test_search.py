@@ -1,0 +1,251 @@
+"""The NEMO engine: allocation, joint ranking, archive, decoding, CLI, resume, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemo_jax import pareto
+from nemo_jax._src.search import engine as engine_lib
+from nemo_jax._src.search import run as run_lib
+from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.search.problem import build_problem
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
+
+
+# --------------------------------------------------------------------------- allocation
+
+@hypothesis.settings(deadline=None, max_examples=40)
+@hypothesis.given(st.data())
+def test_allocation_sums_to_population_and_respects_bounds(data):
+  s = data.draw(st.integers(1, 6))
+  min_size = data.draw(st.integers(2, 4))
+  total = data.draw(st.integers(s * min_size, s * min_size + 30))
+  capacity = total - (s - 1) * min_size
+  # Old sizes: any valid allocation of `total`.
+  extra = data.draw(st.lists(st.integers(0, 30), min_size=s, max_size=s))
+  old = np.full(s, min_size)
+  rest = total - s * min_size
+  for i in range(s):
+    take = min(extra[i], rest)
+    old[i] += take
+    rest -= take
+  old[0] += rest
+  value = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=s, max_size=s)), np.float32)
+  evals = np.asarray(data.draw(st.lists(st.integers(1, 500), min_size=s, max_size=s)))
+  sizes = np.asarray(engine_lib.allocate_sizes(jnp.asarray(value), jnp.asarray(evals),
+                                               jnp.asarray(old, jnp.int32), total, min_size,
+                                               capacity, 0.5))
+  assert sizes.sum() == total
+  assert (sizes >= min_size).all()
+  assert (sizes <= np.minimum(2 * old, capacity)).all()
+
+
+def test_allocation_favours_the_better_species():
+  sizes = engine_lib.allocate_sizes(jnp.array([1.0, 0.0, 0.0, 0.0]), jnp.array([10, 10, 10, 10]),
+                                    jnp.array([8, 8, 8, 8], jnp.int32), 32, 4, 20, 0.0)
+  # Species 0 grows to its cap (2 x 8); the other slots are shared out one by one.
+  assert list(np.asarray(sizes)) == [16, 6, 5, 5]
+
+
+# --------------------------------------------------------------------------- ranking
+
+def _brute_rank(F):
+  n = len(F)
+  dom = lambda a, b: np.all(a <= b) and np.any(a < b)
+  rank = np.full(n, -1)
+  left = set(range(n))
+  r = 0
+  while left:
+    front = {i for i in left if not any(dom(F[j], F[i]) for j in left if j != i)}
+    for i in front:
+      rank[i] = r
+    left -= front
+    r += 1
+  return rank
+
+
+@pytest.mark.parametrize("selection", ["nsga3", "nsga2"])
+def test_joint_priority_orders_fronts_and_puts_invalid_last(selection):
+  rng = np.random.default_rng(0)
+  F = rng.integers(0, 5, size=(40, 3)).astype(np.float32)
+  valid = rng.random(40) > 0.2
+  ref = jnp.asarray(pareto.uniform_weights(3, 4), jnp.float32)
+  pri, rank = engine_lib.joint_priority(jnp.asarray(F), jnp.zeros(40), jnp.asarray(valid), ref,
+                                        selection)
+  pri = np.asarray(pri)
+  assert sorted(pri.tolist()) == list(range(40))           # a permutation
+  order = np.argsort(pri)
+  assert not valid[order[valid.sum():]].any()               # invalid rows last
+  brute = _brute_rank(F[valid])
+  by_priority = np.asarray(rank)[order[:valid.sum()]]
+  assert np.all(np.diff(by_priority) >= 0)                  # fronts come in order
+  np.testing.assert_array_equal(np.asarray(rank)[valid], brute)
+
+
+def test_nsga2_priority_breaks_ties_by_crowding():
+  # One front on a line: the two extremes (infinite crowding) come first.
+  F = jnp.asarray([[0.0, 4.0], [1.0, 3.0], [2.0, 2.0], [3.0, 1.0], [4.0, 0.0]])
+  pri, _ = engine_lib.joint_priority(F, jnp.zeros(5), jnp.ones(5, bool),
+                                     jnp.asarray([[1.0, 0.0], [0.0, 1.0]]), "nsga2")
+  assert set(np.argsort(np.asarray(pri))[:2].tolist()) == {0, 4}
+
+
+# --------------------------------------------------------------------------- archive
+
+def _rows(keys, F, viol=None):
+  n = len(keys)
+  return {"key": jnp.asarray(keys, jnp.int32), "choice": jnp.asarray(keys, jnp.int32),
+          "keep_idx": jnp.zeros(n, jnp.int32), "F": jnp.asarray(F, jnp.float32),
+          "violation": jnp.zeros(n, jnp.float32) if viol is None else jnp.asarray(viol),
+          "raw": jnp.asarray(F, jnp.float32), "species": jnp.zeros(n, jnp.int32),
+          "generation": jnp.zeros(n, jnp.int32), "valid": jnp.ones(n, bool)}
+
+
+@hypothesis.settings(deadline=None, max_examples=25)
+@hypothesis.given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1,
+                           max_size=24))
+def test_archive_keeps_distinct_nondominated_configs(points):
+  # key = the point itself, so equal keys have equal objectives (as in a real search).
+  keys = np.asarray(points)
+  F = keys.astype(np.float32)
+  empty = jax.tree.map(lambda x: jnp.zeros((32,) + x.shape[1:], x.dtype), _rows(keys, F))
+  out = engine_lib.update_archive(empty, _rows(keys, F))
+  got = {tuple(k) for k, v in zip(np.asarray(out["key"]), np.asarray(out["valid"])) if v}
+  distinct = np.unique(keys, axis=0)
+  rank = _brute_rank(distinct.astype(np.float32))
+  want = {tuple(k) for k, r in zip(distinct, rank) if r == 0}
+  assert got == want
+
+
+# --------------------------------------------------------------------------- problem
+
+@pytest.fixture(scope="module")
+def smoke_problem():
+  return build_problem(load_search_config(SMOKE))
+
+
+def test_decode_maps_choices_to_node_bits(smoke_problem):
+  p = smoke_problem
+  n_layers = p.workload.num_layers
+  choice = jnp.asarray(np.arange(2 * n_layers) % 7)[None]
+  cfg = p.decode(choice, jnp.zeros((1,), jnp.int32))
+  bits = np.asarray(p.bit_choices)[np.arange(2 * n_layers) % 7]
+  np.testing.assert_array_equal(np.asarray(cfg.a_bits[0]), bits[0::2])   # nodes a_0, w_0, ...
+  np.testing.assert_array_equal(np.asarray(cfg.w_bits[0]), bits[1::2])
+  assert float(cfg.keep[0]) == 1.0
+
+
+def test_objectives_are_normalised_and_minimised(smoke_problem):
+  p = smoke_problem
+  L = p.workload.num_layers
+  choice = jnp.stack([jnp.full((2 * L,), 6), jnp.full((2 * L,), 0)])   # W8A8 and W2A2
+  F, viol, raw = p.objectives(p.decode(choice, jnp.zeros((2,), jnp.int32)))
+  names = list(p.objective_names)
+  bops = F[:, names.index("bops_ratio")]
+  np.testing.assert_allclose(bops, [1 / 16, 1 / 256], rtol=1e-5)
+  assert F[0, names.index("top1_error")] < F[1, names.index("top1_error")]  # 8 bit beats 2 bit
+  assert (viol == 0).all()
+  np.testing.assert_allclose(raw["top1_error"], F[:, 0])
+
+
+# --------------------------------------------------------------------------- end to end
+
+def _cli(*args, **kwargs):
+  return subprocess.run([sys.executable, "-m", "nemo_jax.cli", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=900, **kwargs)
+
+
+def test_cli_search_report_and_bad_config(tmp_path):
+  out = tmp_path / "run"
+  r = _cli("search", "--config", SMOKE, "--out", str(out), "--quiet")
+  assert r.returncode == 0, r.stderr
+  for f in ("config.json", "front.json", "history.csv", "front.png", "species.png",
+            "uniform.json"):
+    assert (out / f).exists(), f
+  front = json.loads((out / "front.json").read_text())
+  assert front and {"w_bits", "a_bits", "keep", "species", "objectives"} <= set(front[0])
+  assert set(front[0]["objectives"]) == {"top1_error", "model_ratio", "bops_ratio"}
+  history = (out / "history.csv").read_text().splitlines()
+  assert len(history) == 1 + 3                      # header + generations 0..2
+  os.remove(out / "front.png")
+  r = _cli("report", str(out))
+  assert r.returncode == 0 and (out / "front.png").exists()
+  assert "top1_error" in r.stdout
+
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps({"population": 8, "generations": 1, "colour": "red"}))
+  r = _cli("search", "--config", str(bad), "--out", str(tmp_path / "bad"))
+  assert r.returncode == 2 and "colour" in r.stderr and "Traceback" not in r.stderr
+  bad.write_text(json.dumps({"selection": "nsga4"}))
+  r = _cli("search", "--config", str(bad), "--out", str(tmp_path / "bad"))
+  assert r.returncode == 2 and "nsga3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+  generations = 8
+  reference = run_lib.search(SMOKE, out_dir=str(tmp_path / "ref"), progress=False,
+                             generations=generations)
+  # Same seed, same machine: identical results (determinism).
+  again = run_lib.search(SMOKE, out_dir=None, progress=False, generations=generations)
+  assert again.front == reference.front
+
+  out = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "nemo_jax.cli", "search", "--config", SMOKE,
+                           "--out", str(out), "--generations", str(generations), "--quiet"],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = out / "checkpoints"
+  deadline = time.time() + 600
+  killed_at = None
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if ckpt.exists() else []
+    if steps and max(steps) >= 2:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = max(steps)
+      break
+    time.sleep(0.02)
+  proc.wait(timeout=60)
+  assert killed_at is not None and killed_at < generations, "the run ended before the kill"
+  assert not (out / "front.json").exists()
+  r = _cli("search", "--resume", str(out), "--quiet")
+  assert r.returncode == 0, r.stderr
+  assert json.loads((out / "front.json").read_text()) == json.loads(
+      (tmp_path / "ref" / "front.json").read_text())
+  assert (out / "history.csv").read_text().count("\n") == generations + 2
+
+
+def test_baselines_and_evosax_species_run(tmp_path):
+  base = dict(population=8, generations=1, final_split=None, eval_per_class=2,
+              calib_per_class=2, calib_batches=2, min_species_size=2, archive_size=32)
+  for species, extra in ((["direct_round"], {"selection": "nsga2", "resize": False}),
+                         (["random"], {"resize": False}),
+                         ([{"kind": "direct_round", "optimizer": "evosax:Open_ES"},
+                           {"kind": "gcn", "hidden": 8, "optimizer": "evosax:SimpleGA"}], {})):
+    res = run_lib.search(None, out_dir=None, progress=False, species=species, **base, **extra)
+    assert res.history[-1]["evaluations"] == 16
+    assert res.front
+
+
+def test_experiment_configs_validate():
+  cfg_dir = os.path.join(REPO, "experiments", "configs")
+  names = [f for f in os.listdir(cfg_dir) if f.endswith(".py") and not f.startswith("train")]
+  assert {"default.py", "smoke.py"} <= set(names)
+  for f in names:
+    load_search_config(os.path.join(cfg_dir, f))
+  with pytest.raises(ValueError, match="objectives"):
+    load_search_config(SMOKE, objectives=["top1_error", "latency"])
+  with pytest.raises(ValueError, match="population"):
+    load_search_config(SMOKE, population=3)
