@@ -90,11 +90,14 @@ def main(argv=None) -> None:
   parser.add_argument("--strategy", default="map")
   args = parser.parse_args(argv)
 
-  from nemo_jax._src import distributed
-  if args.num_processes > 1:
-    distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id,
-                           initialization_timeout=60)
   import jax
+  if args.num_processes > 1:
+    # Joined BEFORE importing nemo_jax: importing the package imports evosax, whose
+    # import runs a JAX computation, after which jax.distributed.initialize refuses.
+    # (Same call as nemo_jax._src.distributed.initialize.)
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
+                               num_processes=args.num_processes,
+                               process_id=args.process_id, initialization_timeout=60)
   from nemo_jax._src import evaluate
 
   model, variables, calibration, images, labels, configs = build_problem()

@@ -106,13 +106,17 @@ def test_nsga2_priority_breaks_ties_by_crowding():
 
 # --------------------------------------------------------------------------- archive
 
-def _rows(keys, F, viol=None):
+def _rows(keys, F, pad_to=24):
+  # Padded to a fixed number of rows (valid=False) so every example shares one compile.
   n = len(keys)
-  return {"key": jnp.asarray(keys, jnp.int32), "choice": jnp.asarray(keys, jnp.int32),
-          "keep_idx": jnp.zeros(n, jnp.int32), "F": jnp.asarray(F, jnp.float32),
-          "violation": jnp.zeros(n, jnp.float32) if viol is None else jnp.asarray(viol),
-          "raw": jnp.asarray(F, jnp.float32), "species": jnp.zeros(n, jnp.int32),
-          "generation": jnp.zeros(n, jnp.int32), "valid": jnp.ones(n, bool)}
+  pad = lambda x, v=0: np.concatenate([x, np.full((pad_to - n,) + x.shape[1:], v, x.dtype)])
+  keys = pad(np.asarray(keys, np.int32))
+  F = pad(np.asarray(F, np.float32))
+  return {"key": jnp.asarray(keys), "choice": jnp.asarray(keys),
+          "keep_idx": jnp.zeros(pad_to, jnp.int32), "F": jnp.asarray(F),
+          "violation": jnp.zeros(pad_to, jnp.float32), "raw": jnp.asarray(F),
+          "species": jnp.zeros(pad_to, jnp.int32), "generation": jnp.zeros(pad_to, jnp.int32),
+          "valid": jnp.asarray(np.arange(pad_to) < n)}
 
 
 @hypothesis.settings(deadline=None, max_examples=25)
@@ -227,16 +231,20 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
   assert (out / "history.csv").read_text().count("\n") == generations + 2
 
 
-def test_baselines_and_evosax_species_run(tmp_path):
-  base = dict(population=8, generations=1, final_split=None, eval_per_class=2,
-              calib_per_class=2, calib_batches=2, min_species_size=2, archive_size=32)
-  for species, extra in ((["direct_round"], {"selection": "nsga2", "resize": False}),
-                         (["random"], {"resize": False}),
-                         ([{"kind": "direct_round", "optimizer": "evosax:Open_ES"},
-                           {"kind": "gcn", "hidden": 8, "optimizer": "evosax:SimpleGA"}], {})):
-    res = run_lib.search(None, out_dir=None, progress=False, species=species, **base, **extra)
-    assert res.history[-1]["evaluations"] == 16
-    assert res.front
+def test_nsga2_random_and_evosax_species_run(smoke_problem):
+  # One engine covering NSGA-II selection, the random species and evosax strategies
+  # (distribution-based on direct genes, population-based on GNN weights).
+  species = ["direct_round", "random",
+             {"kind": "direct_floor", "optimizer": "evosax:Open_ES"},
+             {"kind": "gcn", "hidden": 8, "optimizer": "evosax:SimpleGA"}]
+  res = run_lib.search(SMOKE, out_dir=None, progress=False, problem=smoke_problem,
+                       species=species, selection="nsga2", resize=False, generations=2,
+                       final_split=None)
+  assert [r["evaluations"] for r in res.history] == [8, 16, 24]
+  assert res.front and all(m["species"] in ("direct_round", "random", "direct_floor", "gcn")
+                           for m in res.front)
+  sizes = {k: v for k, v in res.history[-1].items() if k.startswith("size:")}
+  assert set(sizes.values()) == {2}                       # resize=False keeps sizes
 
 
 def test_experiment_configs_validate():
@@ -245,6 +253,9 @@ def test_experiment_configs_validate():
   assert {"default.py", "smoke.py"} <= set(names)
   for f in names:
     load_search_config(os.path.join(cfg_dir, f))
+  for model in ("mobilenet_v2", "resnet50", "resnext101_32x8d"):
+    cfg = load_search_config(os.path.join(cfg_dir, f"paper_imagenet.py:{model}"))
+    assert cfg.model == model and cfg.eval_per_class == 5 and "top5_error" in cfg.objectives
   with pytest.raises(ValueError, match="objectives"):
     load_search_config(SMOKE, objectives=["top1_error", "latency"])
   with pytest.raises(ValueError, match="population"):

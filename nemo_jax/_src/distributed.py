@@ -56,7 +56,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                initialization_timeout: int = 300) -> None:
   """Joins this process to a multi-host JAX job (``jax.distributed.initialize``).
 
-  Must be called before any other JAX computation in the process. With no arguments
+  Must be called before any other JAX computation in the process (note: importing
+  ``evosax`` runs one, so call this before importing the search modules, or call
+  ``jax.distributed.initialize`` with the same arguments first thing). With no arguments
   the cluster is auto-detected (SLURM, TPU pods, Open MPI); see the module docstring for
   launch lines.
 

@@ -312,6 +312,13 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
 
 
 def load_config_file(path: str) -> Mapping[str, Any]:
+  """Reads a ``.json`` config or calls ``get_config()`` of a ``.py`` one.
+
+  ``FILE.py:ARG`` calls ``get_config(ARG)`` (big_vision's convention for variants).
+  """
+  arg = None
+  if ".py:" in path:
+    path, arg = path.rsplit(":", 1)
   if not os.path.exists(path):
     raise ValueError(f"config file {path!r} does not exist")
   if path.endswith(".json"):
@@ -326,7 +333,7 @@ def load_config_file(path: str) -> Mapping[str, Any]:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
       raise ValueError(f"config file {path}: defines no get_config()")
-    return module.get_config()
+    return module.get_config() if arg is None else module.get_config(arg)
   raise ValueError(f"config file {path}: expected a .py (with get_config()) or .json file")
 
 

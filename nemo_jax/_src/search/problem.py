@@ -162,7 +162,7 @@ def build_problem(cfg: SearchConfig, progress: bool = True) -> Problem:
   batch = max(1, len(calib_idx) // cfg.calib_batches)
   calibration = eval_lib.calibrate(model, variables, x_calib, batch_size=batch)
   evaluator = eval_lib.Evaluator(model, variables, calibration, x_eval, labels[eval_idx],
-                                 batch_size=cfg.eval_batch_size, population_pad=cfg.population,
+                                 batch_size=cfg.eval_batch_size, population_pad=None,
                                  strategy=cfg.eval_strategy)
   # model_ratio and bops_ratio are always reported, whatever the objectives.
   wanted = ("model_ratio", "bops_ratio") + tuple(cfg.objectives) + tuple(cfg.constraints)

@@ -123,7 +123,7 @@ def _final_evaluator(problem: Problem):
   x = data_lib.preprocess(cfg.dataset, images[idx])
   return eval_lib.Evaluator(problem.model, problem.evaluation_variables, problem.calibration,
                             x, labels[idx], batch_size=cfg.eval_batch_size,
-                            population_pad=cfg.population, strategy=cfg.eval_strategy)
+                            population_pad=None, strategy=cfg.eval_strategy)
 
 
 def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:

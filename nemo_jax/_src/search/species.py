@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import evosax.algorithms
 import jax
 import jax.numpy as jnp
 import optax
@@ -190,6 +189,9 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
     base = _direct_group(space, [spec], (i,), 1)
     template = jnp.zeros((space.num_genes,), jnp.float32)
     to_choices = base.decode
+  # evosax is imported lazily: importing it runs a JAX computation, after which
+  # jax.distributed.initialize (multi-host evaluation) can no longer be called.
+  import evosax.algorithms
   cls = getattr(evosax.algorithms, name)
   pop = capacity + (capacity % 2)  # Open_ES's antithetic sampling needs an even size
   kwargs = {}

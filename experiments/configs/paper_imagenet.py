@@ -1,0 +1,42 @@
+"""NEMO's ImageNet setups (paper section 4), to run on a GPU/TPU machine.
+
+Select the network big_vision-style: ``--config experiments/configs/paper_imagenet.py:MODEL``
+with MODEL in mobilenet_v2, resnet50, resnext101_32x8d (default resnet50).
+
+Needs converted torchvision weights (``nemo-jax convert MODEL.pth --model MODEL --out
+MODEL.msgpack``; path in $NEMO_CHECKPOINT, default ``MODEL.msgpack``) and ImageNet-2012 in
+its usual layout under $IMAGENET_DIR (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG). Fitness:
+top-5 error on 5 training images per class (5,000 images); the final front is re-evaluated
+for top-1 on the validation split.
+"""
+
+import os
+
+PAPER_MODELS = ("mobilenet_v2", "resnet50", "resnext101_32x8d")
+
+
+def get_config(model: str = "resnet50"):
+  if model not in PAPER_MODELS:
+    raise ValueError(f"paper_imagenet: model {model!r}; allowed: {PAPER_MODELS}")
+  return {
+      "model": model,
+      "input_shape": [224, 224, 3],
+      "num_classes": 1000,
+      "checkpoint": os.environ.get("NEMO_CHECKPOINT", f"{model}.msgpack"),
+      "dataset": "imagenet2012",
+      "data_dir": os.environ.get("IMAGENET_DIR", "imagenet"),
+      "eval_split": "train",
+      "eval_per_class": 5,
+      "calib_per_class": 1,
+      "calib_batches": 10,
+      "final_split": "validation",
+      "final_max_images": 50000,
+      "objectives": ["top5_error", "model_ratio", "bops_ratio"],
+      "bit_choices": [2, 3, 4, 5, 6, 7, 8],
+      "population": 64,
+      "generations": 100,
+      "species": ["direct_round", "direct_floor", "gcn", "graph_unet"],
+      "min_species_size": 8,
+      "eval_batch_size": 250,
+      "seed": 0,
+  }

@@ -1,0 +1,376 @@
+"""EMOMC: pruned library (stage I), library search (stage II), costs, report, CLI, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nemo_jax._src import data as data_lib
+from nemo_jax._src import train as train_lib
+from nemo_jax._src import workload as workload_lib
+from nemo_jax._src.emomc import library as library_lib
+from nemo_jax._src.emomc import problem as problem_lib
+from nemo_jax._src.emomc import report as report_lib
+from nemo_jax._src.layers import QContext
+from nemo_jax._src.search import run as run_lib
+from nemo_jax._src.search.config import load_search_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RATIOS = (0.4, 0.7)
+# Tiny retraining so the whole file stays fast: 2 pruning steps of 1 optimizer step.
+BUILD = dict(steps=2, steps_per_stage=1, batch_size=16, train_max_images=160,
+             eval_max_images=40, model_name="resnet20", checkpoint="default", progress=False)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+  return train_lib.load_default_model()
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, default_model):
+  model, variables = default_model
+  out = str(tmp_path_factory.mktemp("lib") / "library")
+  meta = library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, out,
+                                   schedule="chain", **BUILD)
+  return out, meta
+
+
+def _search_config(library_dir, **overrides):
+  d = {"library": library_dir, "keep_choices": list(RATIOS), "bit_choices": list(range(2, 13)),
+       "quantize_activations": False, "fixed_act_bits": 16,
+       "objectives": ["top1_error", "energy:X|Y"], "constraints": {"size_kb:csr": 500.0},
+       "eval_per_class": 2, "final_split": None, "population": 4, "generations": 1,
+       "species": [{"kind": "direct_round"}], "selection": "nsga2", "resize": False,
+       "min_species_size": 2, "archive_size": 32}
+  d.update(overrides)
+  return load_search_config(d)
+
+
+@pytest.fixture(scope="module")
+def problem(library):
+  return problem_lib.build_library_problem(_search_config(library[0]), progress=False)
+
+
+# --------------------------------------------------------------------------- stage I
+
+
+def test_keep_range_parsing():
+  r = library_lib.parse_keep_range("0.2:0.8:0.01")
+  assert len(r) == 61 and r[0] == 0.2 and r[-1] == 0.8 and r[37] == 0.57
+  assert library_lib.parse_keep_range("0.2:0.8:0.05")[-1] == 0.8
+  assert library_lib.parse_keep_range("0.5,0.3") == (0.3, 0.5)
+  for bad in ("0.8:0.2:0.1", "0:0.5:0.1", "0.2:0.8", "a,b", "0.2:1.5:0.1"):
+    with pytest.raises(ValueError, match="keep-range"):
+      library_lib.parse_keep_range(bad)
+  with pytest.raises(ValueError, match="1.2"):
+    library_lib.check_keep_ratios([0.5, 1.2])
+
+
+def test_library_has_exactly_the_requested_sparsity(library, default_model):
+  out, meta = library
+  _, variables = default_model
+  assert meta["built"] == sorted(RATIOS) and meta["skipped"] == []
+  assert set(library_lib.library_ratios(meta)) == set(RATIOS) | {1.0}
+  dense = library_lib.kernel_leaves(variables["params"])
+  for p in RATIOS + (1.0,):
+    entry = library_lib.load_entry(out, p, variables)
+    kernels = library_lib.kernel_leaves(entry["params"])
+    assert set(kernels) == set(dense)
+    for path, k in kernels.items():
+      assert np.count_nonzero(k) == int(np.round(k.size * p)), (p, path)
+    # Biases and BatchNorm parameters are not pruned.
+    others = [np.asarray(x) for pth, x in jax.tree_util.tree_leaves_with_path(entry["params"])
+              if not library_lib.is_kernel_path(pth)]
+    assert sum(np.count_nonzero(x == 0) for x in others) <= sum(
+        np.count_nonzero(np.asarray(x) == 0) for pth, x in
+        jax.tree_util.tree_leaves_with_path(variables["params"])
+        if not library_lib.is_kernel_path(pth))
+    e = meta["entries"][library_lib.ratio_key(p)]
+    assert 0.0 <= e["top1"] <= 1.0
+    assert e["nonzero"] == sum(int(np.round(k.size * p)) for k in kernels.values())
+  # The dense entry is the trained model itself.
+  for x, y in zip(jax.tree.leaves(library_lib.load_entry(out, 1.0, variables)),
+                  jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def test_build_resumes_without_redoing_finished_ratios(library, default_model, tmp_path):
+  out, meta = library
+  model, variables = default_model
+  copy = str(tmp_path / "library")
+  shutil.copytree(out, copy)
+  # Simulate an interruption after 0.7 finished: 0.4 is not recorded.
+  with open(os.path.join(copy, library_lib.LIBRARY_FILE)) as f:
+    saved = json.load(f)
+  del saved["entries"][library_lib.ratio_key(0.4)]
+  with open(os.path.join(copy, library_lib.LIBRARY_FILE), "w") as f:
+    json.dump(saved, f)
+  ckpt_07 = os.path.join(copy, "checkpoints", "7000")
+  mtime = os.path.getmtime(ckpt_07)
+  again = library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, copy,
+                                    schedule="chain", **BUILD)
+  assert again["built"] == [0.4] and again["skipped"] == [0.7]
+  assert os.path.getmtime(ckpt_07) == mtime
+  # Per-ratio seeds: the resumed library equals the uninterrupted one.
+  a = library_lib.load_entry(out, 0.4, variables)
+  b = library_lib.load_entry(copy, 0.4, variables)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # Other settings cannot silently extend a library.
+  with pytest.raises(ValueError, match="steps"):
+    library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, copy,
+                              schedule="chain", **{**BUILD, "steps": 3})
+
+
+# --------------------------------------------------------------------------- stage II
+
+
+def _hand_quantize(w, bits):
+  """EMOMC's symmetric per-tensor quantizer, by hand (numpy float32, like the kernels)."""
+  w = np.asarray(w, np.float32)
+  if bits >= 32:
+    return w
+  qmax = np.float32(2.0 ** (bits - 1) - 1)
+  step = np.abs(w).max() / qmax
+  return np.clip(np.round(w / step), -qmax, qmax) * step
+
+
+class _FP16Inputs(QContext):
+  """Reference context: float16-rounded conv/dense inputs, kernels as stored."""
+
+  def quantize_input(self, x, i):
+    return x.astype(jnp.float16).astype(jnp.float32)
+
+  def quantize_kernel(self, kernel, i):
+    return kernel
+
+
+def test_stage2_evaluation_equals_hand_quantized_pruned_checkpoint(problem, default_model):
+  _, variables = default_model
+  L = problem.workload.num_layers
+  rng = np.random.default_rng(0)
+  keep = [0.4, 0.7, 1.0, 0.7]
+  w_bits = rng.integers(3, 13, size=(4, L))
+  w_bits[3] = 32                                  # pruning only: float weights
+  result = problem.evaluator(problem.configs(keep, w_bits))
+
+  cfg = problem.cfg
+  images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split)
+  idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=cfg.seed)
+  x = jnp.asarray(data_lib.preprocess(cfg.dataset, images[idx]))
+  y = labels[idx]
+  for j, (p, bits) in enumerate(zip(keep, w_bits)):
+    v = jax.tree.map(np.array, library_lib.load_entry(problem.library_dir, p, variables))
+    for i, layer in enumerate(problem.workload.layer_names):
+      node = v["params"]
+      for part in layer.split("/"):
+        node = node[part]
+      node["kernel"] = _hand_quantize(node["kernel"], int(bits[i]))
+    logits = np.asarray(problem.model.apply(v, x, _FP16Inputs(), train=False), np.float64)
+    top1 = np.mean(np.argmax(logits, -1) == y)
+    nll = -(logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True))[np.arange(len(y)), y]
+    assert result.top1[j] == pytest.approx(top1, abs=1e-7), j
+    assert result.loss[j] == pytest.approx(nll.mean(), rel=1e-4, abs=1e-5), j
+
+
+def test_search_costs_use_the_configs_keep(problem):
+  L = problem.workload.num_layers
+  w_bits = np.stack([np.full(L, 4), np.full(L, 8)])
+  configs = problem.configs([0.4, 0.7], w_bits)
+  _, violation, raw = problem.objectives(configs)
+  hand = report_lib.all_costs(problem.workload, [0.4, 0.7], w_bits)
+  np.testing.assert_allclose(raw["energy:X|Y"], [h["energy:X|Y"] for h in hand], rtol=1e-5)
+  np.testing.assert_allclose(raw["size_kb:csr"], [h["size_kb:csr"] for h in hand], rtol=1e-5)
+  n = problem.workload.weights.sum()
+  np.testing.assert_allclose(raw["size_kb:csr"], [n * 7 * 0.4 / 8192, n * 11 * 0.7 / 8192],
+                             rtol=1e-5)
+  assert (violation == 0).all()
+
+
+def _emomc_energy_reference(layers, p, bits):
+  """EMOMC's energy (0.01 mJ) per dataflow, transcribed from the paper's formulas."""
+  s = lambda n: 1 - (1 - p) ** n
+  out = {}
+  for df in ("X|Y", "IC|OC", "Fx|Fy", "X|Fx"):
+    total = 0.0
+    for (kind, k, ci, co, O), b in zip(layers, bits):
+      b = round(b)
+      if kind == "dense":
+        M = ci * co
+        mac, ifm, wr, ofm, psum = M, M, M, co, 0
+        e = 0.102 * mac * p * (b + 1) + 0.728 * wr * (b + 1) / 16
+        e += 0.728 * ifm * p + 0.447 * ofm
+        total += e
+        continue
+      M = k * k * O * ci * co
+      counts = {"X|Y": (M, M, M / O, M / (k * k * ci), 0),
+                "IC|OC": (M, M / co, M, M / ci, M / ci),
+                "Fx|Fy": (M, M, M / O, M / (k * k), M / (k * k)),
+                "X|Fx": (M, M / k, M / math.sqrt(O), M / k, M / k)}[df]
+      mac, ifm, wr, ofm, psum = counts
+      e = 0.102 * mac * p * (b + 1) + 0.728 * wr * (b + 1) / 16
+      if df == "X|Y":
+        e += 0.728 * ifm * p + 0.447 * ofm + 0.728 * psum
+      elif df == "IC|OC":
+        e += 0.728 * ifm * (s(co) if co <= 24 else 1)
+        f = s(ci) if ci <= 24 else 1
+        e += (0.447 * ofm + 0.728 * psum) * f
+      elif df == "Fx|Fy":
+        e += 0.728 * ifm * p + (0.447 * ofm + 0.728 * psum) * s(k * k)
+      else:
+        e += (0.728 * ifm + 0.447 * ofm + 0.728 * psum) * s(k)
+      total += e
+    out[df] = total / 1e6
+  return out
+
+
+def test_vgg16_energy_and_size_equal_the_formulas():
+  # VGG-16 (CIFAR, 32x32x3) by hand: (kind, k, ci, co, output pixels).
+  chans = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8),
+           (256, 256, 8), (256, 256, 8), (256, 512, 4), (512, 512, 4), (512, 512, 4),
+           (512, 512, 2), (512, 512, 2), (512, 512, 2)]
+  layers = [("conv", 3, ci, co, hw * hw) for ci, co, hw in chans] + [("dense", 1, 512, 10, 1)]
+  weights = [9 * ci * co for ci, co, _ in chans] + [5120]
+  wl = workload_lib.extract_workload("vgg16_cifar", (32, 32, 3), 10)
+  assert list(wl.weights) == weights
+  rng = np.random.default_rng(1)
+  for p, bits in ((0.37, rng.integers(2, 13, 14)), (0.8, np.full(14, 2)), (1.0, np.full(14, 32))):
+    got = report_lib.all_costs(wl, [p], bits[None])[0]
+    ref = _emomc_energy_reference(layers, p, bits)
+    for df, v in ref.items():
+      assert got[f"energy:{df}"] == pytest.approx(v, rel=2e-5), (p, df)
+    kb = 1024 * 8
+    assert got["size_kb:normal"] == pytest.approx(sum(n * b for n, b in zip(weights, bits)) / kb,
+                                                  rel=1e-6)
+    assert got["size_kb:csr"] == pytest.approx(
+        sum(n * (b + 3) * p for n, b in zip(weights, bits)) / kb, rel=1e-6)
+    assert got["size_kb:coo"] == pytest.approx(
+        sum(n * round(b + math.log2(n)) * p for n, b in zip(weights, bits)) / kb, rel=1e-6)
+  # FP32 VGG-16 is ~57.5 MB of weights (EMOMC: ~59 MB with biases and BN).
+  assert report_lib.fp32_costs(wl)["size_kb:normal"] == pytest.approx(sum(weights) * 32 / kb)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_value(library, problem):
+  lib = library[0]
+  with pytest.raises(ValueError, match=r"0\.55.*available.*0\.4"):
+    problem_lib.build_library_problem(_search_config(lib, keep_choices=[0.4, 0.55]))
+  with pytest.raises(ValueError, match="bit-width 1"):
+    problem_lib.build_library_problem(_search_config(lib, bit_choices=[1, 2, 4]))
+  with pytest.raises(ValueError, match=r"size_kb:csr.*cannot be met.*keep 0\.4"):
+    problem_lib.build_library_problem(_search_config(lib, constraints={"size_kb:csr": 1.0}))
+  with pytest.raises(ValueError, match="quantize_activations"):
+    problem_lib.build_library_problem(_search_config(lib, quantize_activations=True))
+  with pytest.raises(ValueError, match="no library.json"):
+    problem_lib.build_library_problem(_search_config(os.path.join(lib, "nope")))
+  L = problem.workload.num_layers
+  with pytest.raises(ValueError, match="bit-width 13"):
+    problem.configs([0.4], np.full((1, L), 13))
+  with pytest.raises(ValueError, match=r"keep=0\.5 .*available"):
+    problem.configs([0.5], np.full((1, L), 4))
+  with pytest.raises(ValueError, match=r"keep=0\.5"):
+    problem.evaluator(problem.configs([0.4], np.full((1, L), 4)).replace(
+        keep=jnp.asarray([0.5], jnp.float32)))
+
+
+def test_nsga2_search_and_unmeetable_accuracy_bound(problem):
+  res = run_lib.search(problem.cfg, out_dir=None, progress=False, problem=problem)
+  assert [r["evaluations"] for r in res.history] == [4, 8]
+  assert res.front and all(m["keep"] in (pytest.approx(0.4), pytest.approx(0.7))
+                           for m in res.front)
+  assert all(m["metrics"]["size_kb:csr"] <= 500.0 for m in res.front)
+  # An accuracy bound nothing meets: said after generation 0 with the closest config.
+  cfg = load_search_config(problem.cfg, constraints={"top1_error": -0.5}, generations=0)
+  bad = dataclasses.replace(problem, cfg=cfg)
+  with pytest.warns(UserWarning, match=r"top1_error <= -0\.5.*closest configuration: keep="):
+    run_lib.search(cfg, out_dir=None, progress=False, problem=bad)
+  cfg = load_search_config(cfg, infeasible="error")
+  with pytest.raises(ValueError, match="closest configuration"):
+    run_lib.search(cfg, out_dir=None, progress=False,
+                   problem=dataclasses.replace(problem, cfg=cfg))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_table_chooses_cheapest_member_within_the_loss():
+  ref = {n: 100.0 for n in report_lib.ENERGY_NAMES + report_lib.SIZE_NAMES}
+  cands = [{"keep": 0.5, "w_bits": [4], "top1": 0.90, "costs": {**ref, "energy:X|Y": 10.0}},
+           {"keep": 0.3, "w_bits": [3], "top1": 0.896, "costs": {**ref, "energy:X|Y": 5.0}},
+           {"keep": 0.2, "w_bits": [2], "top1": 0.80, "costs": {**ref, "energy:X|Y": 1.0}}]
+  best = report_lib.choose(cands, 0.90, 0.005, "energy:X|Y")
+  assert best["keep"] == 0.3                          # 0.4% loss: admissible, cheapest
+  assert report_lib.choose(cands, 0.95, 0.005, "energy:X|Y") is None
+  row = report_lib.table_row("x", best["costs"], ref, best["top1"], 0.90, best["keep"], [3])
+  assert row["energy_x"]["X|Y"] == pytest.approx(20.0)
+  assert row["size_x"]["csr"] == pytest.approx(1.0)
+  table = report_lib.build_table([row, None], 0.90, 0.005, "energy:X|Y", ["x", "y"])
+  text = report_lib.format_table(table)
+  assert "20.00x" in text and "no candidate" in text
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "nemo_jax.cli", *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=900)
+
+
+def test_cli_end_to_end(tmp_path):
+  lib = str(tmp_path / "lib")
+  r = _cli("prune-library", "resnet20", "--keep-range", "0.5:0.6:0.1", "--steps", "1",
+           "--steps-per-stage", "1", "--batch-size", "16", "--train-max-images", "160",
+           "--eval-max-images", "20", "--out", lib, "--quiet")
+  assert r.returncode == 0, r.stderr
+  assert "0.5000" in r.stdout and "0.6000" in r.stdout and "built 3" in r.stdout
+  r = _cli("prune-library", "resnet20", "--keep-range", "0.5:0.6:0.1", "--steps", "1",
+           "--steps-per-stage", "1", "--batch-size", "16", "--train-max-images", "160",
+           "--eval-max-images", "20", "--out", lib, "--quiet")
+  assert r.returncode == 0 and "built 0" in r.stdout and "skipped 2" in r.stdout
+
+  # NEMO's species choose p too (keep gene / GNN keep_logits).
+  cfg = {"library": lib, "keep_choices": [0.5, 0.6], "bit_choices": list(range(2, 13)),
+         "quantize_activations": False, "fixed_act_bits": 16,
+         "objectives": ["top1_error", "size_kb:csr"], "constraints": {"energy:X|Y": 120.0},
+         "eval_per_class": 1, "final_split": "test", "final_max_images": 20,
+         "population": 8, "generations": 1, "min_species_size": 2, "archive_size": 32,
+         "species": [{"kind": "direct_round"}, {"kind": "direct_floor"},
+                     {"kind": "gcn", "hidden": 8}, {"kind": "graph_unet", "hidden": 8}]}
+  path = tmp_path / "cfg.json"
+  path.write_text(json.dumps(cfg))
+  run = tmp_path / "run"
+  r = _cli("search", "--config", str(path), "--out", str(run), "--quiet")
+  assert r.returncode == 0, r.stderr
+  front = json.loads((run / "front.json").read_text())
+  assert front and all(m["keep"] in (pytest.approx(0.5), pytest.approx(0.6)) for m in front)
+  assert all("final_top1" in m for m in front)
+  r = _cli("emomc-report", str(run), "--max-loss", "1.0")
+  assert r.returncode == 0, r.stderr
+  table = json.loads((run / report_lib.TABLE_JSON).read_text())
+  assert [row["method"] for row in table["rows"]][:3] == [
+      "EMOMC (pruning + quantization)", "pruning only (FP32 weights)",
+      "quantization only (uniform)"]
+  assert "X|Y" in r.stdout and (run / report_lib.TABLE_CSV).exists()
+
+  # Bad input: one line naming the value, exit status 2, no traceback.
+  cfg["keep_choices"] = [0.5, 0.55]
+  path.write_text(json.dumps(cfg))
+  r = _cli("search", "--config", str(path), "--out", str(tmp_path / "bad"))
+  assert r.returncode == 2 and "0.55" in r.stderr and "Traceback" not in r.stderr
+  r = _cli("prune-library", "resnet20", "--keep-range", "0.9:0.2:0.1", "--out", lib)
+  assert r.returncode == 2 and "0.9:0.2:0.1" in r.stderr and "Traceback" not in r.stderr
