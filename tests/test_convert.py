@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nemo_jax._src import convert, models
+from nemo_jax._src import checkpoint, convert, models
 
 # torchvision's own parameter counts (torchvision.models.*_Weights meta "num_params").
 TORCHVISION_PARAMS = {"mobilenet_v2": 3_504_872, "resnet18": 11_689_512,
@@ -175,7 +175,7 @@ def test_checkpoint_round_trip(torch_libs, resnet18_state, tmp_path):
   out = tmp_path / "r18.msgpack"
   variables = convert.convert_checkpoint(pth, "resnet18", out, input_shape=(32, 32, 3))
   model = models.get_model("resnet18", (32, 32, 3), 10)  # num_classes read from fc
-  loaded = convert.load_variables(out, model, (32, 32, 3))
+  loaded = checkpoint.load_variables(out, model, (32, 32, 3))
   flat_a = jax.tree_util.tree_leaves_with_path(variables)
   flat_b = jax.tree_util.tree_leaves_with_path(loaded)
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
@@ -189,22 +189,22 @@ def test_checkpoint_round_trip(torch_libs, resnet18_state, tmp_path):
 def test_load_variables_validates_structure(resnet18_state, tmp_path):
   variables = convert.torchvision_to_flax(resnet18_state, "resnet18", (32, 32, 3), 10)
   path = tmp_path / "v.msgpack"
-  convert.save_variables(path, variables)
+  checkpoint.save_variables(path, variables)
   other = models.get_model("resnet18", (32, 32, 3), 5)
   with pytest.raises(ValueError, match=r"params/fc/kernel: file \(512, 10\), model \(512, 5\)"):
-    convert.load_variables(path, other, (32, 32, 3))
+    checkpoint.load_variables(path, other, (32, 32, 3))
   variables["params"]["extra"] = {"kernel": jnp.zeros(2)}
   del variables["batch_stats"]["bn1"]
-  convert.save_variables(path, variables)
+  checkpoint.save_variables(path, variables)
   model = models.get_model("resnet18", (32, 32, 3), 10)
   with pytest.raises(ValueError, match=r"missing: \['batch_stats/bn1/mean'.*unexpected: "
                                        r"\['params/extra/kernel'\]"):
-    convert.load_variables(path, model, (32, 32, 3))
+    checkpoint.load_variables(path, model, (32, 32, 3))
   del variables["params"]["extra"]
   variables["params"]["extra"] = {"kernel": jnp.zeros(2)}
   variables["batch_stats"]["bn1"] = {"mean": jnp.zeros(64), "var": jnp.ones(64)}
-  convert.save_variables(path, variables)
-  loaded = convert.load_variables(path, model, (32, 32, 3), strict=False)
+  checkpoint.save_variables(path, variables)
+  loaded = checkpoint.load_variables(path, model, (32, 32, 3), strict=False)
   assert "extra" not in loaded["params"]
 
 

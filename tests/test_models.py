@@ -252,32 +252,26 @@ def test_vmap_and_lax_map_equal_loop_with_activation_quantizers(resnet20, evalua
     assert np.abs(loop[i] - loop[j]).max() > 5 * tolerance
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vgg16_cifar"])
-def test_w32a32_equals_float_exactly(name, resnet20, evaluators):
+def test_w32a32_equals_float_exactly(resnet20, evaluators):
   """32 bits and keep 1 are the float model, bit for bit, layer by layer.
 
   Every layer's output is materialised (``capture_intermediates``) so that XLA cannot
   fuse across layers differently in the two programs; fused as a whole, the two jitted
   programs may differ by float reassociation (checked to 1e-5 relative below).
+  (ResNet-20 only: compiling is the slow part on CPU; it has conv, dense and bias.)
   """
-  model = models.get_model(name, SMALL, 10)
-  variables = random_variables(model, SMALL)
-  x = jax.random.normal(jax.random.key(2), (2, *SMALL))
-  config = QuantConfig.uniform(NUM_LAYERS[name], 32, 32, 1.0)
+  model, variables, x = resnet20
+  config = QuantConfig.uniform(22, 32, 32, 1.0)
 
-  def run(config, v, im, capture):
+  def run(config, v, im):
     ctx = None if config is None else QContext.from_config(config)
-    return model.apply(v, im, ctx, capture_intermediates=capture,
-                       mutable=["intermediates"] if capture else False)
+    return model.apply(v, im, ctx, capture_intermediates=True, mutable=["intermediates"])
 
-  float_out, float_layers = jax.jit(lambda v, im: run(None, v, im, True))(variables, x)
-  quant_out, quant_layers = jax.jit(lambda c, v, im: run(c, v, im, True))(config, variables, x)
+  float_out, float_layers = jax.jit(lambda v, im: run(None, v, im))(variables, x)
+  quant_out, quant_layers = jax.jit(run)(config, variables, x)
   np.testing.assert_array_equal(np.asarray(quant_out), np.asarray(float_out))
   jax.tree_util.tree_map(np.testing.assert_array_equal, quant_layers, float_layers)
-  if name != "resnet20":
-    return  # one fused comparison is enough (compiling is the slow part on CPU)
-  _, variables, x = resnet20
-  fused_float = jax.jit(lambda v, im: run(None, v, im, False))(variables, x)
+  fused_float = jax.jit(lambda v, im: model.apply(v, im))(variables, x)
   fused_quant = evaluators[0](config, variables, x)  # already compiled
   np.testing.assert_allclose(fused_quant, fused_float, rtol=1e-5, atol=1e-5)
 

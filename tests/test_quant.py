@@ -81,7 +81,7 @@ jit_affine = jax.jit(quant.quantize_affine)
 jit_weight = jax.jit(quant.quantize_weight, static_argnums=2)
 
 # Zero or |x| >= 1e-6: XLA:CPU flushes subnormals to zero and a step computed from
-# a tiny max|x| underflows (see the xfail below), numpy does neither.
+# a tiny max|x| underflows (test_tiny_tensors_do_not_give_nan), numpy does neither.
 _magnitudes = st.floats(float(F32(1e-6)), 1e4, width=32)
 finite = st.one_of(st.just(0.0), _magnitudes, _magnitudes.map(lambda v: -v))
 arrays = hnp.arrays(F32, hnp.array_shapes(min_dims=1, max_dims=4, max_side=5),
@@ -234,9 +234,8 @@ def test_binary_one_bit():
   np.testing.assert_allclose(per_channel, np.sign(x) * np.array([3.0, 0.5, 2.0], F32))
 
 
-@pytest.mark.xfail(reason="quant.py: max|x| / qmax underflows to a flushed subnormal (0) "
-                   "for |x| < ~1e-36 on XLA:CPU, giving 0/0 = NaN", strict=False)
 def test_tiny_tensors_do_not_give_nan():
+  # max|x| / qmax underflows to a flushed subnormal (0) for |x| < ~1e-36 on XLA:CPU.
   x = np.array([1e-37, -5e-38, 0.0], F32)
   for bits in (2, 8):
     assert np.all(np.isfinite(np.asarray(quant.quantize_symmetric(x, bits))))

@@ -1,7 +1,7 @@
 """Saving and strictly loading model variables (a single msgpack file).
 
 Model checkpoints are small single files (flax.serialization msgpack) so the default one
-can ship inside the package; search state uses orbax (see ``search/engine.py``).
+can ship inside the package; search state uses orbax (see ``search/run.py``).
 Loading is strict: every leaf must exist in the model's own variable tree with the same
 shape, and the error names everything that did not match.
 """
@@ -9,64 +9,89 @@ shape, and the error names everything that did not match.
 from __future__ import annotations
 
 import os
+from typing import Any, Mapping
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+SEP = "/"
 
-def save_variables(path: str | os.PathLike, variables) -> None:
-  """Writes ``variables`` (a pytree of arrays) to ``path`` atomically."""
-  data = flax.serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(variables)))
+
+def flatten_dict(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """Nested dict -> ``{path tuple: leaf}``."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten_dict(v, prefix + (str(k),)))
+    else:
+      out[prefix + (str(k),)] = v
+  return out
+
+
+def unflatten_dict(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  """``{path tuple: leaf}`` -> nested dict."""
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
+  """Writes variables (nested dicts of arrays) as msgpack, atomically."""
+  plain = unflatten_dict({p: np.asarray(v) for p, v in flatten_dict(variables).items()})
+  data = flax.serialization.msgpack_serialize(plain)
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, path)
 
 
-def _flatten(tree, prefix=()):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (str(k),)))
-    return out
-  return {"/".join(prefix): tree}
-
-
-def check_variables_match(expected, loaded, what: str = "checkpoint") -> None:
-  """Raises ValueError naming every missing, unexpected or mis-shaped leaf."""
-  exp = {k: np.shape(v) for k, v in _flatten(flax.core.unfreeze(expected)).items()}
-  got = {k: np.shape(v) for k, v in _flatten(flax.core.unfreeze(loaded)).items()}
-  problems = []
-  problems += [f"missing {k} {exp[k]}" for k in sorted(set(exp) - set(got))]
-  problems += [f"unexpected {k} {got[k]}" for k in sorted(set(got) - set(exp))]
-  problems += [f"shape mismatch {k}: model {exp[k]}, {what} {got[k]}"
-               for k in sorted(set(exp) & set(got)) if exp[k] != got[k]]
-  if problems:
-    raise ValueError(f"{what} does not match the model: " + "; ".join(problems))
-
-
-def load_variables(path: str | os.PathLike, model=None, input_shape=None):
-  """Reads variables written by :func:`save_variables`.
+def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = True) -> dict:
+  """Reads variables saved by :func:`save_variables` and checks them against ``model``.
 
   Args:
-    path: file path.
-    model: if given (with ``input_shape`` = (H, W, C)), the loaded tree is checked
-      strictly against ``model.init``'s tree (structure and shapes).
+    path: msgpack file.
+    model: the Flax module they belong to.
+    input_shape: ``(H, W, C)`` used to derive the expected shapes.
+    strict: if True, entries the model does not have are an error; if False they are
+      dropped. Missing entries and shape mismatches are always errors.
 
   Returns:
-    The variables as a dict of jnp arrays.
+    ``{'params': ..., 'batch_stats': ...}`` of jax arrays, as ``model.init`` makes.
+
+  Raises:
+    ValueError: unreadable file, or (listing all) missing / unexpected / mis-shaped leaves.
   """
+  from nemo_jax._src import models  # local: models -> layers -> ... would cycle at import
   try:
     with open(path, "rb") as f:
-      raw = flax.serialization.msgpack_restore(f.read())
+      restored = flax.serialization.msgpack_restore(f.read())
   except OSError as e:
-    raise ValueError(f"checkpoint {path}: cannot be read ({e.strerror})") from None
-  if model is not None:
-    if input_shape is None:
-      raise ValueError("load_variables: input_shape is required with model")
-    expected = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                                 jnp.zeros((1, *input_shape), jnp.float32)))
-    check_variables_match(expected, raw, what=f"checkpoint {path}")
-  return jax.tree.map(jnp.asarray, raw)
+    raise ValueError(f"variables file {path}: cannot be read ({e.strerror})") from None
+  except Exception as e:  # msgpack decoding errors
+    raise ValueError(f"variables file {path}: not a msgpack variables file "
+                     f"({type(e).__name__}: {e})") from None
+  if not isinstance(restored, Mapping):
+    raise ValueError(f"variables file {path}: expected a dict of collections")
+  expected = flatten_dict(models.abstract_variables(model, input_shape))
+  found = flatten_dict(restored)
+  missing = [SEP.join(p) for p in expected if p not in found]
+  unexpected = [SEP.join(p) for p in found if p not in expected]
+  mismatched = [f"{SEP.join(p)}: file {tuple(np.shape(found[p]))}, model "
+                f"{tuple(s.shape)}" for p, s in expected.items()
+                if p in found and tuple(np.shape(found[p])) != tuple(s.shape)]
+  if missing or mismatched or (strict and unexpected):
+    parts = []
+    if missing:
+      parts.append(f"missing: {missing}")
+    if mismatched:
+      parts.append(f"shape mismatches: {mismatched}")
+    if strict and unexpected:
+      parts.append(f"unexpected: {unexpected}")
+    raise ValueError(f"variables file {path} does not match the model: " + "; ".join(parts))
+  return unflatten_dict({p: jnp.asarray(found[p], s.dtype) for p, s in expected.items()})

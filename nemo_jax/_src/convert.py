@@ -13,8 +13,8 @@ Conversion is strict: every torch tensor must be used and every Flax variable fi
 with the right shape; otherwise a ValueError lists every offending name.
 
 torch is optional: it is imported only to read ``.pth`` files. Converted variables
-are stored with ``flax.serialization`` msgpack (``save_variables`` /
-``load_variables`` are the only places that know the file format).
+are stored with ``flax.serialization`` msgpack (``checkpoint.save_variables`` /
+``checkpoint.load_variables`` are the only places that know the file format).
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import models
+from nemo_jax._src.checkpoint import SEP as _SEP
+from nemo_jax._src.checkpoint import flatten_dict as _flat
+from nemo_jax._src.checkpoint import save_variables
+from nemo_jax._src.checkpoint import unflatten_dict as _unflat
 
-Tree = Any
-_SEP = "/"
 
 
 def _resnet_torch_module(path: tuple[str, ...], tree: Mapping) -> str:
@@ -135,27 +136,6 @@ def _from_torch_layout(array: np.ndarray, leaf: str) -> np.ndarray:
   if leaf == "kernel" and array.ndim == 2:
     return array.T  # (out, in) -> (in, out)
   return array
-
-
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  """Nested dict -> {path tuple: leaf}."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flat(v, prefix + (str(k),)))
-    else:
-      out[prefix + (str(k),)] = v
-  return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
 
 
 def _check_convertible(model_name: str) -> tuple[Callable, str]:
@@ -269,67 +249,6 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
   if obj and all(k.startswith(prefix) for k in obj):
     obj = {k[len(prefix):]: v for k, v in obj.items()}
   return {k: _to_numpy(v) for k, v in obj.items()}
-
-
-def save_variables(path, variables: Mapping) -> None:
-  """Writes variables (nested dicts of arrays) as msgpack, atomically."""
-  data = flax.serialization.msgpack_serialize(
-      jax.tree_util.tree_map(np.asarray, _plain_dict(variables)))
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _plain_dict(tree):
-  if isinstance(tree, Mapping):
-    return {str(k): _plain_dict(v) for k, v in tree.items()}
-  return tree
-
-
-def load_variables(path, model, input_shape, strict: bool = True) -> dict:
-  """Reads variables saved by :func:`save_variables` and checks them against ``model``.
-
-  Args:
-    path: msgpack file.
-    model: the Flax module they belong to.
-    input_shape: ``(H, W, C)`` used to derive the expected shapes.
-    strict: if True, entries the model does not have are an error; if False they are
-      dropped. Missing entries and shape mismatches are always errors.
-
-  Returns:
-    ``{'params': ..., 'batch_stats': ...}`` of jax arrays, as ``model.init`` makes.
-
-  Raises:
-    ValueError: unreadable file, or (listing all) missing / unexpected / mis-shaped.
-  """
-  try:
-    with open(path, "rb") as f:
-      restored = flax.serialization.msgpack_restore(f.read())
-  except OSError as e:
-    raise ValueError(f"variables file {path}: cannot be read ({e.strerror})") from None
-  except Exception as e:  # msgpack decoding errors
-    raise ValueError(f"variables file {path}: not a msgpack variables file "
-                     f"({type(e).__name__}: {e})") from None
-  if not isinstance(restored, Mapping):
-    raise ValueError(f"variables file {path}: expected a dict of collections")
-  expected = _flat(models.abstract_variables(model, input_shape))
-  found = _flat(restored)
-  missing = [_SEP.join(p) for p in expected if p not in found]
-  unexpected = [_SEP.join(p) for p in found if p not in expected]
-  mismatched = [f"{_SEP.join(p)}: file {tuple(np.shape(found[p]))}, model "
-                f"{tuple(s.shape)}" for p, s in expected.items()
-                if p in found and tuple(np.shape(found[p])) != tuple(s.shape)]
-  if missing or mismatched or (strict and unexpected):
-    parts = []
-    if missing:
-      parts.append(f"missing: {missing}")
-    if mismatched:
-      parts.append(f"shape mismatches: {mismatched}")
-    if strict and unexpected:
-      parts.append(f"unexpected: {unexpected}")
-    raise ValueError(f"variables file {path} does not match the model: " + "; ".join(parts))
-  return _unflat({p: jnp.asarray(found[p], s.dtype) for p, s in expected.items()})
 
 
 def convert_checkpoint(pth_path, model_name: str, out_path, input_shape=(224, 224, 3),

@@ -60,7 +60,9 @@ def quantize_symmetric(x, bits, reduce_axes=None):
   absx = jnp.abs(x)
   amax = jnp.max(absx, axis=reduce_axes, keepdims=True)
   qmax = jnp.maximum(_levels(bits - 1) - 1.0, 1.0)
-  step = jnp.where(amax > 0, amax / qmax, 1.0)
+  step = amax / qmax
+  # A tiny max|x| underflows to a flushed subnormal (0): treat it like an all-zero tensor.
+  step = jnp.where(step > 0, step, 1.0)
   xq = jnp.clip(jnp.round(x / step), -qmax, qmax) * step
   binary = jnp.sign(x) * jnp.mean(absx, axis=reduce_axes, keepdims=True)
   xq = jnp.where(bits <= 1, binary, xq)
@@ -80,7 +82,8 @@ def affine_params(lo, hi, bits):
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
   qmax = _levels(bits) - 1.0
-  scale = jnp.where(hi > lo, (hi - lo) / qmax, 1.0)
+  scale = (hi - lo) / qmax
+  scale = jnp.where(scale > 0, scale, 1.0)   # zero-width or underflowing range
   zero_point = jnp.round(-lo / scale)
   return scale, zero_point, qmax
 
