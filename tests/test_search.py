@@ -260,3 +260,7 @@ def test_experiment_configs_validate():
     load_search_config(SMOKE, objectives=["top1_error", "latency"])
   with pytest.raises(ValueError, match="population"):
     load_search_config(SMOKE, population=3)
+  with pytest.raises(ValueError, match="node_features"):
+    load_search_config(SMOKE, node_features=["in_channels", "colour"])
+  cfg = load_search_config(SMOKE, node_features=["in_channels", "stride"], edges="dataflow")
+  assert cfg.node_features == ("in_channels", "stride")

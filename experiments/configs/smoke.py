@@ -16,6 +16,7 @@ def get_config():
       "generations": 2,
       "species": [{"kind": "direct_round"}, {"kind": "direct_floor"},
                   {"kind": "gcn", "hidden": 8}, {"kind": "graph_unet", "hidden": 8}],
+      "edges": "dataflow",
       "min_species_size": 2,
       "archive_size": 64,
       "seed": 0,

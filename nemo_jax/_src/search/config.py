@@ -101,6 +101,8 @@ class SearchConfig:
     utility: ``r2`` (R2 indicator, NEMO paper) or ``front_count`` (patent variant).
     min_species_size, ucb_c, r2_partitions: species sizing parameters.
     edges: ``sequential`` (NEMO) or ``dataflow`` graph edges for the GNN species.
+    node_features: names of the node feature columns the GNN species see (None: all of
+      ``graph.FEATURE_NAMES``; e.g. only the ``type:*`` one-hots for an ablation).
     archive_size: capacity of the archive of non-dominated configurations.
     hv_ref: hypervolume reference point on the normalised objectives (None: all 1).
     seed: the PRNG seed; same seed, same machine: identical results.
@@ -135,6 +137,7 @@ class SearchConfig:
   ucb_c: float = 0.5
   r2_partitions: int = 12
   edges: str = "sequential"
+  node_features: tuple[str, ...] | None = None
   archive_size: int = 512
   hv_ref: tuple[float, ...] | None = None
   seed: int = 0
@@ -237,6 +240,10 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
         or not all(isinstance(s, int) and s > 0 for s in shp)):
       _fail("input_shape", shp, "[H, W, C] positive integers")
     d["input_shape"] = tuple(shp)
+  if d.get("node_features") is not None:
+    if isinstance(d["node_features"], str) or not isinstance(d["node_features"], (list, tuple)):
+      _fail("node_features", d["node_features"], "a list of feature names or None")
+    d["node_features"] = tuple(d["node_features"])
   if d.get("hv_ref") is not None:
     d["hv_ref"] = tuple(float(v) for v in d["hv_ref"])
   cfg = SearchConfig(**d)
@@ -296,6 +303,13 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
     _fail("utility", cfg.utility, UTILITIES)
   if cfg.edges not in EDGE_SETS:
     _fail("edges", cfg.edges, EDGE_SETS)
+  if cfg.node_features is not None:
+    from nemo_jax._src.graph import FEATURE_NAMES
+    if not cfg.node_features:
+      _fail("node_features", list(cfg.node_features), "a non-empty subset of " + str(FEATURE_NAMES))
+    for f in cfg.node_features:
+      if f not in FEATURE_NAMES:
+        _fail("node_features", f, FEATURE_NAMES)
   _number("ucb_c", cfg.ucb_c, 0.0)
   _positive_int("r2_partitions", cfg.r2_partitions)
   _positive_int("archive_size", cfg.archive_size, 2)

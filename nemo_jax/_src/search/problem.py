@@ -37,6 +37,12 @@ from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, SearchConfig
 from nemo_jax._src.search.species import SearchSpace
 
 
+def population_pad(cfg: SearchConfig) -> int:
+  """Members per device such that one padded shape serves every batch of <= population
+  configs (generations, uniform baselines, final re-evaluation chunks)."""
+  return -(-cfg.population // jax.device_count())
+
+
 def load_model_and_variables(cfg: SearchConfig):
   """Model, variables, input shape and number of classes for a search config."""
   info = data_lib.DATASETS[cfg.dataset]
@@ -145,6 +151,9 @@ def build_problem(cfg: SearchConfig, progress: bool = True) -> Problem:
   model, variables, shape, classes = load_model_and_variables(cfg)
   workload = workload_lib.extract_workload(cfg.model, shape, classes)
   graph = graph_lib.workload_graph(workload, edges=cfg.edges)
+  if cfg.node_features is not None:
+    columns = [graph_lib.FEATURE_NAMES.index(f) for f in cfg.node_features]
+    graph = graph._replace(nodes=graph.nodes[:, np.asarray(columns)])
   num_nodes = 2 * workload.num_layers
   if cfg.quantize_activations:
     active = tuple(range(num_nodes))
@@ -162,7 +171,7 @@ def build_problem(cfg: SearchConfig, progress: bool = True) -> Problem:
   batch = max(1, len(calib_idx) // cfg.calib_batches)
   calibration = eval_lib.calibrate(model, variables, x_calib, batch_size=batch)
   evaluator = eval_lib.Evaluator(model, variables, calibration, x_eval, labels[eval_idx],
-                                 batch_size=cfg.eval_batch_size, population_pad=None,
+                                 batch_size=cfg.eval_batch_size, population_pad=population_pad(cfg),
                                  strategy=cfg.eval_strategy)
   # model_ratio and bops_ratio are always reported, whatever the objectives.
   wanted = ("model_ratio", "bops_ratio") + tuple(cfg.objectives) + tuple(cfg.constraints)

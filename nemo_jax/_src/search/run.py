@@ -29,7 +29,7 @@ from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
                                          species_labels)
 from nemo_jax._src.search.engine import Engine
-from nemo_jax._src.search.problem import Problem, build_problem
+from nemo_jax._src.search.problem import Problem, build_problem, population_pad
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -123,7 +123,7 @@ def _final_evaluator(problem: Problem):
   x = data_lib.preprocess(cfg.dataset, images[idx])
   return eval_lib.Evaluator(problem.model, problem.evaluation_variables, problem.calibration,
                             x, labels[idx], batch_size=cfg.eval_batch_size,
-                            population_pad=None, strategy=cfg.eval_strategy)
+                            population_pad=population_pad(cfg), strategy=cfg.eval_strategy)
 
 
 def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
