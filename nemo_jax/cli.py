@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
   r = sub.add_parser("report", help="redraw the plots of a search directory and print its front")
   r.add_argument("dir")
   r.set_defaults(func=cmd_report)
+
+  from nemo_jax._src.emomc import add_cli_commands  # prune-library, emomc-report
+  add_cli_commands(sub)
   return p
 
 

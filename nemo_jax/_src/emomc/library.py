@@ -82,7 +82,8 @@ def check_keep_ratios(ratios: Sequence[float], field: str = "keep_ratios") -> tu
     ValueError naming the field and the offending value.
   """
   if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
-    raise ValueError(f"{field}={ratios!r} is invalid; allowed: a non-empty list of numbers in (0, 1]")
+    raise ValueError(f"{field}={ratios!r} is invalid; allowed: a non-empty list of numbers "
+                     "in (0, 1]")
   out = []
   for p in ratios:
     if isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer)) \

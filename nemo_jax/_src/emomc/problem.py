@@ -46,7 +46,7 @@ from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.emomc import library as library_lib
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, SearchConfig
-from nemo_jax._src.search.problem import Problem
+from nemo_jax._src.search.problem import Problem, population_pad
 from nemo_jax._src.search.species import SearchSpace
 
 WEIGHT_QUANT = "symmetric_per_tensor"   # EMOMC: one step per tensor, max|w| / (2^(q-1) - 1)
@@ -216,7 +216,7 @@ class LibraryProblem(Problem):
     return LibraryEvaluator(self.model, self.entries, self.entry_ratios, images, labels,
                             activations=activations or self.activations,
                             allowed_bits=cfg.bit_choices, batch_size=cfg.eval_batch_size,
-                            population_pad=cfg.population, strategy=cfg.eval_strategy)
+                            population_pad=population_pad(cfg), strategy=cfg.eval_strategy)
 
   def configs(self, keep: Sequence[float], w_bits) -> QuantConfig:
     """``QuantConfig [P]`` from keep ratios ``[P]`` and weight bits ``[P, L]`` (or ``[L]``).
@@ -367,8 +367,7 @@ def build_library_problem(cfg: SearchConfig, library_dir: str | None = None,
     ratios = ratios + (library_lib.DENSE_KEEP,)
   entries = [library_lib.load_entry(library_dir, p, template, meta)
              for p in tqdm(ratios, disable=not progress, desc="load library", unit="model")]
-  dense = entries[ratios.index(library_lib.DENSE_KEEP)] if library_lib.DENSE_KEEP in ratios \
-      else entries[-1]
+  dense = entries[min(range(len(ratios)), key=lambda i: abs(ratios[i] - library_lib.DENSE_KEEP))]
 
   images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split, source_dir=cfg.data_dir)
   eval_idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=cfg.seed)
@@ -376,7 +375,7 @@ def build_library_problem(cfg: SearchConfig, library_dir: str | None = None,
   activations = ACTIVATION_MODES[cfg.fixed_act_bits]
   evaluator = LibraryEvaluator(model, entries, ratios, x_eval, labels[eval_idx],
                                activations=activations, allowed_bits=cfg.bit_choices,
-                               batch_size=cfg.eval_batch_size, population_pad=cfg.population,
+                               batch_size=cfg.eval_batch_size, population_pad=population_pad(cfg),
                                strategy=cfg.eval_strategy)
 
   wanted = ("model_ratio", "bops_ratio") + tuple(cfg.objectives) + tuple(cfg.constraints)

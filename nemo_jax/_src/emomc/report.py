@@ -207,8 +207,8 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   """
   from nemo_jax._src.search.config import load_search_config
   from nemo_jax._src.search.problem import build_problem
-  if not 0 <= max_loss < 1:
-    raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1)")
+  if not 0 <= max_loss <= 1:
+    raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1]")
   cfg_path = os.path.join(run_dir, "config.json")
   front_path = os.path.join(run_dir, "front.json")
   for p in (cfg_path, front_path):

@@ -22,6 +22,7 @@ SELECTIONS = ("nsga3", "nsga2")
 UTILITIES = ("r2", "front_count")
 EDGE_SETS = ("sequential", "dataflow")
 ACCURACY_OBJECTIVES = ("top1_error", "top5_error")
+INFEASIBLE_ACTIONS = ("warn", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,11 @@ class SearchConfig:
     seed: the PRNG seed; same seed, same machine: identical results.
     eval_batch_size, eval_strategy: evaluation settings (``auto``, ``map``, ``vmap``,
       ``chunked_vmap``).
+    library: an EMOMC pruned-model library (``nemo-jax prune-library`` output); when
+      set, every keep choice must be one of its ratios and each configuration is
+      evaluated on that ratio's pruned + retrained model (``emomc/problem.py``).
+    infeasible: what to do when no configuration of generation 0 meets the
+      constraints: ``warn`` (report the closest one and go on) or ``error``.
   """
   model: str = "resnet20"
   input_shape: tuple[int, int, int] | None = None
@@ -143,6 +149,8 @@ class SearchConfig:
   seed: int = 0
   eval_batch_size: int = 256
   eval_strategy: str = "auto"
+  library: str | None = None
+  infeasible: str = "warn"
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -322,6 +330,10 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
     _fail("seed", cfg.seed, "an integer")
   if not isinstance(cfg.checkpoint, str) or not cfg.checkpoint:
     _fail("checkpoint", cfg.checkpoint, "'default' or a variables file path")
+  if cfg.library is not None and (not isinstance(cfg.library, str) or not cfg.library):
+    _fail("library", cfg.library, "None or a library directory (`nemo-jax prune-library`)")
+  if cfg.infeasible not in INFEASIBLE_ACTIONS:
+    _fail("infeasible", cfg.infeasible, INFEASIBLE_ACTIONS)
   return cfg
 
 

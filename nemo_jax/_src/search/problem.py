@@ -111,6 +111,13 @@ class Problem:
     values = costs_lib.make_objectives_fn(self.workload, self.cost_names)(configs)
     return {n: values[:, j] for j, n in enumerate(self.cost_names)}
 
+  def make_evaluator(self, images, labels):
+    """An evaluator of this problem's configurations on other (preprocessed) data."""
+    cfg = self.cfg
+    return eval_lib.Evaluator(self.model, self.evaluation_variables, self.calibration,
+                              images, labels, batch_size=cfg.eval_batch_size,
+                              population_pad=population_pad(cfg), strategy=cfg.eval_strategy)
+
   def evaluate_with(self, evaluator, configs: QuantConfig):
     """Runs an evaluator (``EvalResult`` with top1/top5/loss ``[P]``)."""
     return evaluator(configs)
@@ -147,7 +154,13 @@ class Problem:
 
 
 def build_problem(cfg: SearchConfig, progress: bool = True) -> Problem:
-  """Loads model, data, calibration (cached next to the checkpoint) and the evaluator."""
+  """Loads model, data, calibration (cached next to the checkpoint) and the evaluator.
+
+  With ``cfg.library`` set, the EMOMC library problem is built instead.
+  """
+  if cfg.library is not None:
+    from nemo_jax._src.emomc import problem as emomc_problem  # local: emomc imports this
+    return emomc_problem.build_library_problem(cfg, progress=progress)
   model, variables, shape, classes = load_model_and_variables(cfg)
   workload = workload_lib.extract_workload(cfg.model, shape, classes)
   graph = graph_lib.workload_graph(workload, edges=cfg.edges)

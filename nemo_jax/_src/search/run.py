@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import time
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -121,9 +122,7 @@ def _final_evaluator(problem: Problem):
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
   x = data_lib.preprocess(cfg.dataset, images[idx])
-  return eval_lib.Evaluator(problem.model, problem.evaluation_variables, problem.calibration,
-                            x, labels[idx], batch_size=cfg.eval_batch_size,
-                            population_pad=population_pad(cfg), strategy=cfg.eval_strategy)
+  return problem.make_evaluator(x, labels[idx])
 
 
 def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
@@ -154,6 +153,37 @@ def uniform_baselines(problem: Problem, raw_names) -> list[dict]:
   for m, b in zip(members, cfg.bit_choices):
     m["bits"] = int(b)
   return members
+
+
+def check_feasibility(problem: Problem, archive, raw_names, labels) -> str | None:
+  """After generation 0: if no configuration meets the constraints, say so.
+
+  Names every bound and the closest configuration found (least total violation). With
+  ``cfg.infeasible == "error"`` this raises ValueError, otherwise it warns (and prints
+  the message) and the search goes on.
+
+  Returns:
+    The message, or None when a feasible configuration exists (or nothing is bounded).
+  """
+  cfg = problem.cfg
+  if not cfg.constraints:
+    return None
+  a = jax.tree.map(np.asarray, archive)
+  valid = a["valid"]
+  if not valid.any() or (valid & (a["violation"] <= 0)).any():
+    return None
+  i = int(np.argmin(np.where(valid, a["violation"], np.inf)))
+  m = _members(problem, a["choice"][i:i + 1], a["keep_idx"][i:i + 1], a["species"][i:i + 1],
+               a["generation"][i:i + 1], a["raw"][i:i + 1], raw_names, labels)[0]
+  bounds = ", ".join(f"{n} <= {b!r} (closest has {m['metrics'][n]:.6g})"
+                     for n, b in cfg.constraints.items())
+  msg = (f"constraints: no configuration of generation 0 meets {bounds}; closest "
+         f"configuration: keep={m['keep']:.4g}, w_bits={m['w_bits']}, a_bits={m['a_bits']}")
+  if cfg.infeasible == "error":
+    raise ValueError(msg + " (infeasible='error'; set infeasible='warn' to go on)")
+  warnings.warn(msg, stacklevel=2)
+  tqdm.write("warning: " + msg)
+  return msg
 
 
 def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds):
@@ -203,7 +233,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     cfg = load_search_config(saved, **overrides)
   else:
     cfg = load_search_config(config, **overrides)
-  problem = problem or build_problem(cfg)
+  problem = problem or build_problem(cfg, progress=progress)
   labels = species_labels(cfg.species)
   raw_names = raw_names_for(problem)
   engine = Engine(cfg, problem.space, problem.graph, int(problem.graph.nodes.shape[-1]),
@@ -239,6 +269,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     hv = hv_fn(state["archive"], hv_ref)
     history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
     _save(manager, state, history)
+    check_feasibility(problem, state["archive"], raw_names, labels)
   else:
     bar.update(int(state["generation"]))
   bar.update(1)
