@@ -16,26 +16,11 @@ submodules import JAX.
 
 from __future__ import annotations
 
-import json
-
 
 def load_library_config(path: str) -> dict:
   """Stage-I settings from a ``.py`` file's ``get_library_config()`` or a ``.json`` file."""
-  import importlib.util
-  import os
-  if not os.path.exists(path):
-    raise ValueError(f"--config {path!r} does not exist")
-  if path.endswith(".json"):
-    with open(path) as f:
-      return dict(json.load(f))
-  if not path.endswith(".py"):
-    raise ValueError(f"--config {path!r}: expected a .py (get_library_config()) or .json file")
-  spec = importlib.util.spec_from_file_location("_nemo_jax_library_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "get_library_config"):
-    raise ValueError(f"--config {path}: defines no get_library_config()")
-  return dict(module.get_library_config())
+  from nemo_jax._src.search.config import load_config_file
+  return dict(load_config_file(path, function="get_library_config"))
 
 
 def _prune_library(args) -> int:

@@ -337,10 +337,10 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
   return cfg
 
 
-def load_config_file(path: str) -> Mapping[str, Any]:
-  """Reads a ``.json`` config or calls ``get_config()`` of a ``.py`` one.
+def load_config_file(path: str, function: str = "get_config") -> Mapping[str, Any]:
+  """Reads a ``.json`` config or calls ``function()`` (``get_config``) of a ``.py`` one.
 
-  ``FILE.py:ARG`` calls ``get_config(ARG)`` (big_vision's convention for variants).
+  ``FILE.py:ARG`` calls ``function(ARG)`` (big_vision's convention for variants).
   """
   arg = None
   if ".py:" in path:
@@ -357,10 +357,11 @@ def load_config_file(path: str) -> Mapping[str, Any]:
     spec = importlib.util.spec_from_file_location("_nemo_jax_user_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-      raise ValueError(f"config file {path}: defines no get_config()")
-    return module.get_config() if arg is None else module.get_config(arg)
-  raise ValueError(f"config file {path}: expected a .py (with get_config()) or .json file")
+    if not hasattr(module, function):
+      raise ValueError(f"config file {path}: defines no {function}()")
+    get = getattr(module, function)
+    return get() if arg is None else get(arg)
+  raise ValueError(f"config file {path}: expected a .py (with {function}()) or .json file")
 
 
 def load_search_config(source: str | Mapping[str, Any] | SearchConfig | None = None,
