@@ -12,7 +12,6 @@ import os
 from typing import Any, Mapping
 
 import flax.serialization
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -23,7 +23,6 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -24,7 +24,6 @@ the same result, and a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -347,7 +346,6 @@ class Engine:
 
   def _utilities(self, F, valid, rank):
     """Per-species value in [0, 1] (higher is better) and the raw utility."""
-    s = self.num_species
     if self.cfg.utility == "front_count":
       raw = jnp.sum(valid & (rank == 0), axis=1).astype(jnp.float32)
       value = raw / jnp.maximum(jnp.max(raw), 1.0)

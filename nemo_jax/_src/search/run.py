@@ -23,14 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from nemo_jax._src import evaluate as eval_lib
 from nemo_jax._src import data as data_lib
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
                                          species_labels)
 from nemo_jax._src.search.engine import Engine
-from nemo_jax._src.search.problem import Problem, build_problem, population_pad
+from nemo_jax._src.search.problem import Problem, build_problem
 
 CHECKPOINT_DIR = "checkpoints"
 
