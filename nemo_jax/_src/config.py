@@ -96,7 +96,8 @@ def validate_config(config: QuantConfig, num_layers: int, layer_names=None) -> Q
   """
   w = _check_bits("w_bits", config.w_bits, num_layers, layer_names)
   a = _check_bits("a_bits", config.a_bits, num_layers, layer_names)
-  keep = check_keep(float(np.asarray(config.keep)))
+  keep = config.keep
+  keep = check_keep(float(keep) if hasattr(keep, "shape") else keep)  # arrays or JSON numbers
   return QuantConfig(w_bits=jnp.asarray(w), a_bits=jnp.asarray(a),
                      keep=jnp.asarray(keep, jnp.float32))
 
@@ -137,12 +138,8 @@ def config_from_dict(d: Mapping[str, Any], num_layers: int | None = None,
   w = d.get("w_bits", [FLOAT_BITS] * num_layers)
   a = d.get("a_bits", [FLOAT_BITS] * num_layers)
   keep = d.get("keep", 1.0)
-  w = _check_bits("w_bits", w, num_layers, layer_names)
-  a = _check_bits("a_bits", a, num_layers, layer_names)
-  keep = check_keep(keep)
-  cfg = QuantConfig(w_bits=jnp.asarray(w), a_bits=jnp.asarray(a),
-                    keep=jnp.asarray(keep, jnp.float32))
-  return spec, cfg
+  return spec, validate_config(QuantConfig(w_bits=w, a_bits=a, keep=keep), num_layers,
+                               layer_names)
 
 
 def config_to_dict(config: QuantConfig, model_spec: Mapping[str, Any] | None = None) -> dict:
