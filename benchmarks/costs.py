@@ -17,9 +17,8 @@ import time
 import jax
 import numpy as np
 
-from nemo_jax._src import costs
-from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.workload import extract_workload
+from nemo_jax import QuantConfig, costs
+from nemo_jax.costs import extract_workload
 
 TARGET_CONFIGS_PER_S = 1_000_000
 
@@ -64,7 +63,7 @@ def main() -> None:
   args = parser.parse_args()
 
   wl = extract_workload(args.model)
-  names = [n for n in costs.available_objectives()]
+  names = list(costs.CostRegistry.default())
   rng = np.random.default_rng(0)
   cfg = random_configs(rng, args.configs, wl.num_layers)
   cfg_dev = jax.device_put(cfg)

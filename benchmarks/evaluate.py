@@ -30,8 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nemo_jax._src import evaluate  # noqa: E402
-from nemo_jax._src.config import QuantConfig  # noqa: E402
+from nemo_jax import QuantConfig, data, evaluation, models  # noqa: E402
 
 
 def random_configs(num_layers: int, population: int, seed: int) -> QuantConfig:
@@ -77,8 +76,7 @@ def interleaved_times(fns: dict, repeats: int, inner: dict | None = None) -> dic
 
 def default_problem(num_images: int):
   """(model, variables, images, labels, source): trained default model when available."""
-  from nemo_jax._src import models
-  from nemo_jax._src import data as data_lib
+  data_lib = data
   name = "fashion_mnist_embedded"
   x_test, y_test = data_lib.load_split(name, "test")
   x_train, _ = data_lib.load_split(name, "train")
@@ -86,8 +84,7 @@ def default_problem(num_images: int):
   labels = np.asarray(y_test[:num_images])
   calib_images = data_lib.preprocess(name, x_train[:512])
   try:
-    from nemo_jax._src.train import load_default_model
-    model, variables = load_default_model()
+    model, variables = models.load_default_model()
     source = "trained default checkpoint"
   except Exception as e:  # noqa: BLE001 - any missing piece: fall back to random weights
     model = models.get_model("resnet20", input_shape=images.shape[1:], num_classes=10)
@@ -98,8 +95,9 @@ def default_problem(num_images: int):
 
 def cpu_benchmark(args) -> dict:
   model, variables, images, labels, calib_images, source = default_problem(args.images)
-  calibration = evaluate.calibrate(model, variables, calib_images, batch_size=256)
-  ev = evaluate.Evaluator(model, variables, calibration, images, labels,
+  calibration = evaluation.calibrate(model, variables, calib_images, batch_size=256)
+  scheme = evaluation.ptq_scheme(calibration)
+  ev = evaluation.Evaluator(model, variables, scheme, images, labels,
                           batch_size=args.batch_size, strategy=args.strategy)
   float_fn = lambda: ev.evaluate_float(cached=False)
   # Second float baseline, without the evaluator: plain jitted apply per image batch.
@@ -135,7 +133,7 @@ def cpu_benchmark(args) -> dict:
     configs = random_configs(ev.num_layers, population, seed=1)
     timings = {}
     for strategy in ("map", "vmap"):
-      other = evaluate.Evaluator(model, variables, calibration, images, labels,
+      other = evaluation.Evaluator(model, variables, scheme, images, labels,
                                  batch_size=args.batch_size, strategy=strategy)
       timings[strategy] = best_time(lambda: other(configs), 1)
     out["strategy_compare"] = {"population": population,
@@ -150,7 +148,6 @@ def cpu_benchmark(args) -> dict:
 
 
 def gpu_benchmark(args) -> dict:
-  from nemo_jax._src import models
   shape = (224, 224, 3)
   model = models.get_model(args.gpu_model, input_shape=shape, num_classes=1000)
   variables = models.init_variables(model, jax.random.key(0), shape)
@@ -158,14 +155,15 @@ def gpu_benchmark(args) -> dict:
   images = rng.integers(0, 256, (args.images, *shape), dtype=np.uint8)
   labels = rng.integers(0, 1000, args.images).astype(np.int32)
   preprocess = lambda x: (x.astype(np.float32) / 255.0 - 0.45) / 0.225
-  calibration = evaluate.calibrate(model, variables, preprocess(images[:256]), batch_size=128)
+  calibration = evaluation.calibrate(model, variables, preprocess(images[:256]), batch_size=128)
+  scheme = evaluation.ptq_scheme(calibration)
   out = {"benchmark": "evaluate", "mode": "gpu", "model": args.gpu_model,
          "backend": jax.default_backend(), "device": str(jax.devices()[0]),
          "images": args.images, "results": {}}
   for strategy in ("vmap", "map"):
-    ev = evaluate.Evaluator(model, variables, calibration, images, labels,
-                            batch_size=args.batch_size, strategy=strategy,
-                            preprocess=preprocess)
+    ev = evaluation.Evaluator(model, variables, scheme, images, labels,
+                              batch_size=args.batch_size, strategy=strategy,
+                              preprocess=preprocess)
     float_seconds = best_time(lambda: ev.evaluate_float(cached=False), 1)
     per_strategy = {"float_seconds": round(float_seconds, 3), "batch_size": ev.batch_size}
     for population in args.populations:
@@ -187,7 +185,7 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--populations", default=None,
                       help="comma-separated P values (default 1,8,32,128 on CPU; 8,32 GPU)")
-  parser.add_argument("--strategy", default="auto", choices=evaluate.STRATEGIES)
+  parser.add_argument("--strategy", default="auto", choices=evaluation.STRATEGIES)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--compare-vmap", type=int, default=8,
                       help="P for the map-vs-vmap comparison (0: skip)")

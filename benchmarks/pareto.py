@@ -26,7 +26,7 @@ import numpy as np
 from nemo_jax import pareto
 
 # Accuracy evaluation of 16 configs x 256 images of ResNet-20 on this CPU (lax.map in one
-# jit), measured in /work/shared/reference/ENVIRONMENT.md; used only for the 1% budget.
+# jit), measured on the 2-core CPU machine this project runs on; used only for the 1% budget.
 EVAL_SECONDS_REFERENCE = 2.1
 
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 import nemo_jax
-from nemo_jax._src.search.problem import build_problem
+
 
 
 def main(argv=None):
@@ -30,7 +30,7 @@ def main(argv=None):
   cfg = nemo_jax.load_search_config(args.config, generations=args.generations,
                                     final_split=None)
   t0 = time.perf_counter()
-  problem = build_problem(cfg)
+  problem = nemo_jax.build_problem(cfg)
   build_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   res = nemo_jax.search(cfg, out_dir=None, progress=False, problem=problem)

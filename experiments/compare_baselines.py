@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 import nemo_jax
-from nemo_jax._src.search.problem import build_problem
+
 
 METHODS = {
     "nemo": {},   # the default: four species, NSGA-III joint ranking, UCB resizing
@@ -45,7 +45,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   base = nemo_jax.load_search_config(args.config, generations=args.generations,
                                      population=args.population, final_split=None)
-  problem = build_problem(base)   # one fitness subset and calibration for every run
+  problem = nemo_jax.build_problem(base)   # one fitness subset and calibration for every run
   results = {}
   for method in args.methods:
     for seed in args.seeds:

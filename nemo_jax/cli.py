@@ -1,4 +1,4 @@
-"""The ``nemo-jax`` command line.
+"""The ``nemo-jax`` command line: every subcommand, each a thin call into the public API.
 
 Every subcommand validates its input first; a ValueError is printed as one line
 (``error: ...``) without a traceback and the exit status is 2.
@@ -22,94 +22,117 @@ def _shape(text: str) -> tuple[int, int, int]:
   return parts
 
 
-def _model_spec(args):
-  from nemo_jax._src import models
-  if args.model not in models.list_models():
-    raise ValueError(f"model {args.model!r} is unknown; allowed: {models.list_models()}")
-  default_shape = (models.DEFAULT_INPUT_SHAPE if args.model == models.DEFAULT_MODEL
-                   else (224, 224, 3) if args.model in ("mobilenet_v2", "resnet18", "resnet50",
-                                                        "resnext101_32x8d") else (32, 32, 3))
-  shape = _shape(args.input_shape) if args.input_shape else default_shape
-  classes = args.num_classes if args.num_classes is not None else (
-      10 if shape[0] <= 64 else 1000)
-  return shape, classes
+def _model_spec(args) -> tuple[tuple[int, int, int], int]:
+  from nemo_jax import models
+  shape, classes = models.default_spec(args.model)
+  if args.input_shape:
+    shape = _shape(args.input_shape)
+  return shape, args.num_classes if args.num_classes is not None else classes
 
 
 def cmd_train(args) -> int:
-  from nemo_jax._src import train
-  from nemo_jax._src.search.config import load_config_file
-  d = dict(load_config_file(args.config)) if args.config else {}
-  if args.epochs is not None:
-    d["epochs"] = args.epochs
-  if args.seed is not None:
-    d["seed"] = args.seed
-  cfg = train.TrainConfig.from_dict(d)
-  _, variables, metrics = train.train(cfg, progress=not args.quiet)
+  import nemo_jax
+  from nemo_jax import models
+  d = dict(nemo_jax.load_config_file(args.config)) if args.config else {}
+  d.update({k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
+  cfg = models.TrainConfig.from_dict(d)
+  _, variables, metrics = models.train(cfg, progress=not args.quiet)
   if args.out:
-    train.save_trained(args.out, cfg, variables, metrics)
+    models.save_trained(args.out, cfg, variables, metrics)
   print(json.dumps({**metrics, "checkpoint": args.out}, indent=1))
   return 0
 
 
 def cmd_convert(args) -> int:
-  from nemo_jax._src import convert
+  from nemo_jax import models
   shape = _shape(args.input_shape) if args.input_shape else (224, 224, 3)
   out = args.out or os.path.splitext(args.checkpoint)[0] + ".msgpack"
-  convert.convert_checkpoint(args.checkpoint, args.model, out, input_shape=shape,
-                             num_classes=args.num_classes or 1000)
+  models.convert_checkpoint(args.checkpoint, args.model, out, input_shape=shape,
+                            num_classes=args.num_classes or 1000)
   print(json.dumps({"model": args.model, "input_shape": list(shape), "out": out}))
   return 0
 
 
 def cmd_layers(args) -> int:
-  from nemo_jax._src import workload
+  from nemo_jax import costs
   shape, classes = _model_spec(args)
-  wl = workload.extract_workload(args.model, shape, classes)
-  print(json.dumps(workload.workload_to_json(wl), indent=1))
+  wl = costs.extract_workload(args.model, shape, classes)
+  print(json.dumps(costs.workload_to_json(wl), indent=1))
   return 0
 
 
 def cmd_costs(args) -> int:
-  from nemo_jax._src import config as config_lib
-  from nemo_jax._src import costs, workload
+  import nemo_jax
+  from nemo_jax import costs
   shape, classes = _model_spec(args)
-  wl = workload.extract_workload(args.model, shape, classes)
+  wl = costs.extract_workload(args.model, shape, classes)
   if (args.config is None) == (args.uniform is None):
     raise ValueError("costs: give exactly one of --config FILE or --uniform W,A")
   if args.config:
-    spec, cfg = config_lib.load_config(args.config, wl.num_layers)
+    spec, cfg = nemo_jax.load_config(args.config, wl.num_layers)
     if spec.get("model", args.model) != args.model:
       raise ValueError(f"--config is for model {spec['model']!r}, not {args.model!r}")
-    if args.keep is not None:
-      cfg = cfg.replace(keep=config_lib.check_keep(args.keep))
+    d = nemo_jax.config_to_dict(cfg)
   else:
     try:
       w, a = (int(v) for v in args.uniform.split(","))
     except ValueError:
       raise ValueError(f"--uniform {args.uniform!r}: expected W,A integers, e.g. 8,8") from None
-    d = {"w_bits": [w] * wl.num_layers, "a_bits": [a] * wl.num_layers,
-         "keep": 1.0 if args.keep is None else args.keep}
-    _, cfg = config_lib.config_from_dict(d, wl.num_layers, wl.layer_names)
+    d = {"w_bits": [w] * wl.num_layers, "a_bits": [a] * wl.num_layers}
+  if args.keep is not None:
+    d["keep"] = args.keep
+  _, cfg = nemo_jax.config_from_dict(d, wl.num_layers, wl.layer_names)
   print(json.dumps(costs.cost_report(wl, cfg), indent=1))
   return 0
 
 
 def cmd_search(args) -> int:
-  from nemo_jax._src.search import report, run
+  import nemo_jax
   out = args.resume or args.out or "runs/default"
-  result = run.search(args.config, out_dir=out, resume=args.resume is not None,
-                      progress=not args.quiet, generations=args.generations,
-                      population=args.population, seed=args.seed)
-  print(report.front_table(result.front, result.config.objectives))
+  result = nemo_jax.search(args.config, out_dir=out, resume=args.resume is not None,
+                           progress=not args.quiet, generations=args.generations,
+                           population=args.population, seed=args.seed)
+  print(nemo_jax.front_table(result.front, result.config.objectives))
   print(f"\n{len(result.front)} configurations on the front; results in {out}/ "
         f"(front.json, history.csv, front.png, species.png)")
   return 0
 
 
 def cmd_report(args) -> int:
-  from nemo_jax._src.search import report
-  print(report.redraw(args.dir))
+  import nemo_jax
+  print(nemo_jax.redraw(args.dir))
   print(f"\nredrew {args.dir}/front.png and {args.dir}/species.png")
+  return 0
+
+
+def cmd_prune_library(args) -> int:
+  import nemo_jax
+  from nemo_jax import emomc
+  d = dict(nemo_jax.load_config_file(args.config, function="get_library_config")
+           ) if args.config else {}
+  cfg = emomc.library_config(
+      d, model=args.model, keep_range=args.keep_range, out_dir=args.out,
+      checkpoint=args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+      input_shape=_shape(args.input_shape) if args.input_shape else None,
+      num_classes=args.num_classes, steps=args.steps, epochs_per_step=args.epochs_per_step,
+      steps_per_stage=args.steps_per_stage, schedule=args.schedule,
+      batch_size=args.batch_size, learning_rate=args.learning_rate,
+      eval_max_images=args.eval_max_images, train_max_images=args.train_max_images,
+      seed=args.seed)
+  meta = emomc.build_library(cfg, progress=not args.quiet)
+  print(emomc.library_table(meta))
+  print(f"\nbuilt {len(meta['built'])} ratio(s), skipped {len(meta['skipped'])} finished; "
+        f"library in {cfg.out_dir}/ ({emomc.LIBRARY_FILE})")
+  return 0
+
+
+def cmd_emomc_report(args) -> int:
+  from nemo_jax import emomc
+  table = emomc.emomc_report(args.run_dir, quant_run=args.quant_run, max_loss=args.max_loss,
+                             criterion=args.criterion, out_dir=args.out,
+                             progress=not args.quiet)
+  print(emomc.format_table(table))
+  print(f"\nwrote {args.out or args.run_dir}/{emomc.TABLE_JSON} and {emomc.TABLE_CSV}")
   return 0
 
 
@@ -146,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=fn)
 
   s = sub.add_parser("search", help="run a NEMO search (no --config: the embedded default)")
-  s.add_argument("--config", help="experiments/configs/*.py or .json")
+  s.add_argument("--config", help="experiments/configs/*.py[:VARIANT] or .json")
   s.add_argument("--out", help="output directory (default runs/default)")
   s.add_argument("--generations", type=int)
   s.add_argument("--population", type=int)
@@ -159,8 +182,40 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument("dir")
   r.set_defaults(func=cmd_report)
 
-  from nemo_jax._src.emomc import add_cli_commands  # prune-library, emomc-report
-  add_cli_commands(sub)
+  pl = sub.add_parser("prune-library",
+                      help="EMOMC stage I: build a library of pruned + retrained models")
+  pl.add_argument("model", nargs="?", help="zoo model name (e.g. resnet20)")
+  pl.add_argument("--keep-range", help="START:STOP:STEP keep ratios (STOP included), e.g. "
+                  "0.2:0.8:0.01, or a list 0.3,0.5")
+  pl.add_argument("--out", help="library directory (an existing one is resumed)")
+  pl.add_argument("--config", help="a .py file with get_library_config() (or .json)")
+  pl.add_argument("--checkpoint", help="'default' or a variables file (.msgpack)")
+  pl.add_argument("--dataset")
+  pl.add_argument("--data-dir")
+  pl.add_argument("--input-shape", help="H,W,C")
+  pl.add_argument("--num-classes", type=int)
+  pl.add_argument("--steps", type=int, help="pruning steps per ratio (EMOMC: 32)")
+  pl.add_argument("--epochs-per-step", type=float, help="retraining epochs per step (EMOMC: 1)")
+  pl.add_argument("--steps-per-stage", type=int,
+                  help="optimizer steps per pruning step (overrides --epochs-per-step)")
+  pl.add_argument("--schedule", help="independent (EMOMC) or chain")
+  pl.add_argument("--batch-size", type=int)
+  pl.add_argument("--learning-rate", type=float)
+  pl.add_argument("--eval-max-images", type=int)
+  pl.add_argument("--train-max-images", type=int)
+  pl.add_argument("--seed", type=int)
+  pl.add_argument("--quiet", action="store_true")
+  pl.set_defaults(func=cmd_prune_library)
+
+  er = sub.add_parser("emomc-report",
+                      help="EMOMC table (energy / size improvement at <= 0.5%% loss)")
+  er.add_argument("run_dir", help="a finished `nemo-jax search` directory of a library search")
+  er.add_argument("--quant-run", help="a quantization-only run (keep_choices=[1.0])")
+  er.add_argument("--max-loss", type=float, default=0.005, help="fraction (default 0.005)")
+  er.add_argument("--criterion", help="cost to minimise among admissible members")
+  er.add_argument("--out", help="output directory (default: RUN_DIR)")
+  er.add_argument("--quiet", action="store_true")
+  er.set_defaults(func=cmd_emomc_report)
   return p
 
 

@@ -1,10 +1,26 @@
-"""Calibration and batched population evaluation (accuracy enters the search as error)."""
+"""Calibration, quantization schemes and the one batched population evaluator.
 
+Accuracy enters the search as error (minimised). An :class:`Evaluator` takes a
+:class:`QuantScheme`: :func:`ptq_scheme` (NEMO: calibrated post-training quantization of
+one checkpoint) or :func:`library_scheme` (EMOMC: pre-pruned library entries)::
+
+    calib = evaluation.calibrate(model, variables, calib_images)
+    ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calib), images, labels)
+    ev(configs).top1, ev.evaluate_float().top1
+"""
+
+from nemo_jax._src.calibration import (Calibration, calibrate, fingerprint, load_calibration,
+                                       load_or_calibrate, save_calibration)
 from nemo_jax._src.distributed import initialize, population_mesh
-from nemo_jax._src.evaluate import (Calibration, EvalResult, Evaluator, calibrate, evaluate,
-                                    load_calibration, load_or_calibrate, save_calibration)
+from nemo_jax._src.evaluator import (ACTIVATION_FACTOR, STRATEGIES, EvalResult, Evaluator,
+                                     evaluate, member_bytes)
+from nemo_jax._src.schemes import QuantScheme, stack_variables
+from nemo_jax._src.schemes import library as library_scheme
+from nemo_jax._src.schemes import ptq as ptq_scheme
 
 __all__ = [
-    "Calibration", "EvalResult", "Evaluator", "calibrate", "evaluate", "initialize",
-    "load_calibration", "load_or_calibrate", "population_mesh", "save_calibration",
+    "ACTIVATION_FACTOR", "Calibration", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
+    "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
+    "load_or_calibrate", "member_bytes", "population_mesh", "ptq_scheme", "save_calibration",
+    "stack_variables",
 ]

@@ -12,12 +12,16 @@ from nemo_jax._src.checkpoint import load_variables, save_variables
 from nemo_jax._src.convert import convert_checkpoint, load_torch_checkpoint, torchvision_to_flax
 from nemo_jax._src.layers import LayerInfo, QContext, QConv, QDense
 from nemo_jax._src.models import (DEFAULT_INPUT_SHAPE, DEFAULT_MODEL, DEFAULT_NUM_CLASSES,
-                                  get_model, list_models, register_model)
-from nemo_jax._src.train import TrainConfig, load_default_model, train
+                                  abstract_variables, default_spec, get_model, init_variables,
+                                  list_models, register_model, trace_layers)
+from nemo_jax._src.checkpoint import load_default_model, load_model
+from nemo_jax._src.train import TrainConfig, float_accuracy, save_trained, train
 
 __all__ = [
     "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "LayerInfo", "QContext",
-    "QConv", "QDense", "TrainConfig", "convert_checkpoint", "get_model", "list_models",
-    "load_default_model", "load_torch_checkpoint", "load_variables", "register_model",
-    "save_variables", "torchvision_to_flax", "train",
+    "QConv", "QDense", "TrainConfig", "abstract_variables", "convert_checkpoint",
+    "default_spec", "float_accuracy", "get_model", "init_variables", "list_models",
+    "load_default_model", "load_model", "load_torch_checkpoint", "load_variables",
+    "register_model", "save_trained", "save_variables", "torchvision_to_flax", "trace_layers",
+    "train",
 ]

@@ -63,7 +63,7 @@ def build_problem(seed: int = 0):
   """(model, variables, calibration, images, labels, configs), deterministic in seed."""
   import jax
   import jax.numpy as jnp
-  from nemo_jax._src import evaluate
+  from nemo_jax import evaluation
   from nemo_jax._src.config import QuantConfig
 
   rng = np.random.default_rng(seed)
@@ -72,7 +72,7 @@ def build_problem(seed: int = 0):
   labels = rng.integers(0, 10, NUM_IMAGES).astype(np.int32)
   variables = model.init(jax.random.key(seed), jnp.asarray(images[:1]))
   variables = random_batch_stats(variables, seed)
-  calibration = evaluate.calibrate(model, variables, images, batch_size=BATCH_SIZE)
+  calibration = evaluation.calibrate(model, variables, images, batch_size=BATCH_SIZE)
   num_layers = calibration.num_layers
   configs = QuantConfig(
       w_bits=jnp.asarray(rng.integers(2, 9, (POPULATION, num_layers)), jnp.int32),
@@ -98,11 +98,12 @@ def main(argv=None) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                                num_processes=args.num_processes,
                                process_id=args.process_id, initialization_timeout=60)
-  from nemo_jax._src import evaluate
+  from nemo_jax import evaluation
 
   model, variables, calibration, images, labels, configs = build_problem()
-  evaluator = evaluate.Evaluator(model, variables, calibration, images, labels,
-                                 batch_size=BATCH_SIZE, strategy=args.strategy)
+  evaluator = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration),
+                                   images, labels, batch_size=BATCH_SIZE,
+                                   strategy=args.strategy)
   result = evaluator(configs)
   np.savez(args.out, top1=result.top1, top5=result.top5, loss=result.loss,
            num_devices=len(jax.devices()), num_local_devices=len(jax.local_devices()),

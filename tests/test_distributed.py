@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from nemo_jax._src import distributed, evaluate
+from nemo_jax import evaluation
+from nemo_jax._src import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_multihost_worker.py")
@@ -49,8 +50,8 @@ def reference():
   """Single-process, single-device result."""
   model, variables, calibration, images, labels, configs = worker.build_problem()
   mesh = distributed.population_mesh(jax.devices()[:1])
-  ev = evaluate.Evaluator(model, variables, calibration, images, labels,
-                          batch_size=worker.BATCH_SIZE, strategy="map", mesh=mesh)
+  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration), images,
+                            labels, batch_size=worker.BATCH_SIZE, strategy="map", mesh=mesh)
   assert ev.num_devices == 1
   return ev(configs)
 

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nemo_jax
+from nemo_jax import emomc as library_lib
 from nemo_jax._src import data as data_lib
-from nemo_jax._src import train as train_lib
 from nemo_jax._src import workload as workload_lib
-from nemo_jax._src.emomc import library as library_lib
-from nemo_jax._src.emomc import problem as problem_lib
+from nemo_jax._src.checkpoint import load_default_model
 from nemo_jax._src.emomc import report as report_lib
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.search import run as run_lib
@@ -29,20 +29,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = (0.4, 0.7)
 # Tiny retraining so the whole file stays fast: 2 pruning steps of 1 optimizer step.
 BUILD = dict(steps=2, steps_per_stage=1, batch_size=16, train_max_images=160,
-             eval_max_images=40, model_name="resnet20", checkpoint="default", progress=False)
+             eval_max_images=40, model="resnet20", checkpoint="default",
+             dataset="fashion_mnist_embedded", keep_ratios=RATIOS, schedule="chain")
+
+
+def _build(out, model, variables, **overrides):
+  return library_lib.build_library({**BUILD, "out_dir": out, **overrides}, model, variables,
+                                   progress=False)
 
 
 @pytest.fixture(scope="module")
 def default_model():
-  return train_lib.load_default_model()
+  return load_default_model()
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory, default_model):
   model, variables = default_model
   out = str(tmp_path_factory.mktemp("lib") / "library")
-  meta = library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, out,
-                                   schedule="chain", **BUILD)
+  meta = _build(out, model, variables)
   return out, meta
 
 
@@ -50,7 +55,8 @@ def _search_config(library_dir, **overrides):
   # population 12 >= len(bit_choices): every evaluation in this file (population, uniform
   # baselines, hand checks) pads to 12 members and shares one compilation.
   d = {"library": library_dir, "keep_choices": list(RATIOS), "bit_choices": list(range(2, 13)),
-       "quantize_activations": False, "fixed_act_bits": 16,
+       "quantize_activations": False, "activation_format": "fp16",
+       "weight_quant": "symmetric_per_tensor",
        "objectives": ["top1_error", "energy:X|Y"], "constraints": {"size_kb:csr": 500.0},
        "eval_per_class": 2, "final_split": None, "population": 12, "generations": 1,
        "species": [{"kind": "direct_round"}], "selection": "nsga2", "resize": False,
@@ -61,7 +67,7 @@ def _search_config(library_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def problem(library):
-  return problem_lib.build_library_problem(_search_config(library[0]), progress=False)
+  return nemo_jax.build_problem(_search_config(library[0]), progress=False)
 
 
 # --------------------------------------------------------------------------- stage I
@@ -120,8 +126,7 @@ def test_build_resumes_without_redoing_finished_ratios(library, default_model, t
     json.dump(saved, f)
   ckpt_07 = os.path.join(copy, "checkpoints", "7000")
   mtime = os.path.getmtime(ckpt_07)
-  again = library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, copy,
-                                    schedule="chain", **BUILD)
+  again = _build(copy, model, variables)
   assert again["built"] == [0.4] and again["skipped"] == [0.7]
   assert os.path.getmtime(ckpt_07) == mtime
   # Per-ratio seeds: the resumed library equals the uninterrupted one.
@@ -131,8 +136,7 @@ def test_build_resumes_without_redoing_finished_ratios(library, default_model, t
     np.testing.assert_array_equal(x, y)
   # Other settings cannot silently extend a library.
   with pytest.raises(ValueError, match="steps"):
-    library_lib.build_library(model, variables, "fashion_mnist_embedded", RATIOS, copy,
-                              schedule="chain", **{**BUILD, "steps": 3})
+    _build(copy, model, variables, steps=3)
 
 
 # --------------------------------------------------------------------------- stage II
@@ -148,14 +152,10 @@ def _hand_quantize(w, bits):
   return np.clip(np.round(w / step), -qmax, qmax) * step
 
 
-class _FP16Inputs(QContext):
+def _fp16_inputs():
   """Reference context: float16-rounded conv/dense inputs, kernels as stored."""
-
-  def quantize_input(self, x, i):
-    return x.astype(jnp.float16).astype(jnp.float32)
-
-  def quantize_kernel(self, kernel, i):
-    return kernel
+  return QContext(quantize_input=lambda x, i: x.astype(jnp.float16).astype(jnp.float32),
+                  quantize_kernel=lambda kernel, i: kernel)
 
 
 def test_stage2_evaluation_equals_hand_quantized_pruned_checkpoint(problem, default_model):
@@ -173,13 +173,13 @@ def test_stage2_evaluation_equals_hand_quantized_pruned_checkpoint(problem, defa
   x = jnp.asarray(data_lib.preprocess(cfg.dataset, images[idx]))
   y = labels[idx]
   for j, (p, bits) in enumerate(zip(keep, w_bits)):
-    v = jax.tree.map(np.array, library_lib.load_entry(problem.library_dir, p, variables))
+    v = jax.tree.map(np.array, library_lib.load_entry(problem.source.library_dir, p, variables))
     for i, layer in enumerate(problem.workload.layer_names):
       node = v["params"]
       for part in layer.split("/"):
         node = node[part]
       node["kernel"] = _hand_quantize(node["kernel"], int(bits[i]))
-    logits = np.asarray(problem.model.apply(v, x, _FP16Inputs(), train=False), np.float64)
+    logits = np.asarray(problem.model.apply(v, x, _fp16_inputs(), train=False), np.float64)
     top1 = np.mean(np.argmax(logits, -1) == y)
     nll = -(logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
             - logits.max(-1, keepdims=True))[np.arange(len(y)), y]
@@ -271,19 +271,21 @@ def test_vgg16_energy_and_size_equal_the_formulas():
 def test_bad_input_names_the_value(library, problem):
   lib = library[0]
   with pytest.raises(ValueError, match=r"0\.55.*available.*0\.4"):
-    problem_lib.build_library_problem(_search_config(lib, keep_choices=[0.4, 0.55]))
+    nemo_jax.build_problem(_search_config(lib, keep_choices=[0.4, 0.55]))
   with pytest.raises(ValueError, match="bit-width 1"):
-    problem_lib.build_library_problem(_search_config(lib, bit_choices=[1, 2, 4]))
+    nemo_jax.build_problem(_search_config(lib, bit_choices=[1, 2, 4]))
   with pytest.raises(ValueError, match=r"size_kb:csr.*cannot be met.*keep 0\.4"):
-    problem_lib.build_library_problem(_search_config(lib, constraints={"size_kb:csr": 1.0}))
+    nemo_jax.build_problem(_search_config(lib, constraints={"size_kb:csr": 1.0}))
   with pytest.raises(ValueError, match="quantize_activations"):
-    problem_lib.build_library_problem(_search_config(lib, quantize_activations=True))
+    nemo_jax.build_problem(_search_config(lib, quantize_activations=True))
+  with pytest.raises(ValueError, match="activation_format.*fp16"):
+    nemo_jax.build_problem(_search_config(lib, activation_format="int"))
   with pytest.raises(ValueError, match="no library.json"):
-    problem_lib.build_library_problem(_search_config(os.path.join(lib, "nope")))
+    nemo_jax.build_problem(_search_config(os.path.join(lib, "nope")))
   L = problem.workload.num_layers
   with pytest.raises(ValueError, match="bit-width 13"):
     problem.configs([0.4], np.full((1, L), 13))
-  with pytest.raises(ValueError, match=r"keep=0\.5 .*available"):
+  with pytest.raises(ValueError, match=r"keep=0\.5 .*allowed.*0\.4"):
     problem.configs([0.5], np.full((1, L), 4))
   with pytest.raises(ValueError, match=r"keep=0\.5"):
     problem.evaluator(problem.configs([0.4], np.full((1, L), 4)).replace(

@@ -1,4 +1,4 @@
-"""Tests of calibration and population evaluation (nemo_jax/_src/evaluate.py)."""
+"""Tests of calibration and population evaluation (nemo_jax/_src/evaluation.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from nemo_jax._src import evaluate
+from nemo_jax import evaluation
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.layers import QContext, QDense
 
@@ -25,6 +25,12 @@ if worker is None:  # registered: flax dataclasses look their module up
   _spec.loader.exec_module(worker)
 
 
+def ptq_evaluator(model, variables, calibration, images, labels, **kwargs):
+  """The NEMO (calibrated PTQ) evaluator."""
+  return evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration), images,
+                              labels, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def problem():
   return worker.build_problem(seed=0)
@@ -33,7 +39,7 @@ def problem():
 @pytest.fixture(scope="module")
 def map_evaluator(problem):
   model, variables, calibration, images, labels, _ = problem
-  return evaluate.Evaluator(model, variables, calibration, images, labels,
+  return ptq_evaluator(model, variables, calibration, images, labels,
                             batch_size=worker.BATCH_SIZE, strategy="map")
 
 
@@ -71,7 +77,7 @@ def test_calibration_is_mean_of_per_batch_min_max(batch_size, num_batches, seed)
   images = rng.normal(size=(25, 2, 2, 1)).astype(np.float32) * 3
   model = TinyMLP()
   variables = model.init(jax.random.key(seed), jnp.asarray(images[:1]))
-  calib = evaluate.calibrate(model, variables, images, batch_size=batch_size,
+  calib = evaluation.calibrate(model, variables, images, batch_size=batch_size,
                              num_batches=num_batches)
   # Brute force: layer inputs in numpy, per-batch min/max, mean over batches.
   p = jax.tree.map(np.asarray, variables["params"])
@@ -91,25 +97,25 @@ def test_calibration_is_mean_of_per_batch_min_max(batch_size, num_batches, seed)
 def test_calibration_save_load_and_cache(tmp_path, problem):
   model, variables, calibration, images, _, _ = problem
   path = tmp_path / "calib.json"
-  evaluate.save_calibration(path, calibration)
-  loaded = evaluate.load_calibration(path)
+  evaluation.save_calibration(path, calibration)
+  loaded = evaluation.load_calibration(path)
   np.testing.assert_array_equal(loaded.lo, calibration.lo)  # float32 round-trips exactly
   np.testing.assert_array_equal(loaded.hi, calibration.hi)
   assert (loaded.num_batches, loaded.fingerprint) == (calibration.num_batches,
                                                       calibration.fingerprint)
   # Cache hit: a file whose fingerprint matches is returned as is (doctored values).
-  evaluate.save_calibration(path, calibration.replace(lo=calibration.lo - 1.0))
-  hit = evaluate.load_or_calibrate(path, model, variables, images, batch_size=worker.BATCH_SIZE)
+  evaluation.save_calibration(path, calibration.replace(lo=calibration.lo - 1.0))
+  hit = evaluation.load_or_calibrate(path, model, variables, images, batch_size=worker.BATCH_SIZE)
   np.testing.assert_array_equal(hit.lo, calibration.lo - 1.0)
   # Other images: fingerprint differs -> recomputed and rewritten.
-  miss = evaluate.load_or_calibrate(path, model, variables, images[:20],
+  miss = evaluation.load_or_calibrate(path, model, variables, images[:20],
                                     batch_size=worker.BATCH_SIZE)
-  expected = evaluate.calibrate(model, variables, images[:20], batch_size=worker.BATCH_SIZE)
+  expected = evaluation.calibrate(model, variables, images[:20], batch_size=worker.BATCH_SIZE)
   np.testing.assert_array_equal(miss.lo, expected.lo)
-  np.testing.assert_array_equal(evaluate.load_calibration(path).hi, expected.hi)
+  np.testing.assert_array_equal(evaluation.load_calibration(path).hi, expected.hi)
   (tmp_path / "bad.json").write_text('{"format": "other"}')
   with pytest.raises(ValueError, match="format"):
-    evaluate.load_calibration(tmp_path / "bad.json")
+    evaluation.load_calibration(tmp_path / "bad.json")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -153,7 +159,7 @@ def test_strategies_and_chunking_agree(problem, map_evaluator):
   model, variables, calibration, images, labels, configs = problem
   reference = map_evaluator(configs)
   for strategy, chunk in (("vmap", None), ("chunked_vmap", 3)):
-    ev = evaluate.Evaluator(model, variables, calibration, images, labels,
+    ev = ptq_evaluator(model, variables, calibration, images, labels,
                             batch_size=worker.BATCH_SIZE, strategy=strategy, chunk_size=chunk)
     assert ev.chunk_size_for(8) == (8 if chunk is None else chunk)
     result = ev(configs)
@@ -174,7 +180,7 @@ def test_padding_and_single_member(problem, map_evaluator):
   assert single.top1[0] == full.top1[3] and single.loss[0] == full.loss[3]
   np.testing.assert_array_equal(sub.top1, full.top1[2:5])
   model, variables, calibration, images, labels, _ = worker.build_problem(0)
-  fixed = evaluate.Evaluator(model, variables, calibration, images, labels, population_pad=4)
+  fixed = ptq_evaluator(model, variables, calibration, images, labels, population_pad=4)
   assert [fixed.padded_size(p) for p in (1, 4, 5, 9)] == [4, 4, 8, 12]
 
 
@@ -189,7 +195,7 @@ def test_nonfinite_logits_give_nan_not_crash(problem):
   hi = np.asarray(calibration.hi).copy()
   lo[-1], hi[-1] = -3e38, 3e38  # hi - lo overflows: scale = inf
   extreme = calibration.replace(lo=jnp.asarray(lo), hi=jnp.asarray(hi))
-  ev = evaluate.Evaluator(model, variables, extreme, images, labels,
+  ev = ptq_evaluator(model, variables, extreme, images, labels,
                           batch_size=worker.BATCH_SIZE, strategy="map")
   num_layers = ev.num_layers
   a_bits = np.full((2, num_layers), 32, np.int32)
@@ -206,8 +212,8 @@ def test_top5_with_fewer_than_five_classes():
   labels = rng.integers(0, 3, 11)
   model = TinyMLP()
   variables = model.init(jax.random.key(1), jnp.asarray(images[:1]))
-  calib = evaluate.calibrate(model, variables, images, batch_size=4)
-  ev = evaluate.Evaluator(model, variables, calib, images, labels, batch_size=4)
+  calib = evaluation.calibrate(model, variables, images, batch_size=4)
+  ev = ptq_evaluator(model, variables, calib, images, labels, batch_size=4)
   assert ev.top_k == 3 and ev.batch_size == 4  # 3 balanced batches of 4 (1 padded row)
   result = ev(QuantConfig.uniform(2, 4, 4))
   assert result.top5[0] == 1.0
@@ -218,13 +224,13 @@ def test_top5_with_fewer_than_five_classes():
 
 def test_memory_formula_chunk_size(problem):
   model, variables, calibration, images, labels, _ = problem
-  ev = evaluate.Evaluator(model, variables, calibration, images, labels,
+  ev = ptq_evaluator(model, variables, calibration, images, labels,
                           batch_size=worker.BATCH_SIZE, strategy="vmap")
   # SmallNet on 10x10x1: kernels 3*3*(1*8 + 8*8 + 8*8 + 8*16) + 16*10; the peak layer is
   # a 10x10x8 -> 10x10x8 conv; batch 13 (37 images in 3 balanced batches).
   weights = 9 * (8 + 64 + 64 + 128) + 160
   assert ev.num_weights == weights and ev.peak_activation == 1600 and ev.batch_size == 13
-  per_member = 4 * (2 * weights + evaluate.ACTIVATION_FACTOR * 13 * 1600)
+  per_member = 4 * (2 * weights + evaluation.ACTIVATION_FACTOR * 13 * 1600)
   assert ev.member_bytes == per_member
   ev.memory_budget = 3 * per_member + 1
   assert ev.chunk_size_for(8) == 3 and ev.chunk_size_for(2) == 2
@@ -244,31 +250,31 @@ def test_bad_input_raises_value_error(problem, map_evaluator):
   with pytest.raises(ValueError, match="keep"):
     map_evaluator(configs.replace(keep=jnp.zeros_like(configs.keep)))
   with pytest.raises(ValueError, match="strategy"):
-    evaluate.Evaluator(model, variables, calibration, images, labels, strategy="pmap")
+    ptq_evaluator(model, variables, calibration, images, labels, strategy="pmap")
   with pytest.raises(ValueError, match="labels"):
-    evaluate.Evaluator(model, variables, calibration, images, labels[:-1])
+    ptq_evaluator(model, variables, calibration, images, labels[:-1])
   with pytest.raises(ValueError, match="calibration"):
-    evaluate.Evaluator(model, variables, calibration.replace(lo=calibration.lo[:-1],
-                                                             hi=calibration.hi[:-1]),
-                       images, labels)
+    ptq_evaluator(model, variables, calibration.replace(lo=calibration.lo[:-1],
+                                                        hi=calibration.hi[:-1]),
+                  images, labels)
   with pytest.raises(ValueError, match="num_batches"):
-    evaluate.calibrate(model, variables, images, batch_size=16, num_batches=4)
+    evaluation.calibrate(model, variables, images, batch_size=16, num_batches=4)
 
 
 def test_all_2_bit_collapses_default_model():
   try:
     from nemo_jax._src import data as data_lib
-    from nemo_jax._src.train import load_default_model
+    from nemo_jax._src.checkpoint import load_default_model
     model, variables = load_default_model()
   except (ImportError, AttributeError, FileNotFoundError, OSError) as e:
     pytest.skip(f"trained default model not available yet: {type(e).__name__}: {e}")
   x_train, _ = data_lib.load_split("fashion_mnist_embedded", "train")
   x_test, y_test = data_lib.load_split("fashion_mnist_embedded", "test")
   subset = data_lib.stratified_subset(y_test, 20, seed=0)  # 200 test images
-  calib = evaluate.calibrate(model, variables,
+  calib = evaluation.calibrate(model, variables,
                              data_lib.preprocess("fashion_mnist_embedded", x_train[:512]),
                              batch_size=256)
-  ev = evaluate.Evaluator(model, variables, calib, x_test[subset], y_test[subset],
+  ev = ptq_evaluator(model, variables, calib, x_test[subset], y_test[subset],
                           preprocess=lambda x: data_lib.preprocess("fashion_mnist_embedded", x))
   float_top1 = ev.evaluate_float().top1
   result = ev(QuantConfig(w_bits=jnp.asarray([[8] * ev.num_layers, [2] * ev.num_layers]),

@@ -297,7 +297,7 @@ def test_injectable_layers():
 
 
 def test_bad_arguments_are_named():
-  with pytest.raises(ValueError, match=r"unknown model 'resnet21'.*allowed.*resnet20"):
+  with pytest.raises(ValueError, match=r"model='resnet21' is invalid.*allowed.*resnet20"):
     models.get_model("resnet21")
   with pytest.raises(ValueError, match="input_shape"):
     models.get_model("resnet20", (28, 28))

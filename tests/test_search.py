@@ -20,7 +20,7 @@ from nemo_jax import pareto
 from nemo_jax._src.search import engine as engine_lib
 from nemo_jax._src.search import run as run_lib
 from nemo_jax._src.search.config import load_search_config
-from nemo_jax._src.search.problem import build_problem
+from nemo_jax._src.problem import build_problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 import torch.fx  # noqa: E402
 
-IMAGENET = {  # torchvision parameter counts; conv+dense MACs at 224x224 (PAPERS.md)
+IMAGENET = {  # torchvision parameter counts; conv+dense MACs at 224x224 (NEMO paper, torchvision)
     "mobilenet_v2": (3_504_872, 0.30e9),
     "resnet18": (11_689_512, 1.82e9),
     "resnet50": (25_557_032, 4.09e9),

@@ -1,7 +1,8 @@
 """EMOMC's reference setup: VGG-16 (CIFAR variant, 14.7M params) on CIFAR-10, for a GPU.
 
-Needs a trained float checkpoint ($NEMO_CHECKPOINT, e.g. from `nemo-jax train` with
-model vgg16_cifar on cifar10) and CIFAR-10's python batches under $CIFAR10_DIR.
+Needs a trained float checkpoint (variant key ``checkpoint=PATH``, default
+vgg16_cifar.msgpack, e.g. from `nemo-jax train` with model vgg16_cifar on cifar10) and
+CIFAR-10's python batches (``data_dir=DIR``, default ./cifar10).
 
   nemo-jax prune-library --config experiments/configs/emomc_vgg16_cifar.py    # stage I
   nemo-jax search --config experiments/configs/emomc_vgg16_cifar.py --out runs/emomc_vgg16
@@ -19,16 +20,16 @@ Differences from EMOMC's reference optimiser (documented, not hidden):
 * duplicates: the archive keeps distinct configurations, but offspring identical to a
   parent are evaluated again (pymoo regenerates them instead).
 
-Environment switches: EMOMC_OPTIMIZER (nsga2 | nemo), EMOMC_MODE (energy | size), see
-emomc_default.py. All objectives are minimised (accuracy enters as top-1 error).
+Variants: ``emomc_vgg16_cifar.py:size,nemo,checkpoint=vgg.msgpack,data_dir=/data/cifar10,
+library=runs/lib`` (tokens as in emomc_default.py). All objectives are minimised (accuracy
+enters as top-1 error).
 """
 
-import os
+from nemo_jax import parse_config_variant
 
 KEEP_RATIOS = [round(0.20 + 0.01 * i, 2) for i in range(61)]      # 0.20 .. 0.80
-LIBRARY = os.environ.get("EMOMC_LIBRARY", "runs/emomc_library_vgg16")
-CHECKPOINT = os.environ.get("NEMO_CHECKPOINT", "vgg16_cifar.msgpack")
-DATA_DIR = os.environ.get("CIFAR10_DIR", "cifar10")
+PATHS = {"library": "runs/emomc_library_vgg16", "checkpoint": "vgg16_cifar.msgpack",
+         "data_dir": "cifar10"}
 # VGG-16 at 32x32x3 (`nemo-jax costs vgg16_cifar --input-shape 32,32,3 --uniform 32,32`):
 # FP32 weights are 57,483 KB (normal coding) and 1304.5 (0.01 mJ, X|Y). EMOMC reports
 # 7.4x (CSR) / 14.0x (X|Y) at 0.3% loss: the bounds ask for >= 6x smaller storage
@@ -37,13 +38,19 @@ SIZE_BOUND_KB = 9580.0
 ENERGY_BOUND = 163.0
 
 
-def get_library_config():
+def _variant(arg, **choices):
+  defaults = {**PATHS, **{k: v[0] for k, v in choices.items()}}
+  return parse_config_variant(arg, choices, defaults, keys=tuple(PATHS))
+
+
+def get_library_config(arg=None):
+  v = _variant(arg)
   return {
-      "model_name": "vgg16_cifar",
-      "checkpoint": CHECKPOINT,
+      "model": "vgg16_cifar",
+      "checkpoint": v["checkpoint"],
       "dataset": "cifar10",
-      "data_dir": DATA_DIR,
-      "out_dir": LIBRARY,
+      "data_dir": v["data_dir"],
+      "out_dir": v["library"],
       "keep_range": "0.2:0.8:0.01",
       "schedule": "independent",
       "steps": 32,
@@ -54,9 +61,9 @@ def get_library_config():
   }
 
 
-def get_config():
-  mode = os.environ.get("EMOMC_MODE", "energy")
-  optimizer = os.environ.get("EMOMC_OPTIMIZER", "nsga2")
+def get_config(arg=None):
+  v = _variant(arg, mode=("energy", "size"), optimizer=("nsga2", "nemo"))
+  mode, optimizer = v["mode"], v["optimizer"]
   if mode == "energy":
     objectives, constraints = ["top1_error", "energy:X|Y"], {"size_kb:csr": SIZE_BOUND_KB}
   else:
@@ -72,10 +79,10 @@ def get_config():
       "model": "vgg16_cifar",
       "input_shape": [32, 32, 3],
       "num_classes": 10,
-      "checkpoint": CHECKPOINT,
+      "checkpoint": v["checkpoint"],
       "dataset": "cifar10",
-      "data_dir": DATA_DIR,
-      "library": LIBRARY,
+      "data_dir": v["data_dir"],
+      "library": v["library"],
       "eval_split": "train",
       "eval_per_class": 100,
       "final_split": "test",
@@ -84,7 +91,8 @@ def get_config():
       "constraints": constraints,
       "bit_choices": list(range(2, 13)),
       "quantize_activations": False,
-      "fixed_act_bits": 16,
+      "activation_format": "fp16",
+      "weight_quant": "symmetric_per_tensor",
       "keep_choices": KEEP_RATIOS,
       "population": 40,
       "generations": 60,

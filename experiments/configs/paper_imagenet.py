@@ -1,30 +1,33 @@
 """NEMO's ImageNet setups (paper section 4), to run on a GPU/TPU machine.
 
 Select the network big_vision-style: ``--config experiments/configs/paper_imagenet.py:MODEL``
-with MODEL in mobilenet_v2, resnet50, resnext101_32x8d (default resnet50).
+with MODEL in mobilenet_v2, resnet50, resnext101_32x8d (default resnet50); paths are
+further tokens: ``paper_imagenet.py:resnet50,checkpoint=r50.msgpack,data_dir=/data/imagenet``.
 
 Needs converted torchvision weights (``nemo-jax convert MODEL.pth --model MODEL --out
-MODEL.msgpack``; path in $NEMO_CHECKPOINT, default ``MODEL.msgpack``) and ImageNet-2012 in
-its usual layout under $IMAGENET_DIR (train/<wnid>/*.JPEG, val/<wnid>/*.JPEG). Fitness:
+MODEL.msgpack``; default ``MODEL.msgpack``) and ImageNet-2012 in its usual layout
+(train/<wnid>/*.JPEG, val/<wnid>/*.JPEG; default ./imagenet). Fitness:
 top-5 error on 5 training images per class (5,000 images); the final front is re-evaluated
 for top-1 on the validation split.
 """
 
-import os
+from nemo_jax import parse_config_variant
 
 PAPER_MODELS = ("mobilenet_v2", "resnet50", "resnext101_32x8d")
 
 
-def get_config(model: str = "resnet50"):
-  if model not in PAPER_MODELS:
-    raise ValueError(f"paper_imagenet: model {model!r}; allowed: {PAPER_MODELS}")
+def get_config(arg=None):
+  v = parse_config_variant(arg, {"model": PAPER_MODELS},
+                           {"model": "resnet50", "data_dir": "imagenet"},
+                           keys=("checkpoint", "data_dir"))
+  model = v["model"]
   return {
       "model": model,
       "input_shape": [224, 224, 3],
       "num_classes": 1000,
-      "checkpoint": os.environ.get("NEMO_CHECKPOINT", f"{model}.msgpack"),
+      "checkpoint": v.get("checkpoint", f"{model}.msgpack"),
       "dataset": "imagenet2012",
-      "data_dir": os.environ.get("IMAGENET_DIR", "imagenet"),
+      "data_dir": v["data_dir"],
       "eval_split": "train",
       "eval_per_class": 5,
       "calib_per_class": 1,

@@ -8,12 +8,19 @@ shape, and the error names everything that did not match.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 import flax.serialization
 import jax.numpy as jnp
 import numpy as np
+
+from nemo_jax._src import models
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+DEFAULT_CHECKPOINT = os.path.join(ASSETS, "resnet20_fashion_mnist.msgpack")
+DEFAULT_CHECKPOINT_INFO = os.path.join(ASSETS, "resnet20_fashion_mnist.json")
 
 SEP = "/"
 
@@ -66,7 +73,6 @@ def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = T
   Raises:
     ValueError: unreadable file, or (listing all) missing / unexpected / mis-shaped leaves.
   """
-  from nemo_jax._src import models  # local: models -> layers -> ... would cycle at import
   try:
     with open(path, "rb") as f:
       restored = flax.serialization.msgpack_restore(f.read())
@@ -94,3 +100,47 @@ def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = T
       parts.append(f"unexpected: {unexpected}")
     raise ValueError(f"variables file {path} does not match the model: " + "; ".join(parts))
   return unflatten_dict({p: jnp.asarray(found[p], s.dtype) for p, s in expected.items()})
+
+
+def load_default_model():
+  """The shipped default model: ``(model, variables)`` (resnet20 on Fashion-MNIST).
+
+  Made by ``experiments/configs/train_default.py``; its training config and metrics are
+  in ``nemo_jax/assets/resnet20_fashion_mnist.json``.
+  """
+  with open(DEFAULT_CHECKPOINT_INFO) as f:
+    info = json.load(f)["config"]
+  shape, classes = models.DEFAULT_INPUT_SHAPE, models.DEFAULT_NUM_CLASSES
+  model = models.get_model(info["model"], input_shape=shape, num_classes=classes)
+  return model, load_variables(DEFAULT_CHECKPOINT, model, shape)
+
+
+def load_model(name: str, checkpoint: str, input_shape, num_classes: int):
+  """A zoo model and its variables: the one loader of searches, libraries and exports.
+
+  Args:
+    name: zoo model name.
+    checkpoint: ``"default"`` (the shipped model, only for its own name and shape) or
+      a variables file written by ``nemo-jax convert`` / ``nemo-jax train``.
+    input_shape: ``(H, W, C)``.
+    num_classes: logits.
+
+  Returns:
+    ``(model, variables)``.
+
+  Raises:
+    ValueError: unknown model, a missing file, or a checkpoint that does not match.
+  """
+  models.check_model_name(name)
+  shape = tuple(input_shape)
+  if checkpoint == "default":
+    if name != models.DEFAULT_MODEL or shape != tuple(models.DEFAULT_INPUT_SHAPE):
+      raise ValueError(f"checkpoint='default' is the {models.DEFAULT_MODEL} "
+                       f"{models.DEFAULT_INPUT_SHAPE} model; for model={name!r} "
+                       f"input_shape={shape} give a checkpoint path")
+    return load_default_model()
+  if not os.path.exists(checkpoint):
+    raise ValueError(f"checkpoint={checkpoint!r}: no such file; give 'default' or a "
+                     "variables file written by `nemo-jax convert` / `nemo-jax train`")
+  model = models.get_model(name, input_shape=shape, num_classes=num_classes)
+  return model, load_variables(checkpoint, model, shape)

@@ -1,6 +1,6 @@
 """The configuration pytree shared by search, costs and evaluation, and its JSON form.
 
-``QuantConfig`` is THE contract between search and evaluation (DESIGN.md): every species
+``QuantConfig`` is THE contract between search and evaluation (``docs/DESIGN.md``): every species
 decodes its genomes to it; costs and accuracy never know where a config came from.
 
 Shapes: one member has ``w_bits[L]``, ``a_bits[L]`` (int32) and ``keep[]`` (float32); a
@@ -22,9 +22,12 @@ import numbers
 from typing import Any, Mapping
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemo_jax._src import validate
+from nemo_jax._src import workload as workload_lib
 from nemo_jax._src.quant import FLOAT_BITS, MAX_BITS, MIN_BITS
 
 
@@ -65,41 +68,90 @@ def stack_configs(configs) -> QuantConfig:
                      keep=jnp.stack([jnp.asarray(c.keep, jnp.float32) for c in configs]))
 
 
-def _check_bits(field: str, values, num_layers: int, layer_names=None) -> np.ndarray:
-  arr = np.asarray(values)
-  if arr.ndim != 1 or arr.shape[0] != num_layers:
-    raise ValueError(f"{field}: expected a list of {num_layers} bit-widths (one per "
-                     f"quantized layer), got shape {arr.shape}")
-  for i, v in enumerate(arr.tolist()):
-    name = f" ({layer_names[i]})" if layer_names is not None else ""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or float(v) != int(v):
-      raise ValueError(f"{field}[{i}]{name}: bit-width {v!r} is not an integer; allowed: "
-                       f"integers {MIN_BITS}..{MAX_BITS} ({FLOAT_BITS} = float)")
-    if not MIN_BITS <= int(v) <= MAX_BITS:
-      raise ValueError(f"{field}[{i}]{name}: bit-width {v} outside the allowed range "
-                       f"{MIN_BITS}..{MAX_BITS} ({FLOAT_BITS} = float)")
-  return arr.astype(np.int32)
+def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
+                     population: bool = False, allowed_keep=None,
+                     allowed_bits=None) -> QuantConfig:
+  """THE host-side check of configurations (one member or a population).
 
+  Called at the entry points only (the public evaluator / costs functions, the CLI,
+  precision JSON); decoded search configurations are valid by construction and never
+  re-checked (``docs/DESIGN.md``, "Contracts").
 
-def check_keep(keep, field: str = "keep") -> float:
-  """Validates a keep ratio: a number in (0, 1]."""
-  if isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < float(keep) <= 1.0:
-    raise ValueError(f"{field}: keep ratio {keep!r} outside the allowed range (0, 1]")
-  return float(keep)
+  Args:
+    config: ``w_bits[L]``/``a_bits[L]``/scalar ``keep`` (one member) or
+      ``w_bits[P, L]``/``a_bits[P, L]``/``keep[P]`` (a scalar keep is broadcast).
+    num_layers: ``L``.
+    layer_names: optional names for messages.
+    population: return a population ``[P, ...]`` even for one member.
+    allowed_keep: optional keep ratios the caller can evaluate (e.g. a library's).
+    allowed_bits: optional ``{"w_bits": values, "a_bits": values}`` a search space
+      allows (``FLOAT_BITS`` always allowed).
 
-
-def validate_config(config: QuantConfig, num_layers: int, layer_names=None) -> QuantConfig:
-  """Checks one member's config on the host; returns it as int32/float32 arrays.
+  Returns:
+    The config as ``int32`` / ``float32`` jax arrays.
 
   Raises:
-    ValueError naming the field, the layer and the allowed values.
+    ValueError naming the field, the layer, the value and the allowed values.
   """
-  w = _check_bits("w_bits", config.w_bits, num_layers, layer_names)
-  a = _check_bits("a_bits", config.a_bits, num_layers, layer_names)
+  if not isinstance(config, QuantConfig):
+    raise ValueError(f"configs: got {type(config).__name__}; allowed: QuantConfig")
+  w = np.asarray(config.w_bits)
+  a = np.asarray(config.a_bits)
+  for field, arr in (("w_bits", w), ("a_bits", a)):
+    if arr.ndim not in (1, 2) or arr.shape[-1] != num_layers or (arr.ndim == 2 and not len(arr)):
+      raise ValueError(f"{field}: expected a list of {num_layers} bit-widths (one per "
+                       f"quantized layer), or [P, {num_layers}] for a population; got shape "
+                       f"{arr.shape}")
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)
+                                   or np.issubdtype(arr.dtype, np.floating)):
+      bad = next((v for v in arr.reshape(-1).tolist()
+                  if isinstance(v, bool) or not isinstance(v, numbers.Real)), arr.dtype)
+      raise ValueError(f"{field}: bit-width {bad!r} is not an integer; allowed: integers "
+                       f"{MIN_BITS}..{MAX_BITS} ({FLOAT_BITS} = float)")
+    values = arr.astype(np.float64)
+    non_int = ~np.isfinite(values) | (values != np.round(values))
+    out = (values < MIN_BITS) | (values > MAX_BITS)
+    for bad, what in ((non_int, "is not an integer"), (out, "is outside the allowed range")):
+      if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        name = f" ({layer_names[idx[-1]]})" if layer_names is not None else ""
+        where = "[" + ", ".join(map(str, idx)) + "]"
+        raise ValueError(f"{field}{where}{name}: bit-width {arr[idx].item()!r} {what}; "
+                         f"allowed: integers {MIN_BITS}..{MAX_BITS} ({FLOAT_BITS} = float)")
+  if w.shape != a.shape:
+    raise ValueError(f"a_bits: shape {a.shape} differs from w_bits shape {w.shape}")
+  for field, arr in (("w_bits", w), ("a_bits", a)):
+    if allowed_bits is not None and field in allowed_bits:
+      allowed = sorted(set(int(b) for b in allowed_bits[field]) | {FLOAT_BITS})
+      bad = ~np.isin(arr, allowed)
+      if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{field}[{', '.join(map(str, idx))}]: bit-width {arr[idx].item()!r} "
+                         f"is invalid; allowed: {allowed} ({FLOAT_BITS} = float)")
   keep = config.keep
-  keep = check_keep(float(keep) if hasattr(keep, "shape") else keep)  # arrays or JSON numbers
-  return QuantConfig(w_bits=jnp.asarray(w), a_bits=jnp.asarray(a),
-                     keep=jnp.asarray(keep, jnp.float32))
+  if isinstance(keep, bool) or (np.ndim(keep) == 0 and not isinstance(
+      np.asarray(keep).item(), numbers.Real)):
+    raise ValueError(f"keep: keep ratio {keep!r} outside the allowed range (0, 1]")
+  keep = np.asarray(keep, np.float64)
+  lead = w.shape[:-1]
+  if keep.ndim > 1 or (keep.ndim == 1 and keep.shape != lead):
+    raise ValueError(f"keep: expected a scalar or shape {list(lead)}, got {list(keep.shape)}")
+  bad = ~((keep > 0.0) & (keep <= 1.0))
+  if bad.any():
+    raise ValueError(f"keep: keep ratio {keep[bad].ravel()[0]!r} outside the allowed "
+                     "range (0, 1]")
+  if allowed_keep is not None:
+    allowed = np.asarray(allowed_keep, np.float64)
+    for p in np.ravel(keep):
+      if np.min(np.abs(allowed - p)) > 1e-6:
+        raise ValueError(f"keep={float(p)!r} is invalid; allowed: "
+                         f"{[round(float(r), 6) for r in allowed]}")
+  keep = np.broadcast_to(keep, lead)
+  out = QuantConfig(w_bits=jnp.asarray(w, jnp.int32), a_bits=jnp.asarray(a, jnp.int32),
+                    keep=jnp.asarray(keep, jnp.float32))
+  if population and w.ndim == 1:
+    out = jax.tree.map(lambda x: x[None], out)
+  return out
 
 
 _JSON_KEYS = {"model", "input_shape", "num_classes", "w_bits", "a_bits", "keep"}
@@ -114,32 +166,24 @@ def config_from_dict(d: Mapping[str, Any], num_layers: int | None = None,
   """
   if not isinstance(d, Mapping):
     raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-  unknown = set(d) - _JSON_KEYS
-  if unknown:
-    raise ValueError(f"config: unknown key(s) {sorted(unknown)}; allowed: {sorted(_JSON_KEYS)}")
+  validate.known_keys("config", d, _JSON_KEYS)
   spec = {k: d[k] for k in ("model", "input_shape", "num_classes") if k in d}
   if "input_shape" in spec:
-    shp = spec["input_shape"]
-    if (not isinstance(shp, (list, tuple)) or len(shp) != 3
-        or not all(isinstance(s, int) and s > 0 for s in shp)):
-      raise ValueError(f"input_shape: expected [H, W, C] positive integers, got {shp!r}")
-    spec["input_shape"] = tuple(shp)
-  if "num_classes" in spec and (not isinstance(spec["num_classes"], int)
-                                or spec["num_classes"] < 1):
-    raise ValueError(f"num_classes: expected a positive integer, got {spec['num_classes']!r}")
+    spec["input_shape"] = validate.input_shape("input_shape", spec["input_shape"])
+  if "num_classes" in spec:
+    spec["num_classes"] = validate.integer("num_classes", spec["num_classes"], 1)
   if num_layers is None:
     if "model" not in spec:
       raise ValueError("config: 'model' is required to know the number of layers")
-    from nemo_jax._src import workload as _workload  # local: avoids an import cycle
-    wl = _workload.extract_workload(spec["model"], spec.get("input_shape"),
-                                    spec.get("num_classes"))
+    wl = workload_lib.extract_workload(spec["model"], spec.get("input_shape"),
+                                       spec.get("num_classes"))
     num_layers = wl.num_layers
     layer_names = layer_names or wl.layer_names
   w = d.get("w_bits", [FLOAT_BITS] * num_layers)
   a = d.get("a_bits", [FLOAT_BITS] * num_layers)
   keep = d.get("keep", 1.0)
-  return spec, validate_config(QuantConfig(w_bits=w, a_bits=a, keep=keep), num_layers,
-                               layer_names)
+  return spec, validate_configs(QuantConfig(w_bits=w, a_bits=a, keep=keep), num_layers,
+                                layer_names)
 
 
 def config_to_dict(config: QuantConfig, model_spec: Mapping[str, Any] | None = None) -> dict:

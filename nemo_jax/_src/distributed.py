@@ -117,6 +117,8 @@ def put_global(tree: Any, sharding: NamedSharding) -> Any:
     The pytree of global ``jax.Array``.
   """
   def put(x):
+    if isinstance(x, jax.Array) and not is_multihost():
+      return jax.device_put(x, sharding)  # already on device: no host round trip
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree.map(put, tree)

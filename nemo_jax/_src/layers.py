@@ -54,6 +54,13 @@ class LayerInfo:
 class QContext:
   """Carries one configuration through a model call (not a pytree; build it inside jit).
 
+  A context is two functions the quantized layers call, ``quantize_input(x, i)`` on the
+  input of layer ``i`` and ``quantize_kernel(kernel, i)`` on its kernel, plus an optional
+  ``on_layer(LayerInfo)`` callback (tracing). The keyword arguments build the standard
+  functions from a configuration; ``quantize_input`` / ``quantize_kernel`` replace them
+  (injection instead of subclassing: a quantization scheme hands in precomputed
+  kernels, the workload tracer a marker, calibration an observer).
+
   Args:
     w_bits: int array ``[L]`` of weight bit-widths (``>= 32``: float), or None (float).
     a_bits: int array ``[L]`` of input-activation bit-widths, or None (float).
@@ -62,24 +69,38 @@ class QContext:
       batch's min/max (dynamic quantization, useful for QAT).
     prune_ranks: optional tuple of precomputed ``quant.magnitude_ranks`` per layer.
     weight_quant: weight quantizer mode (``quant.WEIGHT_MODES``).
+    activation_format: ``quant.ACTIVATION_FORMATS``: ``"int"`` (uniform affine at
+      ``a_bits``), ``"fp16"`` (inputs rounded to float16 unless ``a_bits >= 32``) or
+      ``"float32"`` (inputs untouched).
     observe: if True, each layer records the (min, max) of its input in
       ``self.observed`` (calibration).
     on_layer: optional callback receiving a :class:`LayerInfo` per layer (tracing).
+    quantize_input: ``(x, i) -> x`` replacing the activation quantizer.
+    quantize_kernel: ``(kernel, i) -> kernel`` replacing pruning + weight quantization.
   """
 
   def __init__(self, w_bits=None, a_bits=None, keep=None, act_ranges=None,
                prune_ranks=None, weight_quant="symmetric_per_channel",
-               observe=False, on_layer: Callable[[LayerInfo], Any] | None = None):
+               activation_format="int", observe=False,
+               on_layer: Callable[[LayerInfo], Any] | None = None,
+               quantize_input: Callable | None = None,
+               quantize_kernel: Callable | None = None):
     if weight_quant not in quant.WEIGHT_MODES:
-      raise ValueError(f"weight_quant={weight_quant!r}; allowed: {quant.WEIGHT_MODES}")
+      raise ValueError(f"weight_quant={weight_quant!r} is invalid; allowed: {quant.WEIGHT_MODES}")
+    if activation_format not in quant.ACTIVATION_FORMATS:
+      raise ValueError(f"activation_format={activation_format!r} is invalid; allowed: "
+                       f"{quant.ACTIVATION_FORMATS}")
     self.w_bits = w_bits
     self.a_bits = a_bits
     self.keep = keep
     self.act_ranges = act_ranges
     self.prune_ranks = prune_ranks
     self.weight_quant = weight_quant
+    self.activation_format = activation_format
     self.observe = observe
     self.on_layer = on_layer
+    self._input_fn = quantize_input or self._default_input
+    self._kernel_fn = quantize_kernel or self._default_kernel
     self.observed: list[tuple[Array, Array]] = []
     self.num_layers = 0
 
@@ -105,7 +126,17 @@ class QContext:
   def quantize_input(self, x, i):
     if self.observe:
       self.observed.append((jnp.min(x), jnp.max(x)))
+    return self._input_fn(x, i)
+
+  def quantize_kernel(self, kernel, i):
+    return self._kernel_fn(kernel, i)
+
+  def _default_input(self, x, i):
     bits = self._pick(self.a_bits, i)
+    if self.activation_format == "float32":
+      return x
+    if self.activation_format == "fp16":
+      return quant.round_fp16(x, bits)
     if bits is None:
       return x
     if self.act_ranges is None:
@@ -114,7 +145,7 @@ class QContext:
       lo, hi = self.act_ranges[0][i], self.act_ranges[1][i]
     return quant.quantize_affine(x, bits, lo, hi)
 
-  def quantize_kernel(self, kernel, i):
+  def _default_kernel(self, kernel, i):
     keep = self._pick(self.keep, i)
     if keep is not None:
       ranks = None if self.prune_ranks is None else self.prune_ranks[i]

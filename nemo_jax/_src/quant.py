@@ -24,6 +24,11 @@ MAX_BITS = 32
 WEIGHT_MODES = ("symmetric_per_channel", "symmetric_per_tensor",
                 "asymmetric_per_channel", "asymmetric_per_tensor")
 
+ACTIVATION_FORMATS = ("int", "fp16", "float32")
+"""What a layer input becomes: ``int`` (uniform affine fake quantization at ``a_bits``),
+``fp16`` (rounded to float16, EMOMC) or ``float32`` (untouched). In every format an
+``a_bits >= 32`` means float."""
+
 
 def _ste(x, xq):
   """Forward exactly ``xq``, backward identity.
@@ -133,6 +138,17 @@ def quantize_weight(w, bits, mode="symmetric_per_channel"):
   lo = jnp.min(w, axis=axes, keepdims=True)
   hi = jnp.max(w, axis=axes, keepdims=True)
   return quantize_affine(w, bits, lo, hi, clipped_ste=False)
+
+
+def round_fp16(x, bits=None):
+  """Rounds ``x`` to float16 and back (EMOMC's FP16 activations); ``bits >= 32``: float.
+
+  The forward value is the float16 value, the gradient the identity.
+  """
+  xq = x.astype(jnp.float16).astype(x.dtype)
+  if bits is not None:
+    xq = jnp.where(jnp.asarray(bits) >= FLOAT_BITS, x, xq)
+  return _ste(x, xq)
 
 
 def magnitude_ranks(w):

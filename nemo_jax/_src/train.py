@@ -23,10 +23,8 @@ from tqdm.auto import tqdm
 from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import models as models_lib
+from nemo_jax._src import validate as v
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
-DEFAULT_CHECKPOINT = os.path.join(ASSETS, "resnet20_fashion_mnist.msgpack")
-DEFAULT_CHECKPOINT_INFO = os.path.join(ASSETS, "resnet20_fashion_mnist.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,16 +45,18 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - fields
-    if unknown:
-      raise ValueError(f"train config: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
-    cfg = cls(**d)
+    """Validates a mapping of fields (unknown keys and bad values name the field)."""
+    cfg = v.dataclass_from(cls, "train config", d)
+    models_lib.check_model_name(cfg.model)
+    v.choice("dataset", cfg.dataset, sorted(data_lib.DATASETS))
     for name in ("epochs", "batch_size", "eval_batch_size"):
-      if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-        raise ValueError(f"train config: {name}={getattr(cfg, name)!r} must be a positive integer")
-    if not cfg.learning_rate > 0:
-      raise ValueError(f"train config: learning_rate={cfg.learning_rate!r} must be > 0")
+      v.integer(name, getattr(cfg, name), 1)
+    v.number("learning_rate", cfg.learning_rate, 0.0, open_lo=True)
+    v.number("momentum", cfg.momentum, 0.0, 1.0)
+    v.number("weight_decay", cfg.weight_decay, 0.0)
+    v.number("label_smoothing", cfg.label_smoothing, 0.0, 1.0)
+    v.boolean("augment", cfg.augment)
+    v.integer("seed", cfg.seed)
     return cfg
 
 
@@ -154,14 +154,3 @@ def save_trained(path: str, cfg: TrainConfig, variables, metrics) -> None:
           "versions": {"jax": jax.__version__}}
   with open(os.path.splitext(path)[0] + ".json", "w") as f:
     json.dump(info, f, indent=2)
-
-
-def load_default_model():
-  """The shipped default model: ``(model, variables)`` (resnet20 on Fashion-MNIST)."""
-  with open(DEFAULT_CHECKPOINT_INFO) as f:
-    info = json.load(f)
-  cfg = TrainConfig.from_dict(info["config"])
-  shape = data_lib.DATASETS[cfg.dataset].input_shape
-  model = models_lib.get_model(cfg.model, input_shape=shape,
-                               num_classes=data_lib.DATASETS[cfg.dataset].num_classes)
-  return model, ckpt.load_variables(DEFAULT_CHECKPOINT, model, shape)

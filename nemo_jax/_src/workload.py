@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from nemo_jax._src import models as zoo
 from nemo_jax._src.layers import LayerInfo, QContext
 
 OP_TYPES = ("conv", "depthwise", "dense")
@@ -56,16 +57,6 @@ KIND_ACTIVATION = 0
 KIND_WEIGHT = 1
 NODE_KINDS = ("activation", "weight")
 """Quantizer kinds (``Workload.node_kind``): index into this tuple."""
-
-# Fallback input shapes / class counts for zoo names when neither the caller nor the
-# model tells (the zoo's own defaults win when it exposes them).
-_IMAGENET_MODELS = ("mobilenet_v2", "resnet18", "resnet50", "resnext101_32x8d")
-_DEFAULT_SPECS = {
-    "resnet20": ((28, 28, 1), 10),
-    "vgg16_cifar": ((32, 32, 3), 10),
-    **{name: ((224, 224, 3), 1000) for name in _IMAGENET_MODELS},
-}
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Workload:
@@ -205,15 +196,10 @@ _layer_input_p.def_impl(lambda x, *, layer: x)
 _layer_input_p.def_abstract_eval(lambda x, *, layer: x)
 
 
-class _TracingContext(QContext):
-  """A float QContext that records LayerInfos and tags every layer's input."""
-
-  def __init__(self):
-    self.infos: list[LayerInfo] = []
-    super().__init__(on_layer=self.infos.append)
-
-  def quantize_input(self, x, i):
-    return _layer_input_p.bind(super().quantize_input(x, i), layer=i)
+def _tracing_context(infos: list) -> QContext:
+  """A float context that records LayerInfos and tags every layer's input with a marker."""
+  return QContext(on_layer=infos.append,
+                  quantize_input=lambda x, i: _layer_input_p.bind(x, layer=i))
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -305,10 +291,9 @@ def _count_params(variables) -> int:
 def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs):
   """Returns ``(module, name, input_shape, num_classes)``."""
   if isinstance(model_or_name, str):
-    from nemo_jax._src import models as zoo  # local: the zoo imports heavy modules
     name = model_or_name
     kwargs = dict(model_kwargs)
-    default_shape, default_classes = _DEFAULT_SPECS.get(name, (None, None))
+    default_shape, default_classes = zoo.default_spec(name)
     input_shape = tuple(input_shape) if input_shape is not None else default_shape
     num_classes = num_classes if num_classes is not None else default_classes
     if input_shape is not None:
@@ -332,14 +317,15 @@ def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs):
 
 
 def _extract(module, name, input_shape, num_classes) -> Workload:
-  ctx = _TracingContext()
+  recorded: list[LayerInfo] = []
+  ctx = _tracing_context(recorded)
 
   def init(x):
     return module.init(jax.random.key(0), x, ctx, train=False)
 
   x = jax.ShapeDtypeStruct((1,) + input_shape, jnp.float32)
   closed_jaxpr, var_shapes = jax.make_jaxpr(init, return_shape=True)(x)
-  infos = sorted(ctx.infos, key=lambda info: info.index)
+  infos = sorted(recorded, key=lambda info: info.index)
   if not infos:
     raise ValueError(f"model {name!r}: no QConv/QDense layer was called with the context")
   if [info.index for info in infos] != list(range(len(infos))):

@@ -17,7 +17,8 @@ the uncompressed FP32 model (dense, float32 weights, ``energy`` and ``size`` wit
 Each row gives the energy improvement ``E_FP32 / E`` (x) per dataflow (X|Y, IC|OC,
 Fx|Fy, X|Fx) and the size compression ``S_FP32 / S`` (x) per coding (normal, CSR, COO),
 all from the same cost functions (``costs.py``) the search minimised. Accuracies are
-measured by the same evaluator (FP16 activations); the FP32 reference runs in float32.
+measured by the same evaluator (FP16 activations); the FP32 reference is the FP32
+configuration of that evaluator (dense entry, float32 weights and activations).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ import numpy as np
 from nemo_jax._src import costs as costs_lib
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import quant
-from nemo_jax._src import train as train_lib
 from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.search.config import ACCURACY_OBJECTIVES
+from nemo_jax._src.problem import build_problem
+from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, load_search_config
 
 DEFAULT_MAX_LOSS = 0.005
 TABLE_JSON = "emomc_table.json"
@@ -163,7 +164,7 @@ def _evaluate_top1(problem, evaluator, keep, w_bits) -> np.ndarray:
   step = problem.cfg.population
   for s in range(0, len(keep), step):
     configs = problem.configs(keep[s:s + step], w[s:s + step])
-    out.append(np.asarray(evaluator(configs).top1, np.float64))
+    out.append(np.asarray(evaluator.run(configs).top1, np.float64))
   return np.concatenate(out) if out else np.zeros((0,))
 
 
@@ -205,8 +206,6 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   Returns:
     The table dict (``fp32_top1``, ``max_loss``, ``criterion``, ``rows``).
   """
-  from nemo_jax._src.search.config import load_search_config
-  from nemo_jax._src.search.problem import build_problem
   if not 0 <= max_loss <= 1:
     raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1]")
   cfg_path = os.path.join(run_dir, "config.json")
@@ -232,7 +231,7 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
   x, y = data_lib.preprocess(cfg.dataset, images[idx]), labels[idx]
   evaluator = problem.make_evaluator(x, y)
-  fp32_top1 = float(train_lib.float_accuracy(problem.model, problem.dense_variables, x, y))
+  fp32_top1 = float(evaluator.evaluate_float().top1)
   reference = fp32_costs(problem.workload)
   L = problem.workload.num_layers
 

@@ -35,24 +35,29 @@ DEFAULT_NUM_CLASSES = 10
 
 ModelConstructor = Callable[..., nn.Module]
 _REGISTRY: dict[str, ModelConstructor] = {}
+_DEFAULT_SPECS: dict[str, tuple[tuple[int, int, int], int]] = {}
 
 
-def register_model(name: str):
+def register_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000):
   """Decorator registering ``constructor(input_shape, num_classes, **kwargs) -> Module``.
 
   Args:
     name: the model's name in ``get_model`` / configs / the CLI.
+    input_shape, num_classes: the model's defaults (``default_spec``), used wherever a
+      user gives only the name (``nemo-jax layers resnet50``).
 
   Returns:
     The decorator (returns the constructor unchanged).
   """
   if not isinstance(name, str) or not name:
     raise ValueError(f"model name: expected a non-empty string, got {name!r}")
+  spec = (check_input_shape(input_shape), check_num_classes(num_classes))
 
   def decorator(constructor: ModelConstructor) -> ModelConstructor:
     if name in _REGISTRY and _REGISTRY[name] is not constructor:
       raise ValueError(f"model name {name!r} is already registered")
     _REGISTRY[name] = constructor
+    _DEFAULT_SPECS[name] = spec
     return constructor
 
   return decorator
@@ -61,6 +66,17 @@ def register_model(name: str):
 def list_models() -> list[str]:
   """Names accepted by :func:`get_model`, sorted."""
   return sorted(_REGISTRY)
+
+
+def check_model_name(name, field: str = "model") -> str:
+  if name not in _REGISTRY:
+    raise ValueError(f"{field}={name!r} is invalid; allowed: {list_models()}")
+  return name
+
+
+def default_spec(name: str) -> tuple[tuple[int, int, int], int]:
+  """``(input_shape, num_classes)`` a zoo model is built for when nothing else is given."""
+  return _DEFAULT_SPECS[check_model_name(name)]
 
 
 def check_input_shape(input_shape) -> tuple[int, int, int]:
@@ -100,8 +116,7 @@ def get_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
   Raises:
     ValueError: unknown name, bad ``input_shape`` / ``num_classes`` / options.
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"model: unknown model {name!r}; allowed: {list_models()}")
+  check_model_name(name)
   input_shape = check_input_shape(input_shape)
   num_classes = check_num_classes(num_classes)
   try:
@@ -140,17 +155,28 @@ def count_params(variables) -> int:
                  for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def trace_layers(model: nn.Module, input_shape, batch_size: int = 1) -> list[LayerInfo]:
-  """The quantized layers of ``model`` in execution order (abstract trace, no FLOPs)."""
+def trace_layers(model: nn.Module, input_shape, variables=None) -> list[LayerInfo]:
+  """The quantized layers of ``model`` in execution order (abstract trace, no FLOPs).
+
+  Args:
+    model: a model whose quantized layers call the context (``__call__(x, ctx, train)``).
+    input_shape: ``(H, W, C)``.
+    variables: its variables (arrays or ``ShapeDtypeStruct``; default: from ``init``).
+
+  Raises:
+    ValueError: the model has no quantized layer.
+  """
   infos: list[LayerInfo] = []
-  x = dummy_input(input_shape, batch_size)
-  variables = abstract_variables(model, input_shape)
+  if variables is None:
+    variables = abstract_variables(model, input_shape)
 
   def run(v, x):
-    ctx = QContext(on_layer=infos.append)
-    return model.apply(v, x, ctx)
+    return model.apply(v, x, QContext(on_layer=infos.append), train=False)
 
-  jax.eval_shape(run, variables, x)
+  jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  if not infos:
+    raise ValueError("model: has no quantized (QConv/QDense) layer; allowed: a quantizable "
+                     "model")
   return infos
 
 
@@ -158,11 +184,12 @@ register_model("mobilenet_v2")(mobilenet.mobilenet_v2)
 register_model("resnet18")(resnet.resnet18)
 register_model("resnet50")(resnet.resnet50)
 register_model("resnext101_32x8d")(resnet.resnext101_32x8d)
-register_model("resnet20")(resnet.resnet20)
-register_model("vgg16_cifar")(vgg.vgg16_cifar)
+register_model("resnet20", DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES)(resnet.resnet20)
+register_model("vgg16_cifar", (32, 32, 3), 10)(vgg.vgg16_cifar)
 
 __all__ = [
     "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "abstract_variables",
-    "check_input_shape", "check_num_classes", "count_params", "dummy_input", "get_model",
+    "check_input_shape", "check_model_name", "check_num_classes", "count_params",
+    "default_spec", "dummy_input", "get_model",
     "init_variables", "list_models", "register_model", "trace_layers",
 ]

@@ -1,19 +1,27 @@
 """Search configuration: one validated, frozen dataclass per run.
 
 Experiment files in ``experiments/configs/*.py`` define ``get_config()`` returning a plain
-dict (big_vision style); ``load_search_config`` accepts such a file, a JSON file or a
-dict, applies command-line overrides, and validates everything before any work starts:
-an unknown key or a bad value raises ValueError naming the field and the allowed values.
+dict (big_vision style; ``FILE.py:ARG`` selects a variant, ``get_config(ARG)``);
+``load_search_config`` accepts such a file, a JSON file or a dict, applies command-line
+overrides, and validates everything before any work starts: an unknown key or a bad
+value raises ValueError naming the field and the allowed values. Custom costs and
+species come from an explicit :class:`~nemo_jax._src.registries.Registries` (or are
+named as plugins in the config itself, so the CLI and a resumed run find them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import numbers
 import os
 from typing import Any, Mapping
+
+from nemo_jax._src import data as data_lib
+from nemo_jax._src import models as models_lib
+from nemo_jax._src import quant
+from nemo_jax._src import validate as v
+from nemo_jax._src.config_file import load_config_file
+from nemo_jax._src.graph import FEATURE_NAMES
+from nemo_jax._src.registries import Registries
 
 SPECIES_KINDS = ("direct_round", "direct_floor", "gcn", "graph_unet", "random")
 GA_OPTIMIZER = "ga"
@@ -23,6 +31,7 @@ UTILITIES = ("r2", "front_count")
 EDGE_SETS = ("sequential", "dataflow")
 ACCURACY_OBJECTIVES = ("top1_error", "top5_error")
 INFEASIBLE_ACTIONS = ("warn", "error")
+EVAL_STRATEGIES = ("auto", "map", "vmap", "chunked_vmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +100,15 @@ class SearchConfig:
     constraints: ``{objective_or_cost_name: upper_bound}``, handled by constraint
       domination.
     bit_choices: candidate bit-widths of every quantizer (NEMO: 2..8).
-    quantize_activations: search activation bits too; otherwise activations stay at
-      ``fixed_act_bits`` (EMOMC: 16).
+    quantize_activations: search activation bits too (``activation_format="int"``);
+      otherwise every activation uses ``fixed_act_bits``.
+    activation_format: what layer inputs become: ``int`` (uniform affine fake
+      quantization at the searched or fixed bits; NEMO), ``fp16`` (rounded to float16;
+      EMOMC) or ``float32`` (untouched). Costs count 16 / 32 activation bits for the
+      last two.
+    fixed_act_bits: integer activation bits when they are not searched (``int`` only).
+    weight_quant: weight quantizer (``quant.WEIGHT_MODES``; EMOMC:
+      ``symmetric_per_tensor``).
     keep_choices: candidate global keep ratios (pruning); ``(1.0,)`` = no pruning.
     population, generations: total population size and number of generations; every
       generation evaluates exactly ``population`` new configurations.
@@ -114,6 +130,9 @@ class SearchConfig:
       evaluated on that ratio's pruned + retrained model (``emomc/problem.py``).
     infeasible: what to do when no configuration of generation 0 meets the
       constraints: ``warn`` (report the closest one and go on) or ``error``.
+    custom_costs, custom_species: plugins, ``{name: "module:attr"}`` or
+      ``{name: "file.py:attr"}``: user cost functions / species builders imported
+      before validation (``registries.py``).
   """
   model: str = "resnet20"
   input_shape: tuple[int, int, int] | None = None
@@ -131,7 +150,9 @@ class SearchConfig:
   constraints: Mapping[str, float] = dataclasses.field(default_factory=dict)
   bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
   quantize_activations: bool = True
-  fixed_act_bits: int = 16
+  activation_format: str = "int"
+  fixed_act_bits: int = 8
+  weight_quant: str = "symmetric_per_channel"
   keep_choices: tuple[float, ...] = (1.0,)
   population: int = 32
   generations: int = 25
@@ -151,226 +172,182 @@ class SearchConfig:
   eval_strategy: str = "auto"
   library: str | None = None
   infeasible: str = "warn"
+  custom_costs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  custom_species: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d["constraints"] = dict(self.constraints)
+    for k in ("constraints", "custom_costs", "custom_species"):
+      d[k] = dict(getattr(self, k))
     return d
 
+  @property
+  def act_fill_bits(self) -> int:
+    """The bit-width of activations that are not searched (what costs count)."""
+    return {"int": self.fixed_act_bits, "fp16": 16, "float32": quant.FLOAT_BITS}[
+        self.activation_format]
 
-def _fail(field, value, allowed):
-  raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}")
+  @property
+  def resolved_input_shape(self) -> tuple[int, int, int]:
+    return tuple(self.input_shape or data_lib.DATASETS[self.dataset].input_shape)
 
-
-def _positive_int(field, v, minimum=1):
-  if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
-    _fail(field, v, f"an integer >= {minimum}")
-  return int(v)
-
-
-def _number(field, v, lo=None, hi=None, open_lo=False):
-  if isinstance(v, bool) or not isinstance(v, numbers.Real):
-    _fail(field, v, "a number")
-  v = float(v)
-  if lo is not None and (v < lo or (open_lo and v == lo)):
-    _fail(field, v, f"a number {'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else ""))
-  if hi is not None and v > hi:
-    _fail(field, v, f"a number <= {hi}")
-  return v
+  @property
+  def resolved_num_classes(self) -> int:
+    return self.num_classes or data_lib.DATASETS[self.dataset].num_classes
 
 
-def _species_from(d: Any, i: int) -> SpeciesConfig:
+def _species_from(d: Any, i: int, kinds: tuple[str, ...]) -> SpeciesConfig:
   if isinstance(d, SpeciesConfig):
     d = dataclasses.asdict(d)
   if isinstance(d, str):
     d = {"kind": d}
   if not isinstance(d, Mapping):
-    _fail(f"species[{i}]", d, "a mapping like {'kind': 'gcn'} or a kind name")
-  fields = {f.name for f in dataclasses.fields(SpeciesConfig)}
-  unknown = set(d) - fields
-  if unknown:
-    raise ValueError(f"species[{i}]: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    v.fail(f"species[{i}]", d, "a mapping like {'kind': 'gcn'} or a kind name")
   if "kind" not in d:
-    raise ValueError(f"species[{i}]: 'kind' is required; allowed: {SPECIES_KINDS}")
-  s = SpeciesConfig(**d)
-  from nemo_jax._src.search import species as species_lib  # local: species imports config
-  kinds = SPECIES_KINDS + species_lib.custom_kinds()
-  if s.kind not in kinds:
-    _fail(f"species[{i}].kind", s.kind, kinds)
+    raise ValueError(f"species[{i}]: 'kind' is required; allowed: {kinds}")
+  s = v.dataclass_from(SpeciesConfig, f"species[{i}]", d)
+  v.choice(f"species[{i}].kind", s.kind, kinds)
   allowed_opt = (GA_OPTIMIZER,) + tuple(f"evosax:{n}" for n in EVOSAX_OPTIMIZERS)
-  if s.optimizer not in allowed_opt:
-    _fail(f"species[{i}].optimizer", s.optimizer, allowed_opt)
+  v.choice(f"species[{i}].optimizer", s.optimizer, allowed_opt)
   if s.kind == "random" and s.optimizer != GA_OPTIMIZER:
-    _fail(f"species[{i}].optimizer", s.optimizer, "'ga' for the random species")
-  _positive_int(f"species[{i}].hidden", s.hidden)
+    v.fail(f"species[{i}].optimizer", s.optimizer, "'ga' for the random species")
+  v.integer(f"species[{i}].hidden", s.hidden, 1)
   for f in ("sbx_eta", "pm_eta", "mutation_strength", "sigma_init"):
-    _number(f"species[{i}].{f}", getattr(s, f), 0.0, open_lo=True)
+    v.number(f"species[{i}].{f}", getattr(s, f), 0.0, open_lo=True)
   for f in ("sbx_prob", "crossover_prob", "mutation_prob"):
-    _number(f"species[{i}].{f}", getattr(s, f), 0.0, 1.0)
+    v.number(f"species[{i}].{f}", getattr(s, f), 0.0, 1.0)
   return s
 
 
-def validate_search_config(d: Mapping[str, Any] | SearchConfig) -> SearchConfig:
+def _plugins(field: str, value: Any) -> dict:
+  if not isinstance(value, Mapping) or not all(
+      isinstance(k, str) and isinstance(x, str) for k, x in value.items()):
+    v.fail(field, value, "a mapping {name: 'module:attr' or 'file.py:attr'}")
+  return dict(value)
+
+
+def validate_search_config(d: Mapping[str, Any] | SearchConfig,
+                           registries: Registries | None = None) -> SearchConfig:
   """Builds a SearchConfig from a mapping, checking every field.
+
+  Args:
+    d: the fields (a mapping or a SearchConfig).
+    registries: costs and custom species the config may name (default: built-ins);
+      the config's own ``custom_costs`` / ``custom_species`` plugins are added.
 
   Raises:
     ValueError naming the field, the value and what is allowed.
   """
-  from nemo_jax._src import costs as costs_lib
-  from nemo_jax._src import data as data_lib
-  from nemo_jax._src import models as models_lib
-
   if isinstance(d, SearchConfig):
     d = d.to_dict()
-  if not isinstance(d, Mapping):
-    raise ValueError(f"search config: expected a mapping, got {type(d).__name__}")
-  fields = {f.name for f in dataclasses.fields(SearchConfig)}
-  unknown = set(d) - fields
-  if unknown:
-    raise ValueError(f"search config: unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+  v.known_keys("search config", d, (f.name for f in dataclasses.fields(SearchConfig)))
   d = dict(d)
-  if d.get("model", "resnet20") not in models_lib.list_models():
-    _fail("model", d.get("model"), models_lib.list_models())
-  if d.get("dataset", "fashion_mnist_embedded") not in data_lib.DATASETS:
-    _fail("dataset", d.get("dataset"), sorted(data_lib.DATASETS))
+  for k in ("custom_costs", "custom_species"):
+    if k in d:
+      d[k] = _plugins(k, d[k])
+  registries = (registries or Registries()).with_plugins(d.get("custom_costs"),
+                                                         d.get("custom_species"))
+  models_lib.check_model_name(d.get("model", SearchConfig.model))
+  v.choice("dataset", d.get("dataset", SearchConfig.dataset), sorted(data_lib.DATASETS))
+  kinds = SPECIES_KINDS + tuple(k for k in registries.species if k not in SPECIES_KINDS)
   if "species" in d:
-    if not isinstance(d["species"], (list, tuple)) or not d["species"]:
-      _fail("species", d["species"], "a non-empty list of species")
-    d["species"] = tuple(_species_from(s, i) for i, s in enumerate(d["species"]))
+    species = v.sequence("species", d["species"], "a non-empty list of species")
+    if not species:
+      v.fail("species", d["species"], "a non-empty list of species")
+    d["species"] = tuple(_species_from(s, i, kinds) for i, s in enumerate(species))
+  else:
+    for i, s in enumerate(SearchConfig.species):
+      v.choice(f"species[{i}].kind", s.kind, kinds)
   for k in ("objectives", "bit_choices", "keep_choices"):
     if k in d:
-      if isinstance(d[k], (str, bytes)) or not isinstance(d[k], (list, tuple)):
-        _fail(k, d[k], "a list")
-      d[k] = tuple(d[k])
+      d[k] = v.sequence(k, d[k])
   if d.get("input_shape") is not None:
-    shp = d["input_shape"]
-    if (not isinstance(shp, (list, tuple)) or len(shp) != 3
-        or not all(isinstance(s, int) and s > 0 for s in shp)):
-      _fail("input_shape", shp, "[H, W, C] positive integers")
-    d["input_shape"] = tuple(shp)
+    d["input_shape"] = v.input_shape("input_shape", d["input_shape"])
   if d.get("node_features") is not None:
-    if isinstance(d["node_features"], str) or not isinstance(d["node_features"], (list, tuple)):
-      _fail("node_features", d["node_features"], "a list of feature names or None")
-    d["node_features"] = tuple(d["node_features"])
+    d["node_features"] = v.sequence("node_features", d["node_features"],
+                                    "a list of feature names or None")
   if d.get("hv_ref") is not None:
-    d["hv_ref"] = tuple(float(v) for v in d["hv_ref"])
+    d["hv_ref"] = tuple(v.number("hv_ref", x) for x in v.sequence("hv_ref", d["hv_ref"]))
   cfg = SearchConfig(**d)
 
-  if cfg.num_classes is not None:
-    _positive_int("num_classes", cfg.num_classes)
+  v.optional_integer("num_classes", cfg.num_classes, 1)
   splits = data_lib.DATASETS[cfg.dataset].splits
-  if cfg.eval_split not in splits:
-    _fail("eval_split", cfg.eval_split, splits)
-  if cfg.final_split is not None and cfg.final_split not in splits:
-    _fail("final_split", cfg.final_split, (None,) + tuple(splits))
-  _positive_int("eval_per_class", cfg.eval_per_class)
-  _positive_int("calib_per_class", cfg.calib_per_class)
-  _positive_int("calib_batches", cfg.calib_batches)
-  _positive_int("final_max_images", cfg.final_max_images)
-  allowed_obj = ACCURACY_OBJECTIVES + tuple(costs_lib.available_objectives())
+  v.choice("eval_split", cfg.eval_split, splits)
+  if cfg.final_split is not None:
+    v.choice("final_split", cfg.final_split, (None,) + tuple(splits))
+  for f in ("eval_per_class", "calib_per_class", "calib_batches", "final_max_images",
+            "r2_partitions", "eval_batch_size"):
+    v.integer(f, getattr(cfg, f), 1)
+  allowed_obj = ACCURACY_OBJECTIVES + tuple(registries.costs)
   if len(cfg.objectives) < 2:
-    _fail("objectives", list(cfg.objectives), "at least two of " + str(allowed_obj))
+    v.fail("objectives", list(cfg.objectives), "at least two of " + str(allowed_obj))
   if len(set(cfg.objectives)) != len(cfg.objectives):
-    _fail("objectives", list(cfg.objectives), "distinct names")
+    v.fail("objectives", list(cfg.objectives), "distinct names")
   for o in cfg.objectives:
-    if o not in allowed_obj:
-      _fail("objectives", o, allowed_obj)
+    v.choice("objectives", o, allowed_obj)
   if not isinstance(cfg.constraints, Mapping):
-    _fail("constraints", cfg.constraints, "a mapping {name: upper_bound}")
+    v.fail("constraints", cfg.constraints, "a mapping {name: upper_bound}")
   for name, bound in cfg.constraints.items():
-    if name not in allowed_obj:
-      _fail("constraints", name, allowed_obj)
-    _number(f"constraints[{name!r}]", bound)
+    v.choice("constraints", name, allowed_obj)
+    v.number(f"constraints[{name!r}]", bound)
   if not cfg.bit_choices:
-    _fail("bit_choices", cfg.bit_choices, "a non-empty list of integers in 1..32")
+    v.fail("bit_choices", cfg.bit_choices, "a non-empty list of integers in 1..32")
   for b in cfg.bit_choices:
-    if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 1 <= b <= 32:
-      _fail("bit_choices", b, "integers in 1..32")
-  if list(cfg.bit_choices) != sorted(set(cfg.bit_choices)):
-    _fail("bit_choices", list(cfg.bit_choices), "strictly increasing integers")
-  if not isinstance(cfg.quantize_activations, bool):
-    _fail("quantize_activations", cfg.quantize_activations, (True, False))
-  if not 1 <= int(cfg.fixed_act_bits) <= 32:
-    _fail("fixed_act_bits", cfg.fixed_act_bits, "an integer in 1..32")
+    v.integer("bit_choices", b, quant.MIN_BITS, quant.MAX_BITS)
+  v.increasing("bit_choices", cfg.bit_choices, "integers")
+  v.boolean("quantize_activations", cfg.quantize_activations)
+  v.choice("activation_format", cfg.activation_format, quant.ACTIVATION_FORMATS)
+  if cfg.quantize_activations and cfg.activation_format != "int":
+    v.fail("quantize_activations", True, f"False with activation_format="
+           f"{cfg.activation_format!r} (only integer activations have bits to search)")
+  v.integer("fixed_act_bits", cfg.fixed_act_bits, quant.MIN_BITS, quant.MAX_BITS)
+  v.choice("weight_quant", cfg.weight_quant, quant.WEIGHT_MODES)
   if not cfg.keep_choices:
-    _fail("keep_choices", cfg.keep_choices, "a non-empty list of numbers in (0, 1]")
+    v.fail("keep_choices", cfg.keep_choices, "a non-empty list of numbers in (0, 1]")
   for p in cfg.keep_choices:
-    _number("keep_choices", p, 0.0, 1.0, open_lo=True)
-  if list(cfg.keep_choices) != sorted(set(cfg.keep_choices)):
-    _fail("keep_choices", list(cfg.keep_choices), "strictly increasing numbers")
-  _positive_int("generations", cfg.generations, 0)
+    v.keep_ratio("keep_choices", p)
+  v.increasing("keep_choices", cfg.keep_choices, "numbers")
+  v.integer("generations", cfg.generations, 0)
   n_species = len(cfg.species)
-  _positive_int("min_species_size", cfg.min_species_size, 2)
-  _positive_int("population", cfg.population, 4)
+  v.integer("min_species_size", cfg.min_species_size, 2)
+  v.integer("population", cfg.population, 4)
   if cfg.population < n_species * cfg.min_species_size:
-    _fail("population", cfg.population,
-          f"at least len(species) * min_species_size = {n_species * cfg.min_species_size}")
-  if cfg.selection not in SELECTIONS:
-    _fail("selection", cfg.selection, SELECTIONS)
-  if cfg.utility not in UTILITIES:
-    _fail("utility", cfg.utility, UTILITIES)
-  if cfg.edges not in EDGE_SETS:
-    _fail("edges", cfg.edges, EDGE_SETS)
+    v.fail("population", cfg.population,
+           f"at least len(species) * min_species_size = {n_species * cfg.min_species_size}")
+  v.choice("selection", cfg.selection, SELECTIONS)
+  v.choice("utility", cfg.utility, UTILITIES)
+  v.choice("edges", cfg.edges, EDGE_SETS)
+  v.boolean("resize", cfg.resize)
   if cfg.node_features is not None:
-    from nemo_jax._src.graph import FEATURE_NAMES
     if not cfg.node_features:
-      _fail("node_features", list(cfg.node_features), "a non-empty subset of " + str(FEATURE_NAMES))
+      v.fail("node_features", list(cfg.node_features), "a non-empty subset of " + str(FEATURE_NAMES))
     for f in cfg.node_features:
-      if f not in FEATURE_NAMES:
-        _fail("node_features", f, FEATURE_NAMES)
-  _number("ucb_c", cfg.ucb_c, 0.0)
-  _positive_int("r2_partitions", cfg.r2_partitions)
-  _positive_int("archive_size", cfg.archive_size, 2)
-  _positive_int("eval_batch_size", cfg.eval_batch_size)
-  if cfg.eval_strategy not in ("auto", "map", "vmap", "chunked_vmap"):
-    _fail("eval_strategy", cfg.eval_strategy, ("auto", "map", "vmap", "chunked_vmap"))
+      v.choice("node_features", f, FEATURE_NAMES)
+  v.number("ucb_c", cfg.ucb_c, 0.0)
+  v.integer("archive_size", cfg.archive_size, 2)
+  v.choice("eval_strategy", cfg.eval_strategy, EVAL_STRATEGIES)
   if cfg.hv_ref is not None and len(cfg.hv_ref) != len(cfg.objectives):
-    _fail("hv_ref", list(cfg.hv_ref), f"{len(cfg.objectives)} numbers (one per objective)")
-  if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-    _fail("seed", cfg.seed, "an integer")
-  if not isinstance(cfg.checkpoint, str) or not cfg.checkpoint:
-    _fail("checkpoint", cfg.checkpoint, "'default' or a variables file path")
-  if cfg.library is not None and (not isinstance(cfg.library, str) or not cfg.library):
-    _fail("library", cfg.library, "None or a library directory (`nemo-jax prune-library`)")
-  if cfg.infeasible not in INFEASIBLE_ACTIONS:
-    _fail("infeasible", cfg.infeasible, INFEASIBLE_ACTIONS)
+    v.fail("hv_ref", list(cfg.hv_ref), f"{len(cfg.objectives)} numbers (one per objective)")
+  v.integer("seed", cfg.seed)
+  v.nonempty_string("checkpoint", cfg.checkpoint, "'default' or a variables file path")
+  if cfg.library is not None:
+    v.nonempty_string("library", cfg.library,
+                      "None or a library directory (`nemo-jax prune-library`)")
+    if cfg.activation_format == "int":
+      v.fail("activation_format", cfg.activation_format,
+             "'fp16' (EMOMC) or 'float32' with a library")
+  v.choice("infeasible", cfg.infeasible, INFEASIBLE_ACTIONS)
   return cfg
 
 
-def load_config_file(path: str, function: str = "get_config") -> Mapping[str, Any]:
-  """Reads a ``.json`` config or calls ``function()`` (``get_config``) of a ``.py`` one.
-
-  ``FILE.py:ARG`` calls ``function(ARG)`` (big_vision's convention for variants).
-  """
-  arg = None
-  if ".py:" in path:
-    path, arg = path.rsplit(":", 1)
-  if not os.path.exists(path):
-    raise ValueError(f"config file {path!r} does not exist")
-  if path.endswith(".json"):
-    with open(path) as f:
-      try:
-        return json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path}: not valid JSON ({e})") from None
-  if path.endswith(".py"):
-    spec = importlib.util.spec_from_file_location("_nemo_jax_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, function):
-      raise ValueError(f"config file {path}: defines no {function}()")
-    get = getattr(module, function)
-    return get() if arg is None else get(arg)
-  raise ValueError(f"config file {path}: expected a .py (with {function}()) or .json file")
-
-
 def load_search_config(source: str | Mapping[str, Any] | SearchConfig | None = None,
-                       **overrides) -> SearchConfig:
+                       registries: Registries | None = None, **overrides) -> SearchConfig:
   """Loads, overrides (values that are not None) and validates a search config.
 
   Args:
-    source: a ``.py`` file with ``get_config()``, a ``.json`` file, a mapping, a
-      SearchConfig, or None for the embedded default.
+    source: a ``.py`` file with ``get_config()`` (``FILE.py:ARG`` for a variant), a
+      ``.json`` file, a mapping, a SearchConfig, or None for the embedded default.
+    registries: extra costs / species the config may name.
     **overrides: fields to replace (e.g. ``generations=2`` from the CLI).
   """
   if source is None:
@@ -381,8 +358,13 @@ def load_search_config(source: str | Mapping[str, Any] | SearchConfig | None = N
     d = dict(source)
   else:
     d = dict(load_config_file(os.fspath(source)))
-  d.update({k: v for k, v in overrides.items() if v is not None})
-  return validate_search_config(d)
+  d.update({k: x for k, x in overrides.items() if x is not None})
+  return validate_search_config(d, registries)
+
+
+def search_registries(cfg: SearchConfig, registries: Registries | None = None) -> Registries:
+  """The registries of a validated config: ``registries`` plus the config's plugins."""
+  return (registries or Registries()).with_plugins(cfg.custom_costs, cfg.custom_species)
 
 
 def species_labels(species) -> list[str]:

@@ -29,7 +29,8 @@ from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
                                          species_labels)
 from nemo_jax._src.search.engine import Engine
-from nemo_jax._src.search.problem import Problem, build_problem
+from nemo_jax._src.problem import Problem, build_problem
+from nemo_jax._src.registries import Registries
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -131,10 +132,9 @@ def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
   p = problem.cfg.population
   for s in range(0, len(members), p):
     chunk = members[s:s + p]
-    configs = QuantConfig(w_bits=jnp.asarray([m["w_bits"] for m in chunk], jnp.int32),
-                          a_bits=jnp.asarray([m["a_bits"] for m in chunk], jnp.int32),
-                          keep=jnp.asarray([m["keep"] for m in chunk], jnp.float32))
-    top1 = np.asarray(problem.evaluate_with(evaluator, configs).top1)
+    configs = problem.configs([m["keep"] for m in chunk], [m["w_bits"] for m in chunk],
+                              [m["a_bits"] for m in chunk])
+    top1 = np.asarray(evaluator.run(configs).top1)
     for m, t in zip(chunk, top1):
       m["final_top1"] = float(t)
 
@@ -206,6 +206,7 @@ def _canonical(tree):
 
 def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
            progress: bool = True, problem: Problem | None = None,
+           registries: Registries | None = None,
            callback: Callable[[dict], Any] | None = None, **overrides) -> SearchResult:
   """Runs a NEMO (or baseline) search. All objectives are minimised.
 
@@ -218,6 +219,9 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       is used; ``generations`` may be overridden to extend it).
     progress: show a progress bar.
     problem: a prebuilt Problem (e.g. with a custom model); must match the config.
+    registries: user costs and species the config names (``nemo_jax.Registries``);
+      plugins named in the config itself (``custom_costs`` / ``custom_species``) are
+      imported too, also on resume.
     callback: called with each generation's history row.
     **overrides: config fields to replace (``generations=5``, ``seed=1``, ...).
 
@@ -229,10 +233,10 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       raise ValueError(f"resume: {out_dir!r} holds no previous run ({report.CONFIG_FILE} missing)")
     with open(os.path.join(out_dir, report.CONFIG_FILE)) as f:
       saved = json.load(f)["config"]
-    cfg = load_search_config(saved, **overrides)
+    cfg = load_search_config(saved, registries, **overrides)
   else:
-    cfg = load_search_config(config, **overrides)
-  problem = problem or build_problem(cfg, progress=progress)
+    cfg = load_search_config(config, registries, **overrides)
+  problem = problem or build_problem(cfg, registries, progress=progress)
   labels = species_labels(cfg.species)
   raw_names = raw_names_for(problem)
   engine = Engine(cfg, problem.space, problem.graph, int(problem.graph.nodes.shape[-1]),
