@@ -56,7 +56,7 @@ def cmd_convert(args) -> int:
 def cmd_layers(args) -> int:
   from nemo_jax import costs
   shape, classes = _model_spec(args)
-  wl = costs.extract_workload(args.model, shape, classes)
+  wl = costs.extract_workload(args.model, shape, classes, args.placement)
   print(json.dumps(costs.workload_to_json(wl), indent=1))
   return 0
 
@@ -64,24 +64,28 @@ def cmd_layers(args) -> int:
 def cmd_costs(args) -> int:
   import nemo_jax
   from nemo_jax import costs
-  shape, classes = _model_spec(args)
-  wl = costs.extract_workload(args.model, shape, classes)
   if (args.config is None) == (args.uniform is None):
     raise ValueError("costs: give exactly one of --config FILE or --uniform W,A")
+  shape, classes = _model_spec(args)
   if args.config:
-    spec, cfg = nemo_jax.load_config(args.config, wl.num_layers)
-    if spec.get("model", args.model) != args.model:
-      raise ValueError(f"--config is for model {spec['model']!r}, not {args.model!r}")
-    d = nemo_jax.config_to_dict(cfg)
+    d = dict(nemo_jax.load_config_file(args.config))
+    if d.get("model", args.model) != args.model:
+      raise ValueError(f"--config is for model {d['model']!r}, not {args.model!r}")
+    d.setdefault("placement", args.placement)
+    wl = costs.extract_workload(args.model, shape, classes, d["placement"])
   else:
     try:
       w, a = (int(v) for v in args.uniform.split(","))
     except ValueError:
       raise ValueError(f"--uniform {args.uniform!r}: expected W,A integers, e.g. 8,8") from None
-    d = {"w_bits": [w] * wl.num_layers, "a_bits": [a] * wl.num_layers}
+    wl = costs.extract_workload(args.model, shape, classes, args.placement)
+    d = {"w_bits": [w] * wl.num_layers, "a_bits": [a] * wl.num_act_quantizers}
   if args.keep is not None:
     d["keep"] = args.keep
-  _, cfg = nemo_jax.config_from_dict(d, wl.num_layers, wl.layer_names)
+  d.pop("model", None)
+  d.pop("input_shape", None)
+  d.pop("num_classes", None)
+  _, cfg = nemo_jax.config_from_dict(d, wl)
   print(json.dumps(costs.cost_report(wl, cfg), indent=1))
   return 0
 
@@ -162,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model")
     s.add_argument("--input-shape", help="H,W,C")
     s.add_argument("--num-classes", type=int)
+    s.add_argument("--placement", default="conv_inputs", choices=("conv_inputs", "nncf"),
+                   help="where activation quantizers sit (default conv_inputs)")
     if name == "costs":
       s.add_argument("--config", help="precision config JSON")
       s.add_argument("--uniform", help="W,A: the same bits everywhere")

@@ -381,3 +381,35 @@ def test_chunked_equals_single_block():
                              rtol=1e-6)
   with pytest.raises(ValueError, match="chunk_size"):
     costs.compute_costs(wl, cfg, chunk_size=0)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_nncf_bops_use_the_bits_of_the_tensor_each_layer_reads(name):
+  wl = extract_workload(name, placement="nncf")
+  rng = np.random.default_rng(7)
+  P = 6
+  w = rng.integers(2, 9, (P, wl.num_layers))
+  a = rng.integers(2, 9, (P, wl.num_act_quantizers))
+  keep = np.round(rng.uniform(0.3, 1.0, P), 2)
+  out = costs.compute_costs(wl, batch(w, a, keep))
+  # Explicit loops over layers and over activation quantizers (float64).
+  readers = {q: [] for q in range(wl.num_act_quantizers)}
+  for i, q in enumerate(wl.input_quantizer):
+    readers[int(q)].append(i)
+  for m in range(P):
+    bops = sum(float(wl.macs[i]) * w[m, i] * a[m, q] for q, ls in readers.items() for i in ls)
+    assert float(out["bops"][m]) == pytest.approx(bops, rel=2e-6)
+    assert float(out["bops_ratio"][m]) == pytest.approx(bops / (1024 * wl.total_macs), rel=2e-6)
+    total = sum(float(wl.act_elems[q]) * a[m, q] for q in range(wl.num_act_quantizers))
+    assert float(out["act_total_bits"][m]) == pytest.approx(total, rel=2e-6)
+    assert float(out["act_peak_bits"][m]) == pytest.approx(
+        max(float(wl.act_elems[q]) * a[m, q] for q in range(wl.num_act_quantizers)), rel=1e-6)
+  # A residual quantizer changes no BOPs (no layer reads it), only activation traffic.
+  site = wl.act_kinds.index("residual")
+  a2 = a.copy()
+  a2[:, site] = 32
+  out2 = costs.compute_costs(wl, batch(w, a2, keep))
+  np.testing.assert_array_equal(np.asarray(out2["bops"]), np.asarray(out["bops"]))
+  assert np.all(np.asarray(out2["act_total_bits"]) > np.asarray(out["act_total_bits"]))
+  with pytest.raises(ValueError, match=f"a_bits.*{wl.num_act_quantizers} bit-widths"):
+    costs.compute_costs(wl, batch(w, w, keep))

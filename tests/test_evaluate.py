@@ -283,3 +283,43 @@ def test_all_2_bit_collapses_default_model():
   assert float_top1 > 0.8, f"float top-1 {float_top1}: the default model is not trained"
   assert result.top1[0] > float_top1 - 0.05, f"8-bit top-1 {result.top1[0]} vs {float_top1}"
   assert result.top1[1] < 0.5 * float_top1, f"all-2-bit top-1 {result.top1[1]} did not collapse"
+
+
+def test_nncf_placement_shares_quantizers_and_matches_a_plain_apply():
+  """One calibrated range per tensor; the evaluator equals model.apply(QContext(nncf))."""
+  from nemo_jax import models
+  rng = np.random.default_rng(3)
+  model = models.get_model("resnet20", (12, 12, 1), 10)
+  variables = models.init_variables(model, jax.random.key(3), (12, 12, 1))
+  images = rng.normal(size=(24, 12, 12, 1)).astype(np.float32)
+  labels = rng.integers(0, 10, 24)
+  calib = evaluation.calibrate(model, variables, images, batch_size=8, placement="nncf")
+  # 22 layers read 20 tensors (2 block inputs are shared with a downsample conv), plus
+  # 11 residual-add inputs (9 block outputs, 2 downsample outputs).
+  assert calib.num_layers == 31
+  # ... and the first block's input (read by conv1, also the identity) has ONE range:
+  # the range of the stem's output, which the conv_inputs calibration gives layer 1.
+  plain = evaluation.calibrate(model, variables, images, batch_size=8)
+  assert calib.lo[1] == plain.lo[1] and calib.hi[1] == plain.hi[1]
+  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calib, placement="nncf"),
+                            images, labels, batch_size=8, strategy="map")
+  assert (ev.num_layers, ev.num_act_quantizers) == (22, 31)
+  configs = QuantConfig(w_bits=jnp.asarray(rng.integers(2, 9, (3, 22)), jnp.int32),
+                        a_bits=jnp.asarray(rng.integers(2, 9, (3, 31)), jnp.int32),
+                        keep=jnp.ones((3,), jnp.float32))
+  result = ev(configs)
+  apply = jax.jit(lambda w, a: model.apply(
+      variables, jnp.asarray(images),
+      QContext.from_config(QuantConfig(w, a, 1.0), calib, placement="nncf"), train=False))
+  for p in range(3):
+    top1, _, loss = _numpy_metrics(apply(configs.w_bits[p], configs.a_bits[p]), labels)
+    assert result.top1[p] == np.float32(top1)
+    np.testing.assert_allclose(result.loss[p], loss, rtol=2e-5)
+  # The FP32 configuration is the float model.
+  logits = model.apply(variables, jnp.asarray(images), None, train=False)
+  assert ev.evaluate_float().top1 == np.float32(_numpy_metrics(logits, labels)[0])
+  with pytest.raises(ValueError, match="a_bits.*31 bit-widths"):
+    ev(QuantConfig.uniform(22, 8, 8))
+  with pytest.raises(ValueError, match="calibration: 22 activation ranges.*31 activation quantizers"):
+    evaluation.Evaluator(model, variables, evaluation.ptq_scheme(plain, placement="nncf"),
+                         images, labels)

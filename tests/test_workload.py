@@ -15,8 +15,7 @@ import pytest
 from nemo_jax._src import workload as wlmod
 from nemo_jax._src.graph import FEATURE_NAMES, node_features, workload_graph
 from nemo_jax._src.layers import QConv, QDense
-from nemo_jax._src.workload import (extract_workload, merge_node_bits, nodes_to_config_index,
-                                    split_node_bits, workload_to_json)
+from nemo_jax._src.workload import extract_workload, nodes_to_config_index, workload_to_json
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -156,7 +155,7 @@ def test_graph_valid_and_deterministic(name, edges):
     assert all((2 * i, 2 * i + 1) in pairs for i in range(wl.num_layers))
     assert set(g.receivers.tolist()) >= set(range(1, n)) - {0}
   # A fresh trace (bypassing the cache) gives identical arrays.
-  again = wlmod._extract_by_name.__wrapped__(name, None, None, ())
+  again = wlmod._extract_by_name.__wrapped__(name, None, None, "conv_inputs", ())
   assert again is not wl
   g2 = workload_graph(again, edges=edges)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g2)):
@@ -188,16 +187,22 @@ def test_features_model_independent():
   assert small.max() <= 1.0 + 1e-6 and big.min() >= 0.0
 
 
-@hypothesis.settings(deadline=None, max_examples=25)
-@hypothesis.given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**31 - 1))
-def test_split_merge_node_bits(layers, batch, seed):
+@hypothesis.settings(deadline=None, max_examples=20)
+@hypothesis.given(st.sampled_from(["resnet20", "mobilenet_v2", "vgg16_cifar"]),
+                  st.sampled_from(["conv_inputs", "nncf"]), st.integers(1, 3),
+                  st.integers(0, 2**31 - 1))
+def test_split_merge_node_bits(name, placement, batch, seed):
+  wl = extract_workload(name, placement=placement)
   rng = np.random.default_rng(seed)
-  w = rng.integers(2, 9, (batch, layers))
-  a = rng.integers(2, 9, (batch, layers))
-  nodes = merge_node_bits(w, a)
-  assert nodes.shape == (batch, 2 * layers)
-  np.testing.assert_array_equal(nodes[:, 0::2], a)  # node 2i = a_i
-  w2, a2 = jax.jit(split_node_bits)(nodes)
+  w = rng.integers(2, 9, (batch, wl.num_layers))
+  a = rng.integers(2, 9, (batch, wl.num_act_quantizers))
+  nodes = wl.merge_node_bits(w, a)
+  assert nodes.shape == (batch, wl.num_quantizers)
+  if placement == "conv_inputs":
+    np.testing.assert_array_equal(nodes[:, 0::2], a)  # node 2i = a_i
+  for n, (kind, i) in enumerate(nodes_to_config_index(wl)):
+    np.testing.assert_array_equal(nodes[:, n], (w if kind == "w" else a)[:, i])
+  w2, a2 = jax.jit(wl.split_node_bits)(nodes)
   np.testing.assert_array_equal(w2, w)
   np.testing.assert_array_equal(a2, a)
 
@@ -210,6 +215,10 @@ def test_workload_json_and_cache():
   assert d["total_params"] == wl.total_params
   assert sum(layer["macs"] for layer in d["layers"]) == d["total_macs"]
   assert d["layers"][0]["quantizers"] == {"a": 0, "w": 1}
+  assert d["placement"] == "conv_inputs" and d["node_order"][:3] == ["a_0", "w_0", "a_1"]
+  n = json.loads(json.dumps(workload_to_json(extract_workload("resnet20", placement="nncf"))))
+  assert n["num_act_quantizers"] == 31 and n["num_quantizers"] == 53
+  assert n["activation_quantizers"][3]["kind"] == "residual"
 
 
 def test_bad_input():
@@ -220,4 +229,74 @@ def test_bad_input():
   with pytest.raises(ValueError, match="model_kwargs"):
     extract_workload(TinyResidual(), (8, 8, 3), foo=1)
   with pytest.raises(ValueError, match="last axis"):
-    split_node_bits(jnp.zeros((3,)))
+    extract_workload("resnet20").split_node_bits(jnp.zeros((3,)))
+  with pytest.raises(ValueError, match="placement"):
+    extract_workload("resnet20", placement="everywhere")
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _fx_nncf_placement(name):
+  """NNCF-style activation quantizers from torch.fx, independently of the Flax ports.
+
+  One quantizer per tensor (fx node) read by a Conv2d / Linear, by a residual add or by
+  a max-pool, shared by all its readers, created in execution order. Returns a list of
+  ``(kind, layers reading it)``: kind "input" when a layer reads it first, else
+  "residual" / "pool".
+  """
+  import operator
+  model = getattr(torchvision.models, name)()
+  graph = torch.fx.symbolic_trace(model).graph
+  modules = dict(model.named_modules())
+  quantizers, index_of, layer = [], {}, 0
+
+  def quantize(node, kind, reader=None):
+    if node not in index_of:
+      index_of[node] = len(quantizers)
+      quantizers.append([kind, []])
+    if reader is not None:
+      quantizers[index_of[node]][1].append(reader)
+
+  for node in graph.nodes:
+    if node.op == "call_module":
+      mod = modules[node.target]
+      if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+        quantize(node.args[0], "input", layer)
+        layer += 1
+      elif isinstance(mod, torch.nn.MaxPool2d):
+        quantize(node.args[0], "pool")
+    elif node.op == "call_function" and node.target in (operator.add, operator.iadd,
+                                                        torch.add):
+      for arg in node.args[:2]:
+        quantize(arg, "residual")
+  return [(k, tuple(r)) for k, r in quantizers]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_nncf_placement_equals_torch_fx(name):
+  wl = extract_workload(name, (224, 224, 3), 1000, placement="nncf")
+  ours = [(kind, consumers) for kind, consumers in zip(wl.act_kinds, wl.layer_consumers)]
+  assert ours == _fx_nncf_placement(name)
+  # Shared quantizers: every layer reads exactly one, and the BOPs gather follows it.
+  assert sorted(i for c in wl.layer_consumers for i in c) == list(range(wl.num_layers))
+  for i, q in enumerate(wl.input_quantizer.tolist()):
+    assert i in wl.layer_consumers[q]
+
+
+def test_nncf_quantizer_counts_hand_and_paper():
+  # ResNet-18 by hand: 21 weight quantizers; activations: image, max-pool input, per
+  # BasicBlock its input (shared by conv1 / downsample / identity) and conv2 input
+  # (8 x 2), the fc input, and the residual inputs that are new tensors: 8 bn2
+  # outputs + 3 downsample outputs: 1 + 1 + 16 + 1 + 11 = 30.
+  r18 = extract_workload("resnet18", placement="nncf")
+  assert (r18.num_layers, r18.num_act_quantizers) == (21, 30)
+  assert r18.act_kinds.count("residual") == 11 and r18.act_kinds.count("pool") == 1
+  shared = [c for c in r18.layer_consumers if len(c) > 1]
+  assert len(shared) == 3  # the three block inputs read by conv1 and downsample_conv
+  # NEMO's search spaces (paper, NNCF): 116 / 125 / 244 quantizers.
+  for name, total in (("mobilenet_v2", 116), ("resnet50", 125), ("resnext101_32x8d", 244)):
+    assert extract_workload(name, placement="nncf").num_quantizers == total, name
+  # conv_inputs: one per layer input, 106 / 108 / 210.
+  for name, total in (("mobilenet_v2", 106), ("resnet50", 108), ("resnext101_32x8d", 210)):
+    assert extract_workload(name).num_quantizers == total, name

@@ -39,7 +39,8 @@ class Calibration:
   """Calibrated activation ranges, one per activation quantizer (layer input).
 
   Attributes:
-    lo: float32 ``[L]`` mean over batches of the per-batch minimum of layer i's input.
+    lo: float32 ``[La]`` mean over batches of the per-batch minimum of activation
+      quantizer q's tensor.
     hi: float32 ``[L]`` mean over batches of the per-batch maximum.
     num_batches: number of calibration batches averaged (static).
     fingerprint: hash of (variables, calibration images, batching) it was computed
@@ -69,9 +70,13 @@ def _batch_slices(num_images: int, batch_size: int, num_batches: int | None) -> 
   return slices
 
 
-def fingerprint(variables, images, batch_size: int = 0, num_batches: int | None = None) -> str:
-  """SHA-256 (hex, 16 chars) of the variables' paths and bytes, the images and batching."""
+def fingerprint(variables, images, batch_size: int = 0, num_batches: int | None = None,
+                placement: str = "conv_inputs") -> str:
+  """SHA-256 (hex, 16 chars) of the variables' paths and bytes, the images, batching and
+  quantizer placement."""
   digest = hashlib.sha256()
+  if placement != "conv_inputs":  # (conv_inputs fingerprints predate placements)
+    digest.update(f"placement={placement}".encode())
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
     arr = np.ascontiguousarray(np.asarray(leaf))
     digest.update(jax.tree_util.keystr(path).encode())
@@ -84,11 +89,12 @@ def fingerprint(variables, images, batch_size: int = 0, num_batches: int | None 
 
 
 def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
-              num_batches: int | None = None) -> Calibration:
+              num_batches: int | None = None, placement: str = "conv_inputs") -> Calibration:
   """NEMO post-training calibration of the activation quantizers.
 
   Runs the FLOAT model (BatchNorm in inference mode) on consecutive batches of
-  ``images`` and, per quantized layer, averages the per-batch min and max of its input.
+  ``images`` and, per activation quantizer (``placement``), averages the per-batch min
+  and max of its tensor.
 
   Args:
     model: a zoo model (``__call__(x, ctx, train)``).
@@ -96,16 +102,17 @@ def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
     images: preprocessed calibration images ``[N, H, W, C]`` (training data, typically).
     batch_size: images per calibration batch (the last batch may be smaller).
     num_batches: use only the first ``num_batches`` batches (None: all).
+    placement: where activation quantizers sit (``layers.PLACEMENTS``).
 
   Returns:
-    A :class:`Calibration` with ``lo[L]``, ``hi[L]``.
+    A :class:`Calibration` with ``lo[La]``, ``hi[La]``.
   """
   images = np.asarray(images, np.float32)
   slices = _batch_slices(len(images), batch_size, num_batches)
 
   @jax.jit
   def observe(variables, x):
-    ctx = QContext(observe=True)
+    ctx = QContext(observe=True, placement=placement)
     model.apply(variables, x, ctx, train=False)
     if not ctx.observed:
       raise ValueError("model: no QConv/QDense layer observed; nothing to calibrate")
@@ -121,7 +128,8 @@ def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
   n = len(slices)
   return Calibration(lo=jnp.asarray(lo_sum / n, jnp.float32),
                      hi=jnp.asarray(hi_sum / n, jnp.float32), num_batches=n,
-                     fingerprint=fingerprint(variables, images, batch_size, num_batches))
+                     fingerprint=fingerprint(variables, images, batch_size, num_batches,
+                                             placement))
 
 
 def save_calibration(path: str | os.PathLike, calibration: Calibration) -> None:
@@ -158,18 +166,20 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 
 
 def load_or_calibrate(path: str | os.PathLike | None, model: nn.Module, variables, images,
-                      batch_size: int = 256, num_batches: int | None = None) -> Calibration:
+                      batch_size: int = 256, num_batches: int | None = None,
+                      placement: str = "conv_inputs") -> Calibration:
   """The cached calibration if it matches (variables, images, batching), else a new one.
 
   Args:
     path: the cache file; None: ``cache_dir()/<fingerprint>.json``.
-    model, variables, images, batch_size, num_batches: as :func:`calibrate`.
+    model, variables, images, batch_size, num_batches, placement: as :func:`calibrate`.
 
   Returns:
     The calibration; a new one is written to the cache (a read-only cache location
     is skipped silently: the calibration is then recomputed next time).
   """
-  expected = fingerprint(variables, np.asarray(images, np.float32), batch_size, num_batches)
+  expected = fingerprint(variables, np.asarray(images, np.float32), batch_size, num_batches,
+                         placement)
   if path is None:
     path = os.path.join(cache_dir(), f"{expected}.json")
   if os.path.exists(path):
@@ -179,7 +189,7 @@ def load_or_calibrate(path: str | os.PathLike | None, model: nn.Module, variable
       cached = None  # a damaged cache entry is recomputed, not fatal
     if cached is not None and cached.fingerprint == expected:
       return cached
-  calib = calibrate(model, variables, images, batch_size, num_batches)
+  calib = calibrate(model, variables, images, batch_size, num_batches, placement)
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_calibration(path, calib)

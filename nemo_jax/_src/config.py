@@ -28,6 +28,7 @@ import numpy as np
 
 from nemo_jax._src import validate
 from nemo_jax._src import workload as workload_lib
+from nemo_jax._src.layers import PLACEMENTS
 from nemo_jax._src.quant import FLOAT_BITS, MAX_BITS, MIN_BITS
 
 
@@ -36,8 +37,9 @@ class QuantConfig:
   """Per-layer weight / activation bit-widths and a global keep ratio (a pytree).
 
   Attributes:
-    w_bits: int32 ``[..., L]`` weight bit-widths (32: float).
-    a_bits: int32 ``[..., L]`` input-activation bit-widths (32: float).
+    w_bits: int32 ``[..., L]`` weight bit-widths, one per quantized layer (32: float).
+    a_bits: int32 ``[..., La]`` activation bit-widths, one per activation quantizer
+      (``La = L`` for the ``conv_inputs`` placement; 32: float).
     keep: float32 ``[...]`` fraction of weights kept by magnitude pruning, in (0, 1].
   """
   w_bits: Any
@@ -46,10 +48,11 @@ class QuantConfig:
 
   @classmethod
   def uniform(cls, num_layers: int, w_bits: int = FLOAT_BITS, a_bits: int = FLOAT_BITS,
-              keep: float = 1.0) -> "QuantConfig":
-    """One member with the same bit-widths everywhere."""
+              keep: float = 1.0, num_act_quantizers: int | None = None) -> "QuantConfig":
+    """One member with the same bit-widths everywhere (``La`` defaults to ``L``)."""
+    num_act = num_layers if num_act_quantizers is None else num_act_quantizers
     return cls(w_bits=jnp.full((num_layers,), w_bits, jnp.int32),
-               a_bits=jnp.full((num_layers,), a_bits, jnp.int32),
+               a_bits=jnp.full((num_act,), a_bits, jnp.int32),
                keep=jnp.asarray(keep, jnp.float32))
 
   @property
@@ -70,7 +73,8 @@ def stack_configs(configs) -> QuantConfig:
 
 def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
                      population: bool = False, allowed_keep=None,
-                     allowed_bits=None) -> QuantConfig:
+                     allowed_bits=None, num_act_quantizers: int | None = None,
+                     act_names=None) -> QuantConfig:
   """THE host-side check of configurations (one member or a population).
 
   Called at the entry points only (the public evaluator / costs functions, the CLI,
@@ -80,12 +84,15 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
   Args:
     config: ``w_bits[L]``/``a_bits[L]``/scalar ``keep`` (one member) or
       ``w_bits[P, L]``/``a_bits[P, L]``/``keep[P]`` (a scalar keep is broadcast).
-    num_layers: ``L``.
-    layer_names: optional names for messages.
+    num_layers: ``L`` (weight quantizers).
+    layer_names, act_names: optional names of the weight / activation quantizers for
+      messages.
     population: return a population ``[P, ...]`` even for one member.
     allowed_keep: optional keep ratios the caller can evaluate (e.g. a library's).
     allowed_bits: optional ``{"w_bits": values, "a_bits": values}`` a search space
       allows (``FLOAT_BITS`` always allowed).
+    num_act_quantizers: ``La``, the length of ``a_bits`` (default ``L``: the
+      ``conv_inputs`` placement).
 
   Returns:
     The config as ``int32`` / ``float32`` jax arrays.
@@ -97,11 +104,12 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
     raise ValueError(f"configs: got {type(config).__name__}; allowed: QuantConfig")
   w = np.asarray(config.w_bits)
   a = np.asarray(config.a_bits)
-  for field, arr in (("w_bits", w), ("a_bits", a)):
-    if arr.ndim not in (1, 2) or arr.shape[-1] != num_layers or (arr.ndim == 2 and not len(arr)):
-      raise ValueError(f"{field}: expected a list of {num_layers} bit-widths (one per "
-                       f"quantized layer), or [P, {num_layers}] for a population; got shape "
-                       f"{arr.shape}")
+  num_act = num_layers if num_act_quantizers is None else num_act_quantizers
+  for field, arr, n, what in (("w_bits", w, num_layers, "quantized layer"),
+                              ("a_bits", a, num_act, "activation quantizer")):
+    if arr.ndim not in (1, 2) or arr.shape[-1] != n or (arr.ndim == 2 and not len(arr)):
+      raise ValueError(f"{field}: expected a list of {n} bit-widths (one per {what}), "
+                       f"or [P, {n}] for a population; got shape {arr.shape}")
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)
                                    or np.issubdtype(arr.dtype, np.floating)):
       bad = next((v for v in arr.reshape(-1).tolist()
@@ -114,12 +122,14 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
     for bad, what in ((non_int, "is not an integer"), (out, "is outside the allowed range")):
       if bad.any():
         idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        name = f" ({layer_names[idx[-1]]})" if layer_names is not None else ""
+        names = layer_names if field == "w_bits" else act_names
+        name = f" ({names[idx[-1]]})" if names is not None else ""
         where = "[" + ", ".join(map(str, idx)) + "]"
         raise ValueError(f"{field}{where}{name}: bit-width {arr[idx].item()!r} {what}; "
                          f"allowed: integers {MIN_BITS}..{MAX_BITS} ({FLOAT_BITS} = float)")
-  if w.shape != a.shape:
-    raise ValueError(f"a_bits: shape {a.shape} differs from w_bits shape {w.shape}")
+  if w.shape[:-1] != a.shape[:-1]:
+    raise ValueError(f"a_bits: population shape {a.shape[:-1]} differs from w_bits' "
+                     f"{w.shape[:-1]}")
   for field, arr in (("w_bits", w), ("a_bits", a)):
     if allowed_bits is not None and field in allowed_bits:
       allowed = sorted(set(int(b) for b in allowed_bits[field]) | {FLOAT_BITS})
@@ -154,36 +164,43 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
   return out
 
 
-_JSON_KEYS = {"model", "input_shape", "num_classes", "w_bits", "a_bits", "keep"}
+_JSON_KEYS = {"model", "input_shape", "num_classes", "placement", "w_bits", "a_bits", "keep"}
 
 
-def config_from_dict(d: Mapping[str, Any], num_layers: int | None = None,
-                     layer_names=None) -> tuple[dict, QuantConfig]:
+def config_from_dict(d: Mapping[str, Any], workload=None) -> tuple[dict, QuantConfig]:
   """Parses the JSON form. Returns ``(model_spec, config)``.
 
-  ``model_spec`` holds ``model``, ``input_shape`` and ``num_classes`` (those present).
-  If ``num_layers`` is None it is taken from the model spec (requires ``model``).
+  ``model_spec`` holds ``model``, ``input_shape``, ``num_classes`` and ``placement``
+  (those present). Without ``workload`` it is extracted from the model spec (requires
+  ``model``); ``len(w_bits)`` must be its number of layers and ``len(a_bits)`` its number
+  of activation quantizers.
   """
   if not isinstance(d, Mapping):
     raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
   validate.known_keys("config", d, _JSON_KEYS)
-  spec = {k: d[k] for k in ("model", "input_shape", "num_classes") if k in d}
+  spec = {k: d[k] for k in ("model", "input_shape", "num_classes", "placement") if k in d}
   if "input_shape" in spec:
     spec["input_shape"] = validate.input_shape("input_shape", spec["input_shape"])
   if "num_classes" in spec:
     spec["num_classes"] = validate.integer("num_classes", spec["num_classes"], 1)
-  if num_layers is None:
+  if "placement" in spec:
+    validate.choice("placement", spec["placement"], PLACEMENTS)
+  if workload is None:
     if "model" not in spec:
       raise ValueError("config: 'model' is required to know the number of layers")
-    wl = workload_lib.extract_workload(spec["model"], spec.get("input_shape"),
-                                       spec.get("num_classes"))
-    num_layers = wl.num_layers
-    layer_names = layer_names or wl.layer_names
-  w = d.get("w_bits", [FLOAT_BITS] * num_layers)
-  a = d.get("a_bits", [FLOAT_BITS] * num_layers)
+    workload = workload_lib.extract_workload(spec["model"], spec.get("input_shape"),
+                                             spec.get("num_classes"),
+                                             spec.get("placement", "conv_inputs"))
+  elif spec.get("placement", workload.placement) != workload.placement:
+    raise ValueError(f"placement={spec['placement']!r} is invalid for this workload; "
+                     f"allowed: {workload.placement!r}")
+  w = d.get("w_bits", [FLOAT_BITS] * workload.num_layers)
+  a = d.get("a_bits", [FLOAT_BITS] * workload.num_act_quantizers)
   keep = d.get("keep", 1.0)
-  return spec, validate_configs(QuantConfig(w_bits=w, a_bits=a, keep=keep), num_layers,
-                                layer_names)
+  return spec, validate_configs(QuantConfig(w_bits=w, a_bits=a, keep=keep), workload.num_layers,
+                                workload.layer_names,
+                                num_act_quantizers=workload.num_act_quantizers,
+                                act_names=workload.act_names)
 
 
 def config_to_dict(config: QuantConfig, model_spec: Mapping[str, Any] | None = None) -> dict:
@@ -197,7 +214,7 @@ def config_to_dict(config: QuantConfig, model_spec: Mapping[str, Any] | None = N
   return out
 
 
-def load_config(path, num_layers: int | None = None) -> tuple[dict, QuantConfig]:
+def load_config(path, workload=None) -> tuple[dict, QuantConfig]:
   """Reads a config JSON file (see module docstring)."""
   try:
     with open(path) as f:
@@ -206,4 +223,4 @@ def load_config(path, num_layers: int | None = None) -> tuple[dict, QuantConfig]
     raise ValueError(f"config file {path}: not valid JSON ({e})") from None
   except OSError as e:
     raise ValueError(f"config file {path}: cannot be read ({e.strerror})") from None
-  return config_from_dict(d, num_layers)
+  return config_from_dict(d, workload)

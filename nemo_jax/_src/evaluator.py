@@ -64,7 +64,7 @@ from nemo_jax._src import distributed
 from nemo_jax._src import quant
 from nemo_jax._src.config import QuantConfig, validate_configs
 from nemo_jax._src.layers import QContext
-from nemo_jax._src.models import trace_layers
+from nemo_jax._src.models import trace_quantizers
 from nemo_jax._src.schemes import QuantScheme
 
 STRATEGIES = ("auto", "vmap", "map", "chunked_vmap")
@@ -225,8 +225,10 @@ class Evaluator:
 
     prepared = scheme.prepare(model, variables, self.input_shape)
     template = scheme.variables_template(prepared)
-    self.layers = trace_layers(model, self.input_shape, template)
+    self.layers, self.activations = trace_quantizers(model, self.input_shape, template,
+                                                     scheme.placement)
     self.num_layers = len(self.layers)
+    self.num_act_quantizers = len(self.activations)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, None, train=False), template,
                          jax.ShapeDtypeStruct((1, *self.input_shape), jnp.float32))
     self.num_classes = int(out.shape[-1])
@@ -295,7 +297,7 @@ class Evaluator:
     quantize_input = self.scheme.member_inputs(prepared, config)
 
     def apply_fn(x):
-      ctx = QContext(quantize_input=quantize_input,
+      ctx = QContext(quantize_input=quantize_input, placement=self.scheme.placement,
                      quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i))
       return self.model.apply(variables, x, ctx, train=False)
 
@@ -330,7 +332,7 @@ class Evaluator:
     from validated choices, :meth:`run` skips the check and keeps them on the device.
 
     Args:
-      configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``
+      configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``
         (a single member without the P axis is accepted and gives P = 1). Every host
         must pass the same population.
 
@@ -338,9 +340,10 @@ class Evaluator:
       :class:`EvalResult` of float32 ``[P]`` arrays (accuracy as fraction; NaN for
       members with non-finite logits). Minimise ``1 - top1``.
     """
-    return self.run(validate_configs(configs, self.num_layers,
-                                     [info.name for info in self.layers], population=True,
-                                     allowed_keep=self.scheme.allowed_keep))
+    return self.run(validate_configs(
+        configs, self.num_layers, [info.name for info in self.layers], population=True,
+        allowed_keep=self.scheme.allowed_keep, num_act_quantizers=self.num_act_quantizers,
+        act_names=[a.name for a in self.activations]))
 
   def run(self, configs: QuantConfig) -> EvalResult:
     """Evaluates an already validated population ``[P]`` (device arrays stay there).
@@ -376,7 +379,8 @@ class Evaluator:
     if self._float_result is None or not cached:
       L = self.num_layers
       fp32 = QuantConfig(w_bits=jnp.full((1, L), quant.FLOAT_BITS, jnp.int32),
-                         a_bits=jnp.full((1, L), quant.FLOAT_BITS, jnp.int32),
+                         a_bits=jnp.full((1, self.num_act_quantizers), quant.FLOAT_BITS,
+                                         jnp.int32),
                          keep=jnp.ones((1,), jnp.float32))
       result = self.run(fp32)
       self._float_result = EvalResult(*(v[0] for v in result))

@@ -1,10 +1,8 @@
 """The workload as a ``jraph.GraphsTuple``: one node per quantizer, NEMO's node features.
 
-Nodes are the ``2L`` quantizers in execution order ``a_0, w_0, a_1, w_1, ...`` (node
-``2i`` = input-activation quantizer of layer ``i``, node ``2i + 1`` = its weight
-quantizer; see :mod:`nemo_jax._src.workload`). A GNN emits one bit-width per node;
-:func:`~nemo_jax._src.workload.split_node_bits` turns ``[..., 2L]`` into
-``(w_bits, a_bits)``.
+Nodes are the quantizers in execution order (``a_0, w_0, a_1, w_1, ...`` for the
+``conv_inputs`` placement; see :mod:`nemo_jax._src.workload`). A GNN emits one bit-width
+per node; ``Workload.split_node_bits`` turns ``[..., N]`` into ``(w_bits, a_bits)``.
 
 Node features (float32, :data:`FEATURE_NAMES`), model-independent so one GNN serves
 every model:
@@ -22,6 +20,13 @@ every model:
   weight node, input activation elements for an activation node; cap 2^28) and the
   relative position in execution order ``i / max(L - 1, 1)``.
 
+An activation quantizer read by several layers takes the features of the first one.
+Under the ``nncf`` placement, quantizers that no layer reads (residual-add inputs,
+max-pool inputs) get two more one-hot columns (:data:`SITE_FEATURE_NAMES`, present only
+in graphs that have such nodes): their channel / feature-map features are those of
+their tensor, the layer features (kernel, parameters, stride) are 0 and the position is
+that of the last layer before them.
+
 Edges carry a single feature 1.0, so padded edges (feature 0) double as a mask.
 """
 
@@ -30,12 +35,10 @@ from __future__ import annotations
 import jraph
 import numpy as np
 
-from nemo_jax._src.workload import (KIND_ACTIVATION, KIND_WEIGHT, OP_TYPES, Workload,
-                                    merge_node_bits, nodes_to_config_index,
-                                    split_node_bits)
+from nemo_jax._src.workload import KIND_ACTIVATION, KIND_WEIGHT, OP_TYPES, Workload
 
-__all__ = ["FEATURE_NAMES", "EDGE_TYPES", "node_features", "workload_graph",
-           "nodes_to_config_index", "split_node_bits", "merge_node_bits"]
+__all__ = ["ALL_FEATURE_NAMES", "EDGE_TYPES", "FEATURE_NAMES", "SITE_FEATURE_NAMES",
+           "feature_names", "node_features", "workload_graph"]
 
 EDGE_TYPES = ("sequential", "dataflow")
 
@@ -51,13 +54,24 @@ FEATURE_NAMES = tuple(
        "params", "stride", "depthwise", "needs_weight_quant", "tensor_elems", "position"])
 """Column names of the node feature matrix."""
 
+SITE_FEATURE_NAMES = ("type:residual_activation", "type:pool_activation")
+"""Extra one-hot columns of graphs with residual / max-pool quantizers (``nncf``)."""
+
+ALL_FEATURE_NAMES = FEATURE_NAMES + SITE_FEATURE_NAMES
+
+
+def feature_names(workload: Workload) -> tuple[str, ...]:
+  """The columns :func:`node_features` gives for ``workload``."""
+  sites = any(k != "input" for k in workload.act_kinds)
+  return ALL_FEATURE_NAMES if sites else FEATURE_NAMES
+
 
 def _log_scale(x, cap: float) -> np.ndarray:
   return (np.log2(1.0 + np.asarray(x, np.float64)) / np.log2(1.0 + cap))
 
 
 def node_features(workload: Workload) -> np.ndarray:
-  """Node feature matrix ``float32 [2L, F]`` (columns :data:`FEATURE_NAMES`).
+  """Node feature matrix ``float32 [N, F]`` (columns :func:`feature_names`).
 
   Args:
     workload: the workload.
@@ -67,27 +81,47 @@ def node_features(workload: Workload) -> np.ndarray:
   """
   wl = workload
   num_nodes = wl.num_quantizers
-  layer = wl.node_layer
-  kind = wl.node_kind
+  kind, index = wl.node_kind, wl.node_index
+  is_act = kind == KIND_ACTIVATION
+  consumers = wl.layer_consumers
+  # The layer each node describes: its own (weights), its first reader (activations),
+  # or -1 for residual / pool quantizers; `last` is the last layer before the node.
+  layer = np.where(is_act, [consumers[q][0] if consumers[q] else -1
+                            for q in np.where(is_act, index, 0)], index)
+  last = np.maximum(np.maximum.accumulate(np.where(is_act, -1, index)), 0)
+  site = layer < 0
+  lay = np.where(site, 0, layer)
   is_weight = (kind == KIND_WEIGHT).astype(np.float64)
   onehot = np.zeros((num_nodes, 2 * len(OP_TYPES)))
-  onehot[np.arange(num_nodes), 2 * wl.op_codes[layer] + kind] = 1.0
-  is_dense = np.asarray(wl.ops)[layer] == "dense"
-  tensor = np.where(kind == KIND_ACTIVATION, wl.in_act_elems[layer], wl.weights[layer])
+  rows = np.nonzero(~site)[0]
+  onehot[rows, 2 * wl.op_codes[lay[rows]] + kind[rows]] = 1.0
+  is_dense = np.asarray(wl.ops)[lay] == "dense"
+  q = np.where(is_act, index, 0)
+  tensor = np.where(is_act, wl.act_elems[q] if wl.num_act_quantizers else 0,
+                    wl.weights[lay])
+  channels = np.where(site, wl.act_channels[q] if wl.num_act_quantizers else 0, 0)
+  fmap = np.where(site, wl.act_elems[q] // np.maximum(channels, 1)
+                  if wl.num_act_quantizers else 0, 0)
+  zero = lambda v: np.where(site, 0, v)
   general = np.stack([
-      _log_scale(wl.in_channels[layer], _CAPS["in_channels"]),
-      _log_scale(wl.out_channels[layer], _CAPS["out_channels"]),
-      _log_scale(wl.in_h[layer] * wl.in_w[layer], _CAPS["in_fmap"]),
-      _log_scale(np.where(is_dense, wl.in_channels[layer], 0), _CAPS["fc_in_features"]),
-      _log_scale(wl.kernel_h[layer] * wl.kernel_w[layer], _CAPS["kernel_size"]),
-      _log_scale(wl.params[layer], _CAPS["params"]),
-      _log_scale(np.maximum(wl.stride_h, wl.stride_w)[layer], _CAPS["stride"]),
-      (np.asarray(wl.ops)[layer] == "depthwise").astype(np.float64),
+      _log_scale(np.where(site, channels, wl.in_channels[lay]), _CAPS["in_channels"]),
+      _log_scale(np.where(site, channels, wl.out_channels[lay]), _CAPS["out_channels"]),
+      _log_scale(np.where(site, fmap, wl.in_h[lay] * wl.in_w[lay]), _CAPS["in_fmap"]),
+      _log_scale(zero(np.where(is_dense, wl.in_channels[lay], 0)), _CAPS["fc_in_features"]),
+      _log_scale(zero(wl.kernel_h[lay] * wl.kernel_w[lay]), _CAPS["kernel_size"]),
+      _log_scale(zero(wl.params[lay]), _CAPS["params"]),
+      _log_scale(zero(np.maximum(wl.stride_h, wl.stride_w)[lay]), _CAPS["stride"]),
+      zero((np.asarray(wl.ops)[lay] == "depthwise").astype(np.float64)),
       is_weight,
       _log_scale(tensor, _CAPS["tensor_elems"]),
-      layer / max(wl.num_layers - 1, 1),
+      np.where(site, last, layer) / max(wl.num_layers - 1, 1),
   ], axis=1)
-  return np.concatenate([onehot, general], axis=1).astype(np.float32)
+  columns = [onehot, general]
+  if feature_names(wl) is ALL_FEATURE_NAMES:
+    act_kind = np.asarray([wl.act_kinds[i] if a else "" for i, a in zip(q, is_act)])
+    columns.append(np.stack([site & (act_kind == "residual"), site & (act_kind == "pool")],
+                            axis=1).astype(np.float64))
+  return np.concatenate(columns, axis=1).astype(np.float32)
 
 
 def workload_graph(workload: Workload, edges: str = "sequential",

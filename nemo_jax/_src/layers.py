@@ -5,9 +5,20 @@ every :class:`QConv` / :class:`QDense`. Each quantized layer takes the next inde
 execution order from the context and reads its weight bit-width, input-activation
 bit-width and keep ratio from the context's (traced) config arrays. So:
 
-* layer ``i`` (0-based, execution order) has weight quantizer ``w_bits[i]`` and
-  input-activation quantizer ``a_bits[i]``: ``len(w_bits) == len(a_bits) ==``
-  number of conv/dense layers;
+* layer ``i`` (0-based, execution order) has weight quantizer ``w_bits[i]``;
+* activation quantizers are numbered in the order the trace creates them, and where
+  they sit is the context's ``placement`` (``PLACEMENTS``):
+
+  - ``"conv_inputs"``: one quantizer on the input of every conv/dense layer, so
+    activation quantizer ``i`` is layer ``i``'s input and ``len(a_bits) == len(w_bits)``;
+  - ``"nncf"`` (NNCF's default placement): one quantizer per TENSOR, shared by all the
+    layers that read it (a ResNet block input feeds ``conv1`` and ``downsample_conv``),
+    plus quantizers on both inputs of every residual add and on every max-pool input
+    (models mark these with :func:`quantize_activation`). MobileNet-V2 / ResNet-50 /
+    ResNeXt-101-32x8d get 116 / 125 / 244 quantizers, as in the NEMO paper.
+
+  Tensors are matched by object identity inside one trace: the same value passed to
+  two quantized layers (or to a layer and an add) is quantized once.
 * the config is data, not structure: one compiled function serves every config and a
   population of configs can be ``vmap``-ed / ``lax.map``-ed over the same params.
 
@@ -27,10 +38,27 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nemo_jax._src import quant
 
 Array = jax.Array
+
+PLACEMENTS = ("conv_inputs", "nncf")
+"""Where activation quantizers sit (module docstring)."""
+
+SITE_KINDS = ("input", "residual", "pool")
+"""Why an activation quantizer exists: a layer reads it, a residual add, a max-pool."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActInfo:
+  """Static description of one activation quantizer, recorded while tracing a model."""
+  index: int
+  kind: str                 # one of SITE_KINDS
+  name: str                 # e.g. "layer1_0/conv1:input" or "layer1_0:residual"
+  elems: int                # elements of the quantized tensor, per image
+  shape: tuple[int, ...]    # its shape for one image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +77,7 @@ class LayerInfo:
   params: int               # weights + bias
   weights: int              # weights only (what is quantized / pruned)
   macs: int                 # per image
+  input_quantizer: int = -1  # the activation quantizer this layer reads
 
 
 class QContext:
@@ -63,10 +92,11 @@ class QContext:
 
   Args:
     w_bits: int array ``[L]`` of weight bit-widths (``>= 32``: float), or None (float).
-    a_bits: int array ``[L]`` of input-activation bit-widths, or None (float).
+    a_bits: int array ``[La]`` of activation bit-widths (one per activation quantizer,
+      ``placement`` decides how many), or None (float).
     keep: keep ratio, scalar or ``[L]`` (None: no pruning).
-    act_ranges: ``(lo[L], hi[L])`` calibrated activation ranges; None uses the current
-      batch's min/max (dynamic quantization, useful for QAT).
+    act_ranges: ``(lo[La], hi[La])`` calibrated activation ranges; None uses the
+      current batch's min/max (dynamic quantization, useful for QAT).
     prune_ranks: optional tuple of precomputed ``quant.magnitude_ranks`` per layer.
     weight_quant: weight quantizer mode (``quant.WEIGHT_MODES``).
     activation_format: ``quant.ACTIVATION_FORMATS``: ``"int"`` (uniform affine at
@@ -74,15 +104,20 @@ class QContext:
       ``"float32"`` (inputs untouched).
     observe: if True, each layer records the (min, max) of its input in
       ``self.observed`` (calibration).
+    placement: one of :data:`PLACEMENTS`.
     on_layer: optional callback receiving a :class:`LayerInfo` per layer (tracing).
-    quantize_input: ``(x, i) -> x`` replacing the activation quantizer.
+    on_activation: optional callback receiving an :class:`ActInfo` per activation
+      quantizer, and ``on_output(y, i) -> y`` on every layer's output (tracing).
+    quantize_input: ``(x, q) -> x`` replacing activation quantizer ``q``.
     quantize_kernel: ``(kernel, i) -> kernel`` replacing pruning + weight quantization.
   """
 
   def __init__(self, w_bits=None, a_bits=None, keep=None, act_ranges=None,
                prune_ranks=None, weight_quant="symmetric_per_channel",
-               activation_format="int", observe=False,
+               activation_format="int", observe=False, placement="conv_inputs",
                on_layer: Callable[[LayerInfo], Any] | None = None,
+               on_activation: Callable[[ActInfo], Any] | None = None,
+               on_output: Callable | None = None,
                quantize_input: Callable | None = None,
                quantize_kernel: Callable | None = None):
     if weight_quant not in quant.WEIGHT_MODES:
@@ -97,12 +132,22 @@ class QContext:
     self.prune_ranks = prune_ranks
     self.weight_quant = weight_quant
     self.activation_format = activation_format
+    if placement not in PLACEMENTS:
+      raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
     self.observe = observe
+    self.placement = placement
     self.on_layer = on_layer
+    self.on_activation = on_activation
+    self.on_output = on_output
     self._input_fn = quantize_input or self._default_input
     self._kernel_fn = quantize_kernel or self._default_kernel
     self.observed: list[tuple[Array, Array]] = []
     self.num_layers = 0
+    self.num_activations = 0
+    self.layer_inputs: list[int] = []   # activation quantizer read by layer i
+    # id(tensor) -> (tensor, quantizer index, quantized tensor): a tensor is quantized
+    # once per trace (nncf). The tensor is kept so its id cannot be reused meanwhile.
+    self._quantized: dict[int, tuple[Any, int, Any]] = {}
 
   @classmethod
   def from_config(cls, config, calibration=None, **kwargs):
@@ -123,10 +168,38 @@ class QContext:
     values = jnp.asarray(values)
     return values if values.ndim == 0 else values[i]
 
-  def quantize_input(self, x, i):
+  def quantize_input(self, x, i, name: str = ""):
+    """The (quantized) input of layer ``i``; records which quantizer it reads."""
+    if self.placement == "conv_inputs":
+      q, xq = self._new_quantizer(x, "input", name, index=i)
+    else:
+      q, xq = self.quantize_tensor(x, "input", name)
+    self.layer_inputs.append(q)
+    return xq
+
+  def quantize_tensor(self, x, kind: str, name: str = ""):
+    """``(quantizer index, quantized x)``, sharing one quantizer per tensor."""
+    hit = self._quantized.get(id(x))
+    if hit is not None and hit[0] is x:
+      return hit[1], hit[2]
+    q, xq = self._new_quantizer(x, kind, name)
+    self._quantized[id(x)] = (x, q, xq)
+    return q, xq
+
+  def _new_quantizer(self, x, kind, name, index=None):
+    q = self.num_activations if index is None else index
+    self.num_activations = max(self.num_activations, q + 1)
     if self.observe:
       self.observed.append((jnp.min(x), jnp.max(x)))
-    return self._input_fn(x, i)
+    if self.on_activation is not None:
+      shape = tuple(x.shape[1:])
+      self.on_activation(ActInfo(index=q, kind=kind, name=name,
+                                 elems=int(np.prod(shape, dtype=np.int64)), shape=shape))
+    return q, self._input_fn(x, q)
+
+  def output(self, y, i):
+    """Layer ``i``'s output (a tracing hook; the identity otherwise)."""
+    return y if self.on_output is None else self.on_output(y, i)
 
   def quantize_kernel(self, kernel, i):
     return self._kernel_fn(kernel, i)
@@ -154,6 +227,17 @@ class QContext:
     if bits is None:
       return kernel
     return quant.quantize_weight(kernel, bits, self.weight_quant)
+
+
+def quantize_activation(x, ctx: QContext | None, kind: str, name: str = ""):
+  """An activation quantizer at a non-layer site (residual add input, max-pool input).
+
+  Only the ``"nncf"`` placement quantizes here; ``ctx=None`` and ``"conv_inputs"``
+  return ``x`` unchanged.
+  """
+  if ctx is None or ctx.placement != "nncf":
+    return x
+  return ctx.quantize_tensor(x, kind, name)[1]
 
 
 def _pair(v) -> tuple[int, int]:
@@ -193,7 +277,7 @@ class QConv(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     if ctx is not None:
       i = ctx.next_index()
-      x = ctx.quantize_input(x, i)
+      x = ctx.quantize_input(x, i, f"{_module_path(self)}:input")
       kernel = ctx.quantize_kernel(kernel, i)
     y = jax.lax.conv_general_dilated(
         x, kernel.astype(x.dtype), (sh, sw), ((ph, ph), (pw, pw)),
@@ -201,6 +285,8 @@ class QConv(nn.Module):
         feature_group_count=self.feature_group_count)
     if bias is not None:
       y = y + bias
+    if ctx is not None:
+      y = ctx.output(y, i)
     if ctx is not None and ctx.on_layer is not None:
       groups = self.feature_group_count
       op = "depthwise" if groups > 1 and groups == cin else "conv"
@@ -211,7 +297,7 @@ class QConv(nn.Module):
           out_channels=self.features, groups=groups, kernel_size=(kh, kw),
           stride=(sh, sw), in_hw=(x.shape[1], x.shape[2]), out_hw=(oh, ow),
           params=weights + (self.features if self.use_bias else 0), weights=weights,
-          macs=weights * oh * ow))
+          macs=weights * oh * ow, input_quantizer=ctx.layer_inputs[i]))
     return y
 
 
@@ -229,11 +315,13 @@ class QDense(nn.Module):
     bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
     if ctx is not None:
       i = ctx.next_index()
-      x = ctx.quantize_input(x, i)
+      x = ctx.quantize_input(x, i, f"{_module_path(self)}:input")
       kernel = ctx.quantize_kernel(kernel, i)
     y = x @ kernel.astype(x.dtype)
     if bias is not None:
       y = y + bias
+    if ctx is not None:
+      y = ctx.output(y, i)
     if ctx is not None and ctx.on_layer is not None:
       weights = cin * self.features
       ctx.on_layer(LayerInfo(
@@ -241,5 +329,5 @@ class QDense(nn.Module):
           out_channels=self.features, groups=1, kernel_size=(1, 1), stride=(1, 1),
           in_hw=(1, 1), out_hw=(1, 1),
           params=weights + (self.features if self.use_bias else 0), weights=weights,
-          macs=weights))
+          macs=weights, input_quantizer=ctx.layer_inputs[i]))
     return y

@@ -60,7 +60,7 @@ class SearchSpace:
   """What the species' genomes decode to.
 
   Attributes:
-    num_nodes: quantizer nodes of the workload graph (2 per layer: a_i, w_i).
+    num_nodes: quantizer nodes of the workload graph (``Workload.num_quantizers``).
     active_nodes: indices of the nodes whose bit-width is searched.
     num_choices: number of bit choices K.
     num_keep: number of keep-ratio choices (1: no keep gene).
@@ -165,17 +165,17 @@ def load_model_source(cfg: SearchConfig, progress: bool = True) -> ModelSource:
 def make_scheme(cfg: SearchConfig, source: ModelSource, calibration=None) -> schemes.QuantScheme:
   """The quantization scheme of a config and source (``schemes.py``)."""
   if source.kind == "library":
-    return schemes.library(source.ratios, cfg.weight_quant, cfg.activation_format)
-  return schemes.ptq(calibration, cfg.weight_quant, cfg.activation_format)
+    return schemes.library(source.ratios, cfg.weight_quant, cfg.activation_format,
+                           cfg.placement)
+  return schemes.ptq(calibration, cfg.weight_quant, cfg.activation_format, cfg.placement)
 
 
 def search_space(cfg: SearchConfig, workload) -> SearchSpace:
-  num_nodes = 2 * workload.num_layers
+  num_nodes = workload.num_quantizers
   if cfg.quantize_activations:
     active = tuple(range(num_nodes))
   else:
-    active = tuple(i for i, (kind, _) in enumerate(workload_lib.nodes_to_config_index(workload))
-                   if kind == "w")
+    active = tuple(int(n) for n in np.nonzero(workload.node_kind == workload_lib.KIND_WEIGHT)[0])
   return SearchSpace(num_nodes=num_nodes, active_nodes=active,
                      num_choices=len(cfg.bit_choices), num_keep=len(cfg.keep_choices))
 
@@ -238,7 +238,7 @@ class Problem:
     lead = choice_idx.shape[:-1]
     nodes = jnp.full(lead + (self.space.num_nodes,), self.cfg.act_fill_bits, jnp.int32)
     nodes = nodes.at[..., jnp.asarray(self.space.active_nodes)].set(bits_active)
-    w_bits, a_bits = workload_lib.split_node_bits(nodes)
+    w_bits, a_bits = self.workload.split_node_bits(nodes)
     return QuantConfig(w_bits=w_bits, a_bits=a_bits, keep=self.keep_choices[keep_idx])
 
   def configs(self, keep: Sequence[float], w_bits, a_bits=None) -> QuantConfig:
@@ -247,7 +247,7 @@ class Problem:
     Args:
       keep: keep ratios ``[P]`` (for a library: among its ratios).
       w_bits: weight bits ``[P, L]`` (or ``[L]`` for every member).
-      a_bits: activation bits ``[P, L]``; default: the config's non-searched width.
+      a_bits: activation bits ``[P, La]``; default: the config's non-searched width.
 
     Raises:
       ValueError: a keep ratio the source cannot evaluate, or bit-widths outside the
@@ -257,14 +257,17 @@ class Problem:
     w = np.asarray(w_bits)
     if w.ndim == 1:
       w = np.tile(w[None], (len(keep), 1))
-    a = np.full(w.shape, self.cfg.act_fill_bits) if a_bits is None else np.asarray(a_bits)
+    La = self.workload.num_act_quantizers
+    a = (np.full((len(w), La), self.cfg.act_fill_bits) if a_bits is None
+         else np.asarray(a_bits))
     cfg = self.cfg
     a_allowed = tuple(cfg.bit_choices) + (cfg.act_fill_bits,) if cfg.quantize_activations \
         else (cfg.act_fill_bits,)
     return validate_configs(QuantConfig(w_bits=w, a_bits=a, keep=keep),
                             self.workload.num_layers, self.workload.layer_names,
                             population=True, allowed_keep=self.scheme.allowed_keep,
-                            allowed_bits={"w_bits": cfg.bit_choices, "a_bits": a_allowed})
+                            allowed_bits={"w_bits": cfg.bit_choices, "a_bits": a_allowed},
+                            num_act_quantizers=La, act_names=self.workload.act_names)
 
   def costs(self, configs: QuantConfig) -> dict:
     """All cost quantities needed, ``{name: [P]}`` in their own units (jitted)."""
@@ -309,11 +312,11 @@ class Problem:
     return values / self.fp32_costs[name]
 
 
-def cheapest_config(cfg: SearchConfig, num_layers: int) -> QuantConfig:
+def cheapest_config(cfg: SearchConfig, workload) -> QuantConfig:
   """The configuration with the smallest bits and keep of the search space ``[1]``."""
   a = min(cfg.bit_choices) if cfg.quantize_activations else cfg.act_fill_bits
-  return QuantConfig(w_bits=jnp.full((1, num_layers), min(cfg.bit_choices), jnp.int32),
-                     a_bits=jnp.full((1, num_layers), a, jnp.int32),
+  return QuantConfig(w_bits=jnp.full((1, workload.num_layers), min(cfg.bit_choices), jnp.int32),
+                     a_bits=jnp.full((1, workload.num_act_quantizers), a, jnp.int32),
                      keep=jnp.asarray([min(cfg.keep_choices)], jnp.float32))
 
 
@@ -331,7 +334,7 @@ def check_cost_bounds(cfg: SearchConfig, workload, registry: CostRegistry) -> No
   names = [n for n in cfg.constraints if n not in ACCURACY_OBJECTIVES and registry.is_builtin(n)]
   if not names:
     return
-  cheapest = cheapest_config(cfg, workload.num_layers)
+  cheapest = cheapest_config(cfg, workload)
   values = np.asarray(make_objectives_fn(workload, tuple(names), registry)(cheapest))[0]
   for name, value in zip(names, values):
     bound = cfg.constraints[name]
@@ -358,11 +361,17 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
   """
   registries = search_registries(cfg, registries)
   source = load_model_source(cfg, progress=progress)
-  workload = workload_lib.extract_workload(cfg.model, source.input_shape, source.num_classes)
+  workload = workload_lib.extract_workload(cfg.model, source.input_shape, source.num_classes,
+                                           cfg.placement)
   check_cost_bounds(cfg, workload, registries.costs)
   graph = graph_lib.workload_graph(workload, edges=cfg.edges)
   if cfg.node_features is not None:
-    columns = [graph_lib.FEATURE_NAMES.index(f) for f in cfg.node_features]
+    names = graph_lib.feature_names(workload)
+    missing = [f for f in cfg.node_features if f not in names]
+    if missing:
+      raise ValueError(f"node_features: {missing} do not exist for this workload "
+                       f"({cfg.placement} placement); allowed: {list(names)}")
+    columns = [names.index(f) for f in cfg.node_features]
     graph = graph._replace(nodes=graph.nodes[:, np.asarray(columns)])
   space = search_space(cfg, workload)
 
@@ -371,14 +380,15 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
   if source.kind == "checkpoint" and cfg.activation_format == "int":
     batch = max(1, len(x_calib) // cfg.calib_batches)
     calibration = calib_lib.load_or_calibrate(None, source.model, source.variables, x_calib,
-                                              batch_size=batch)
+                                              batch_size=batch, placement=cfg.placement)
   scheme = make_scheme(cfg, source, calibration)
   evaluator = Evaluator(source.model, source.variables, scheme, x_eval, y_eval,
                         batch_size=cfg.eval_batch_size, population_pad=population_pad(cfg),
                         strategy=cfg.eval_strategy)
 
   cost_names = cost_names_of(cfg)
-  fp32 = jax.tree.map(lambda x: x[None], QuantConfig.uniform(workload.num_layers))
+  fp32 = jax.tree.map(lambda x: x[None], QuantConfig.uniform(
+      workload.num_layers, num_act_quantizers=workload.num_act_quantizers))
   fp32_values = np.asarray(make_objectives_fn(workload, cost_names, registries.costs)(fp32))[0]
   return Problem(cfg=cfg, source=source, workload=workload, graph=graph, space=space,
                  scheme=scheme, evaluator=evaluator, calibration=calibration,

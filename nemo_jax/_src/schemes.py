@@ -41,8 +41,8 @@ import numpy as np
 from nemo_jax._src import quant
 from nemo_jax._src.calibration import Calibration
 from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.layers import LayerInfo
-from nemo_jax._src.models import trace_layers
+from nemo_jax._src.layers import PLACEMENTS, LayerInfo
+from nemo_jax._src.models import trace_quantizers
 
 KEEP_MATCH_TOLERANCE = 1e-6
 
@@ -58,6 +58,8 @@ class QuantScheme(NamedTuple):
     member_inputs: ``(prepared, config) -> quantize_input(x, i)`` (traced, per member).
     variables_template: ``prepared -> variables`` of ONE model (shapes for tracing).
     allowed_keep: the keep ratios the scheme can evaluate (a library's), or None (any).
+    placement: where activation quantizers sit (``layers.PLACEMENTS``); ``a_bits`` has
+      one entry per activation quantizer of that placement.
   """
   name: str
   prepare: Callable[[nn.Module, Any, tuple[int, int, int]], Any]
@@ -65,6 +67,7 @@ class QuantScheme(NamedTuple):
   member_inputs: Callable[[Any, QuantConfig], Callable]
   variables_template: Callable[[Any], Any]
   allowed_keep: tuple[float, ...] | None = None
+  placement: str = "conv_inputs"
 
 
 # --------------------------------------------------------------------------- tracing
@@ -95,7 +98,9 @@ def _input_quantizer(activation_format: str, a_bits, lo=None, hi=None) -> Callab
   return lambda x, i: quant.quantize_affine(x, a_bits[i], lo[i], hi[i])
 
 
-def _check_formats(weight_quant: str, activation_format: str) -> None:
+def _check_formats(weight_quant: str, activation_format: str, placement: str) -> None:
+  if placement not in PLACEMENTS:
+    raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
   if weight_quant not in quant.WEIGHT_MODES:
     raise ValueError(f"weight_quant={weight_quant!r} is invalid; allowed: {quant.WEIGHT_MODES}")
   if activation_format not in quant.ACTIVATION_FORMATS:
@@ -128,30 +133,33 @@ class LibraryPrepared:
 
 
 def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_channel",
-        activation_format: str = "int") -> QuantScheme:
+        activation_format: str = "int", placement: str = "conv_inputs") -> QuantScheme:
   """NEMO's post-training quantization of one float checkpoint.
 
   Args:
-    calibration: activation ranges ``lo[L]``/``hi[L]`` (required for ``"int"``).
+    calibration: activation ranges ``lo[La]``/``hi[La]`` (required for ``"int"``),
+      calibrated with the same ``placement``.
     weight_quant: one of ``quant.WEIGHT_MODES``.
     activation_format: one of ``quant.ACTIVATION_FORMATS``.
+    placement: one of ``layers.PLACEMENTS``.
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the float variables.
   """
-  _check_formats(weight_quant, activation_format)
+  _check_formats(weight_quant, activation_format, placement)
   if activation_format == "int" and calibration is None:
     raise ValueError("calibration: required for activation_format='int' (integer "
                      "activations need calibrated ranges); allowed: a Calibration")
 
   def prepare(model, variables, input_shape):
-    layers = trace_layers(model, input_shape, _shapes(variables))
+    layers, acts = trace_quantizers(model, input_shape, _shapes(variables), placement)
     kernels = [jnp.asarray(get_path(variables, p)) for p in kernel_paths(layers)]
     lo = hi = None
     if calibration is not None:
-      if calibration.num_layers != len(kernels):
+      if calibration.num_layers != len(acts):
         raise ValueError(f"calibration: {calibration.num_layers} activation ranges, the model "
-                         f"has {len(kernels)} quantized layers; allowed: equal counts")
+                         f"has {len(acts)} activation quantizers ({placement}); allowed: "
+                         "equal counts")
       lo, hi = calibration.lo, calibration.hi
     return PTQPrepared(variables=variables, kernels=kernels,
                        ranks=[quant.magnitude_ranks(k) for k in kernels], lo=lo, hi=hi)
@@ -168,7 +176,7 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
     return _input_quantizer(activation_format, config.a_bits, prepared.lo, prepared.hi)
 
   return QuantScheme("ptq", prepare, member_weights, member_inputs,
-                     lambda prepared: _shapes(prepared.variables))
+                     lambda prepared: _shapes(prepared.variables), None, placement)
 
 
 def stack_variables(entries: Sequence[Any]):
@@ -177,7 +185,7 @@ def stack_variables(entries: Sequence[Any]):
 
 
 def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
-            activation_format: str = "fp16") -> QuantScheme:
+            activation_format: str = "fp16", placement: str = "conv_inputs") -> QuantScheme:
   """EMOMC stage II: members pick a pre-pruned model of a library by their keep ratio.
 
   Args:
@@ -186,12 +194,13 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     weight_quant: EMOMC: ``"symmetric_per_tensor"`` (``step = max|w| / (2^(q-1) - 1)``).
     activation_format: EMOMC: ``"fp16"``; ``"float32"`` keeps them in float32.
       (``"int"`` would need one calibration per library entry and is not offered.)
+    placement: one of ``layers.PLACEMENTS`` (where the FP16 rounding happens).
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the entries stacked ``[K, ...]``
     (:func:`stack_variables`). Memory: ``K * 4 * params`` bytes resident.
   """
-  _check_formats(weight_quant, activation_format)
+  _check_formats(weight_quant, activation_format, placement)
   if activation_format == "int":
     raise ValueError("activation_format='int' is invalid with a library; allowed: 'fp16' "
                      "(EMOMC) or 'float32'")
@@ -205,7 +214,7 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     if len(ratios) != len(jax.tree.leaves(stacked)[0]):
       raise ValueError(f"ratios: {len(ratios)} keep ratios for "
                        f"{len(jax.tree.leaves(stacked)[0])} stacked entries; allowed: one each")
-    layers = trace_layers(model, input_shape, one(stacked))
+    layers, _ = trace_quantizers(model, input_shape, one(stacked), placement)
     return LibraryPrepared(variables=stacked, ratios=jnp.asarray(ratios),
                            paths=kernel_paths(layers))
 
@@ -221,7 +230,7 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
 
   return QuantScheme("library", prepare, member_weights, member_inputs,
                      lambda prepared: one(prepared.variables),
-                     tuple(float(r) for r in ratios))
+                     tuple(float(r) for r in ratios), placement)
 
 
 def _shapes(tree):

@@ -5,26 +5,34 @@ A :class:`Workload` is *extracted*, never hand-written: the model is traced once
 so any model built from ``QConv`` / ``QDense`` works without a table.
 
 Quantizers and node order
-  Quantized layer ``i`` (0-based, execution order) owns two quantizers: the quantizer
-  of its input activation (config ``a_bits[i]``) and of its weights (``w_bits[i]``).
-  Graph nodes are these ``2L`` quantizers, in execution order
-  ``a_0, w_0, a_1, w_1, ...``: node ``2i`` is ``a_i``, node ``2i + 1`` is ``w_i``
-  (:func:`nodes_to_config_index`, :func:`split_node_bits`).
+  Quantized layer ``i`` (0-based, execution order) has a weight quantizer
+  (``w_bits[i]``); activation quantizers (``a_bits[q]``) sit where the context's
+  ``placement`` puts them (``layers.PLACEMENTS``): with ``"conv_inputs"`` quantizer
+  ``q = i`` is layer ``i``'s input; with ``"nncf"`` one quantizer per tensor is shared
+  by the layers that read it and residual adds / max-pools have their own.
+  ``input_quantizer[i]`` is the activation quantizer layer ``i`` reads (what its BOPs
+  count). Graph nodes are all quantizers in the order the trace creates them; for
+  ``"conv_inputs"`` that is ``a_0, w_0, a_1, w_1, ...`` (node ``2i`` is ``a_i``, node
+  ``2i + 1`` is ``w_i``). ``node_kind`` / ``node_index`` map nodes to config entries
+  (:meth:`Workload.split_node_bits`, :func:`nodes_to_config_index`).
 
 Edges (node level, ``int32 [E, 2]`` rows ``(sender, receiver)``)
-  * ``sequential_edges``: NEMO's chain ``a_0 -> w_0 -> a_1 -> w_1 -> ...``.
-  * ``dataflow_edges``: ``a_i -> w_i`` inside every layer, and ``w_i -> a_j``
-    whenever the output of layer ``i`` reaches the input of layer ``j`` through
-    non-quantized ops only (BatchNorm, ReLU, residual add, pooling, concat, reshape).
-    The layer-level pairs ``(i, j)`` are ``layer_edges``. Found by walking the
-    model's jaxpr (see :func:`_dataflow_layer_edges`): every layer's input is tagged
-    with a marker primitive during tracing; "nearest upstream quantized layers" sets
-    are propagated through the jaxpr and reset at every marker. Note that through an
-    identity shortcut the *same* tensor carries several layers' outputs (a ResNet
-    block output is ``conv3 + previous block output``), so a layer can have several
-    upstream layers even in a plain chain of residual blocks; this is the true
-    data flow, not an approximation. Layers fed by the image have no incoming
-    ``w -> a`` edge (the image is not a node).
+  * ``sequential_edges``: NEMO's chain over the nodes in execution order.
+  * ``dataflow_edges``: ``a -> w_i`` for the activation quantizer layer ``i`` reads,
+    ``w_i -> a`` whenever the output of layer ``i`` reaches activation quantizer ``a``
+    through non-quantized ops only (BatchNorm, ReLU, residual add, pooling, concat,
+    reshape), and ``a -> a'`` when a quantized activation reaches another activation
+    quantizer the same way (e.g. a residual-add input feeding the next block's input).
+    The layer-level pairs ``(i, j)`` (output of layer ``i`` reaches layer ``j``'s input,
+    activation quantizers being transparent) are ``layer_edges``. Found by walking the
+    model's jaxpr (see :func:`_dataflow_edges`): every node tags its value with a
+    marker primitive during tracing (activation quantizers their input, weight nodes
+    their layer's output); "nearest upstream node" sets are propagated through the
+    jaxpr and reset at every marker. Note that through an identity shortcut the *same*
+    tensor carries several layers' outputs (a ResNet block output is ``conv3 +
+    previous block output``), so a node can have several upstream nodes even in a
+    plain chain of residual blocks; this is the true data flow, not an approximation.
+    Quantizers fed by the image have no incoming edge (the image is not a node).
 
 Counting conventions (per image, batch 1)
   ``macs[i]`` = ``k_h * k_w * (C_in / groups) * C_out * H_out * W_out`` for convs and
@@ -48,7 +56,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from nemo_jax._src import models as zoo
-from nemo_jax._src.layers import LayerInfo, QContext
+from nemo_jax._src.layers import PLACEMENTS, ActInfo, LayerInfo, QContext
 
 OP_TYPES = ("conv", "depthwise", "dense")
 """Op type codes (``Workload.op_codes``): index into this tuple."""
@@ -69,6 +77,7 @@ class Workload:
     model_name: zoo name (or class name for a module instance).
     input_shape: ``(H, W, C)`` the model was traced with.
     num_classes: number of output classes (None if unknown).
+    placement: where activation quantizers sit (``layers.PLACEMENTS``).
     layer_names: module path of each quantized layer, execution order.
     ops: op type per layer (``"conv"``, ``"depthwise"``, ``"dense"``).
     op_codes: int32 ``[L]`` index into :data:`OP_TYPES`.
@@ -81,13 +90,21 @@ class Workload:
     in_act_elems, out_act_elems: int64 ``[L]`` input / output activation elements per
       image.
     total_params: every learnable parameter of the model (incl. BN and biases).
+    input_quantizer: int32 ``[L]`` the activation quantizer layer ``i`` reads.
+    act_kinds, act_names: per activation quantizer ``[La]``: ``layers.SITE_KINDS`` and
+      a readable name.
+    act_elems: int64 ``[La]`` elements of each activation quantizer's tensor, per image.
+    act_channels: int64 ``[La]`` its channels (last axis).
+    node_kind: int32 ``[N]`` :data:`KIND_ACTIVATION` / :data:`KIND_WEIGHT` per node.
+    node_index: int32 ``[N]`` the node's index into ``a_bits`` / ``w_bits``.
     layer_edges: int32 ``[E, 2]`` data-flow pairs ``(i, j)`` of layers.
-    sequential_edges: int32 ``[2L - 1, 2]`` node-level chain.
+    sequential_edges: int32 ``[N - 1, 2]`` node-level chain.
     dataflow_edges: int32 ``[E', 2]`` node-level data-flow edges.
   """
   model_name: str
   input_shape: tuple[int, int, int]
   num_classes: int | None
+  placement: str
   layer_names: tuple[str, ...]
   ops: tuple[str, ...]
   op_codes: np.ndarray
@@ -108,19 +125,65 @@ class Workload:
   in_act_elems: np.ndarray
   out_act_elems: np.ndarray
   total_params: int
+  input_quantizer: np.ndarray
+  act_kinds: tuple[str, ...]
+  act_names: tuple[str, ...]
+  act_elems: np.ndarray
+  act_channels: np.ndarray
+  node_kind: np.ndarray
+  node_index: np.ndarray
   layer_edges: np.ndarray
   sequential_edges: np.ndarray
   dataflow_edges: np.ndarray
 
   @property
   def num_layers(self) -> int:
-    """Number of quantized (conv/dense) layers ``L``."""
+    """Number of quantized (conv/dense) layers ``L`` (= weight quantizers)."""
     return len(self.layer_names)
 
   @property
+  def num_act_quantizers(self) -> int:
+    """Number of activation quantizers ``La`` (``len(a_bits)``)."""
+    return len(self.act_kinds)
+
+  @property
   def num_quantizers(self) -> int:
-    """Number of quantizers (graph nodes): ``2L``."""
-    return 2 * self.num_layers
+    """Number of quantizers (graph nodes): ``L + La``."""
+    return self.num_layers + self.num_act_quantizers
+
+  @property
+  def weight_nodes(self) -> np.ndarray:
+    """Node index of ``w_bits[i]``, ``[L]``."""
+    return _positions(self.node_kind, self.node_index, KIND_WEIGHT, self.num_layers)
+
+  @property
+  def act_nodes(self) -> np.ndarray:
+    """Node index of ``a_bits[q]``, ``[La]``."""
+    return _positions(self.node_kind, self.node_index, KIND_ACTIVATION,
+                      self.num_act_quantizers)
+
+  def split_node_bits(self, bits):
+    """Per-node bit-widths ``[..., N]`` -> ``(w_bits[..., L], a_bits[..., La])`` (jit-able)."""
+    if bits.shape[-1] != self.num_quantizers:
+      raise ValueError(f"bits: last axis must be {self.num_quantizers} (one per quantizer), "
+                       f"got {bits.shape}")
+    if self.placement == "conv_inputs":
+      return bits[..., 1::2], bits[..., 0::2]   # static slices: a_0, w_0, a_1, w_1, ...
+    return bits[..., self.weight_nodes], bits[..., self.act_nodes]
+
+  def merge_node_bits(self, w_bits, a_bits):
+    """Inverse of :meth:`split_node_bits`: ``([..., L], [..., La]) -> [..., N]``."""
+    w_bits, a_bits = jnp.asarray(w_bits), jnp.asarray(a_bits)
+    out = jnp.zeros(w_bits.shape[:-1] + (self.num_quantizers,), w_bits.dtype)
+    return out.at[..., self.weight_nodes].set(w_bits).at[..., self.act_nodes].set(a_bits)
+
+  @property
+  def layer_consumers(self) -> tuple[tuple[int, ...], ...]:
+    """The layers reading each activation quantizer ``[La]`` (empty for add/pool sites)."""
+    out = [[] for _ in range(self.num_act_quantizers)]
+    for i, q in enumerate(self.input_quantizer.tolist()):
+      out[q].append(i)
+    return tuple(tuple(c) for c in out)
 
   @property
   def quantized_params(self) -> int:
@@ -132,20 +195,17 @@ class Workload:
     """Conv + dense MACs per image."""
     return int(self.macs.sum())
 
-  @property
-  def node_kind(self) -> np.ndarray:
-    """int32 ``[2L]``: :data:`KIND_ACTIVATION` (even nodes) / :data:`KIND_WEIGHT` (odd)."""
-    return np.tile(np.array([KIND_ACTIVATION, KIND_WEIGHT], np.int32), self.num_layers)
-
-  @property
-  def node_layer(self) -> np.ndarray:
-    """int32 ``[2L]``: the layer each quantizer node belongs to."""
-    return np.repeat(np.arange(self.num_layers, dtype=np.int32), 2)
-
   def __repr__(self) -> str:
     return (f"Workload({self.model_name!r}, input_shape={self.input_shape}, "
-            f"layers={self.num_layers}, params={self.total_params:,}, "
-            f"macs={self.total_macs:,})")
+            f"layers={self.num_layers}, activation quantizers={self.num_act_quantizers} "
+            f"({self.placement}), params={self.total_params:,}, macs={self.total_macs:,})")
+
+
+def _positions(kind, index, which, count) -> np.ndarray:
+  out = np.zeros(count, np.int32)
+  sel = kind == which
+  out[index[sel]] = np.nonzero(sel)[0]
+  return out
 
 
 # ----------------------------------------------------------------------------------
@@ -153,53 +213,46 @@ class Workload:
 
 
 def nodes_to_config_index(workload: Workload) -> list[tuple[str, int]]:
-  """Maps each graph node to ``(kind, layer)``, kind ``"a"`` (a_bits) or ``"w"`` (w_bits).
-
-  Args:
-    workload: the workload.
+  """Maps each graph node to ``(kind, index)``, kind ``"a"`` (a_bits) or ``"w"`` (w_bits).
 
   Returns:
-    A list of length ``2L``: ``[("a", 0), ("w", 0), ("a", 1), ("w", 1), ...]``.
+    A list of length ``N``; for ``"conv_inputs"``: ``[("a", 0), ("w", 0), ("a", 1), ...]``.
   """
-  return [(k, i) for i in range(workload.num_layers) for k in ("a", "w")]
-
-
-def split_node_bits(bits):
-  """Splits per-node bit-widths ``[..., 2L]`` into ``(w_bits[..., L], a_bits[..., L])``.
-
-  Jit/vmap-friendly (static slicing). Node ``2i`` is ``a_i``, node ``2i + 1`` is ``w_i``.
-
-  Args:
-    bits: array ``[..., 2L]`` in node order.
-
-  Returns:
-    ``(w_bits, a_bits)``, each ``[..., L]``.
-  """
-  if bits.shape[-1] % 2:
-    raise ValueError(f"bits: last axis must be 2L (one per quantizer), got {bits.shape}")
-  return bits[..., 1::2], bits[..., 0::2]
-
-
-def merge_node_bits(w_bits, a_bits):
-  """Inverse of :func:`split_node_bits`: ``[..., L] x 2 -> [..., 2L]`` in node order."""
-  stacked = jnp.stack([jnp.asarray(a_bits), jnp.asarray(w_bits)], axis=-1)
-  return stacked.reshape(stacked.shape[:-2] + (2 * stacked.shape[-2],))
+  return [("w" if k == KIND_WEIGHT else "a", int(i))
+          for k, i in zip(workload.node_kind.tolist(), workload.node_index.tolist())]
 
 
 # ----------------------------------------------------------------------------------
 # Tracing.
 
-# Identity primitive that tags "input of quantized layer i" in a jaxpr. It only ever
-# exists inside `jax.make_jaxpr` during extraction (never lowered or executed).
-_layer_input_p = jex_core.Primitive("nemo_layer_input")
-_layer_input_p.def_impl(lambda x, *, layer: x)
-_layer_input_p.def_abstract_eval(lambda x, *, layer: x)
+# Identity primitive that tags "the value of graph node n" in a jaxpr (an activation
+# quantizer's input, or a layer's output for its weight node). It only ever exists
+# inside `jax.make_jaxpr` during extraction (never lowered or executed).
+_node_p = jex_core.Primitive("nemo_quantizer_node")
+_node_p.def_impl(lambda x, *, node: x)
+_node_p.def_abstract_eval(lambda x, *, node: x)
 
 
-def _tracing_context(infos: list) -> QContext:
-  """A float context that records LayerInfos and tags every layer's input with a marker."""
-  return QContext(on_layer=infos.append,
-                  quantize_input=lambda x, i: _layer_input_p.bind(x, layer=i))
+class _Trace:
+  """Records layers, activation quantizers and the node order while tracing."""
+
+  def __init__(self, placement: str):
+    self.layers: list[LayerInfo] = []
+    self.acts: list[ActInfo] = []
+    self.nodes: list[tuple[int, int]] = []       # (kind, index) in creation order
+    self.placement = placement
+
+  def context(self) -> QContext:
+    def on_input(x, q):
+      self.nodes.append((KIND_ACTIVATION, q))
+      return _node_p.bind(x, node=len(self.nodes) - 1)
+
+    def on_output(y, i):
+      self.nodes.append((KIND_WEIGHT, i))
+      return _node_p.bind(y, node=len(self.nodes) - 1)
+
+    return QContext(on_layer=self.layers.append, on_activation=self.acts.append,
+                    on_output=on_output, quantize_input=on_input, placement=self.placement)
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -209,7 +262,7 @@ def _sub_jaxprs(eqn) -> list:
 def _contains_marker(jaxpr) -> bool:
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   for eqn in jaxpr.eqns:
-    if eqn.primitive is _layer_input_p:
+    if eqn.primitive is _node_p:
       return True
     if any(_contains_marker(sub) for sub in _sub_jaxprs(eqn)):
       return True
@@ -217,11 +270,11 @@ def _contains_marker(jaxpr) -> bool:
 
 
 def _propagate(jaxpr, in_labels: list[frozenset], upstream: dict[int, frozenset]):
-  """Propagates upstream-layer label sets through ``jaxpr``; returns outvar labels.
+  """Propagates upstream-node label sets through ``jaxpr``; returns outvar labels.
 
-  A value's label is the set of quantized layers whose outputs reach it without
-  passing through another quantized layer. Every marker records its input's label as
-  ``upstream[layer]`` and emits ``{layer}``: the layer's own computation starts there.
+  A value's label is the set of graph nodes whose values reach it without passing
+  through another node. Every marker records its input's label as ``upstream[node]``
+  and emits ``{node}``.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   empty = frozenset()
@@ -236,10 +289,10 @@ def _propagate(jaxpr, in_labels: list[frozenset], upstream: dict[int, frozenset]
     env[v] = lab
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
-    if eqn.primitive is _layer_input_p:
-      layer = eqn.params["layer"]
-      upstream[layer] = upstream.get(layer, empty) | ins[0]
-      outs = [frozenset([layer])]
+    if eqn.primitive is _node_p:
+      node = eqn.params["node"]
+      upstream[node] = upstream.get(node, empty) | ins[0]
+      outs = [frozenset([node])]
     else:
       subs = _sub_jaxprs(eqn)
       one_to_one = [s for s in subs
@@ -260,27 +313,31 @@ def _propagate(jaxpr, in_labels: list[frozenset], upstream: dict[int, frozenset]
   return [read(v) for v in jaxpr.outvars]
 
 
-def _dataflow_layer_edges(closed_jaxpr, num_layers: int) -> np.ndarray:
-  """Layer-level data-flow pairs ``(i, j)`` from a jaxpr with layer-input markers."""
+def _dataflow_edges(closed_jaxpr, nodes: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Node-level data-flow edges and layer-level pairs from a jaxpr with node markers."""
   jaxpr = closed_jaxpr.jaxpr
   upstream: dict[int, frozenset] = {}
   _propagate(jaxpr, [frozenset()] * len(jaxpr.invars), upstream)
-  edges = sorted((i, j) for j in range(num_layers) for i in upstream.get(j, ()))
-  for i, j in edges:
-    if not i < j:
-      raise RuntimeError(f"data-flow edge {i}->{j} goes backwards in execution order")
-  return np.asarray(edges, np.int32).reshape(-1, 2)
-
-
-def _node_edges(num_layers: int, layer_edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Node-level sequential and data-flow edges (see module docstring)."""
-  n = 2 * num_layers
-  seq = np.stack([np.arange(n - 1), np.arange(1, n)], axis=1).astype(np.int32)
-  inner = np.stack([2 * np.arange(num_layers), 2 * np.arange(num_layers) + 1], axis=1)
-  cross = np.stack([2 * layer_edges[:, 0] + 1, 2 * layer_edges[:, 1]], axis=1)
-  flow = np.concatenate([inner, cross]).astype(np.int32).reshape(-1, 2)
-  order = np.lexsort((flow[:, 1], flow[:, 0]))
-  return seq.reshape(-1, 2), flow[order]
+  edges = sorted((u, n) for n in range(len(nodes)) for u in upstream.get(n, ()))
+  for u, n in edges:
+    if not u < n:
+      raise RuntimeError(f"data-flow edge {u}->{n} goes backwards in execution order")
+  flow = np.asarray(edges, np.int32).reshape(-1, 2)
+  # Layer i reaches layer j when w_i reaches the activation node w_j reads, through
+  # activation nodes only (they do not compute).
+  reach: dict[int, set[int]] = {}
+  for n, (kind, _) in enumerate(nodes):
+    if kind == KIND_ACTIVATION:
+      reach[n] = set()
+      for u in upstream.get(n, ()):
+        reach[n] |= reach[u] if nodes[u][0] == KIND_ACTIVATION else {nodes[u][1]}
+  layer_pairs = set()
+  for n, (kind, index) in enumerate(nodes):
+    if kind == KIND_WEIGHT:
+      for u in upstream.get(n, ()):
+        layer_pairs |= {(i, index) for i in reach.get(u, ())}
+  layer_edges = np.asarray(sorted(layer_pairs), np.int32).reshape(-1, 2)
+  return flow, layer_edges
 
 
 def _count_params(variables) -> int:
@@ -316,24 +373,25 @@ def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs):
   return module, name, input_shape, num_classes
 
 
-def _extract(module, name, input_shape, num_classes) -> Workload:
-  recorded: list[LayerInfo] = []
-  ctx = _tracing_context(recorded)
+def _extract(module, name, input_shape, num_classes, placement) -> Workload:
+  trace = _Trace(placement)
+  ctx = trace.context()
 
   def init(x):
     return module.init(jax.random.key(0), x, ctx, train=False)
 
   x = jax.ShapeDtypeStruct((1,) + input_shape, jnp.float32)
   closed_jaxpr, var_shapes = jax.make_jaxpr(init, return_shape=True)(x)
-  infos = sorted(recorded, key=lambda info: info.index)
+  infos = sorted(trace.layers, key=lambda info: info.index)
   if not infos:
     raise ValueError(f"model {name!r}: no QConv/QDense layer was called with the context")
   if [info.index for info in infos] != list(range(len(infos))):
     raise RuntimeError(f"model {name!r}: layer indices are not 0..L-1: "
                        f"{[info.index for info in infos]}")
-  num_layers = len(infos)
-  layer_edges = _dataflow_layer_edges(closed_jaxpr, num_layers)
-  seq, flow = _node_edges(num_layers, layer_edges)
+  nodes = trace.nodes
+  flow, layer_edges = _dataflow_edges(closed_jaxpr, nodes)
+  n = len(nodes)
+  seq = np.stack([np.arange(n - 1), np.arange(1, n)], axis=1).astype(np.int32).reshape(-1, 2)
 
   def col(fn, dtype=np.int64):
     return np.asarray([fn(info) for info in infos], dtype)
@@ -341,6 +399,7 @@ def _extract(module, name, input_shape, num_classes) -> Workload:
   in_h, in_w = col(lambda s: s.in_hw[0]), col(lambda s: s.in_hw[1])
   out_h, out_w = col(lambda s: s.out_hw[0]), col(lambda s: s.out_hw[1])
   cin, cout = col(lambda s: s.in_channels), col(lambda s: s.out_channels)
+  acts = sorted(trace.acts, key=lambda a: a.index)
   arrays = dict(
       op_codes=col(lambda s: OP_TYPES.index(s.op), np.int32),
       in_channels=cin, out_channels=cout, groups=col(lambda s: s.groups),
@@ -349,28 +408,32 @@ def _extract(module, name, input_shape, num_classes) -> Workload:
       in_h=in_h, in_w=in_w, out_h=out_h, out_w=out_w,
       weights=col(lambda s: s.weights), params=col(lambda s: s.params),
       macs=col(lambda s: s.macs),
-      in_act_elems=in_h * in_w * cin, out_act_elems=out_h * out_w * cout)
-  for arr in arrays.values():
-    arr.setflags(write=False)
-  for arr in (layer_edges, seq, flow):
+      in_act_elems=in_h * in_w * cin, out_act_elems=out_h * out_w * cout,
+      input_quantizer=col(lambda s: s.input_quantizer, np.int32),
+      act_elems=np.asarray([a.elems for a in acts], np.int64),
+      act_channels=np.asarray([a.shape[-1] if a.shape else 1 for a in acts], np.int64),
+      node_kind=np.asarray([k for k, _ in nodes], np.int32),
+      node_index=np.asarray([i for _, i in nodes], np.int32))
+  for arr in list(arrays.values()) + [layer_edges, seq, flow]:
     arr.setflags(write=False)
   return Workload(
-      model_name=name, input_shape=input_shape, num_classes=num_classes,
+      model_name=name, input_shape=input_shape, num_classes=num_classes, placement=placement,
       layer_names=tuple(info.name for info in infos),
       ops=tuple(info.op for info in infos),
       total_params=_count_params(var_shapes),
+      act_kinds=tuple(a.kind for a in acts), act_names=tuple(a.name for a in acts),
       layer_edges=layer_edges, sequential_edges=seq, dataflow_edges=flow, **arrays)
 
 
 @functools.lru_cache(maxsize=64)
-def _extract_by_name(name, input_shape, num_classes, kwargs_items) -> Workload:
+def _extract_by_name(name, input_shape, num_classes, placement, kwargs_items) -> Workload:
   module, name, input_shape, num_classes = _resolve_model(
       name, input_shape, num_classes, dict(kwargs_items))
-  return _extract(module, name, input_shape, num_classes)
+  return _extract(module, name, input_shape, num_classes, placement)
 
 
 def extract_workload(model_or_name, input_shape=None, num_classes=None,
-                     **model_kwargs) -> Workload:
+                     placement: str = "conv_inputs", **model_kwargs) -> Workload:
   """Traces a model once (abstractly) and returns its :class:`Workload`.
 
   Args:
@@ -379,6 +442,7 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
       ``QConv`` / ``QDense``.
     input_shape: ``(H, W, C)``; default: the zoo's default for the name.
     num_classes: classes of the classifier; default: the zoo's default.
+    placement: where activation quantizers sit (``layers.PLACEMENTS``).
     **model_kwargs: extra ``get_model`` keyword arguments (names only).
 
   Returns:
@@ -387,6 +451,8 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
   Raises:
     ValueError: unknown model name, bad input shape, or no quantized layer.
   """
+  if placement not in PLACEMENTS:
+    raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
   if isinstance(model_or_name, str):
     shape = None if input_shape is None else tuple(int(s) for s in input_shape)
     try:
@@ -395,13 +461,13 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
     except TypeError:
       module, name, shape, classes = _resolve_model(model_or_name, shape, num_classes,
                                                     model_kwargs)
-      return _extract(module, name, shape, classes)
-    return _extract_by_name(model_or_name, shape, num_classes, items)
+      return _extract(module, name, shape, classes, placement)
+    return _extract_by_name(model_or_name, shape, num_classes, placement, items)
   if model_kwargs:
     raise ValueError(f"model_kwargs: only allowed with a model name, got "
                      f"{sorted(model_kwargs)} for a module instance")
   module, name, shape, classes = _resolve_model(model_or_name, input_shape, num_classes, {})
-  return _extract(module, name, shape, classes)
+  return _extract(module, name, shape, classes, placement)
 
 
 # ----------------------------------------------------------------------------------
@@ -409,9 +475,15 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
 
 
 def layer_dicts(workload: Workload) -> list[dict]:
-  """One plain-python dict per quantized layer (execution order)."""
+  """One plain-python dict per quantized layer (execution order).
+
+  ``"quantizers"`` gives the graph nodes of the layer's input-activation and weight
+  quantizers, ``"a_bits_index"`` the entry of ``a_bits`` the layer reads.
+  """
   out = []
+  w_nodes, a_nodes = workload.weight_nodes, workload.act_nodes
   for i in range(workload.num_layers):
+    q = int(workload.input_quantizer[i])
     out.append({
         "index": i,
         "name": workload.layer_names[i],
@@ -428,9 +500,19 @@ def layer_dicts(workload: Workload) -> list[dict]:
         "macs": int(workload.macs[i]),
         "in_act_elems": int(workload.in_act_elems[i]),
         "out_act_elems": int(workload.out_act_elems[i]),
-        "quantizers": {"a": 2 * i, "w": 2 * i + 1},
+        "quantizers": {"a": int(a_nodes[q]), "w": int(w_nodes[i])},
+        "a_bits_index": q,
     })
   return out
+
+
+def activation_dicts(workload: Workload) -> list[dict]:
+  """One plain-python dict per activation quantizer (``a_bits`` order)."""
+  consumers = workload.layer_consumers
+  a_nodes = workload.act_nodes
+  return [{"index": q, "name": workload.act_names[q], "kind": workload.act_kinds[q],
+           "elems": int(workload.act_elems[q]), "node": int(a_nodes[q]),
+           "read_by_layers": list(consumers[q])} for q in range(workload.num_act_quantizers)]
 
 
 def workload_to_json(workload: Workload) -> dict:
@@ -440,22 +522,25 @@ def workload_to_json(workload: Workload) -> dict:
     workload: the workload.
 
   Returns:
-    ``{"model", "input_shape", "num_classes", "num_layers", "num_quantizers",
-    "total_params", "quantized_params", "total_macs", "node_order", "layers",
-    "layer_edges", "sequential_edges", "dataflow_edges"}`` with plain python values.
+    ``{"model", "input_shape", "num_classes", "placement", "num_layers",
+    "num_act_quantizers", "num_quantizers", "total_params", "quantized_params",
+    "total_macs", "node_order", "layers", "activation_quantizers", "layer_edges",
+    "sequential_edges", "dataflow_edges"}`` with plain python values.
   """
   return {
       "model": workload.model_name,
       "input_shape": list(workload.input_shape),
       "num_classes": workload.num_classes,
+      "placement": workload.placement,
       "num_layers": workload.num_layers,
+      "num_act_quantizers": workload.num_act_quantizers,
       "num_quantizers": workload.num_quantizers,
       "total_params": int(workload.total_params),
       "quantized_params": workload.quantized_params,
       "total_macs": workload.total_macs,
-      "node_order": "a_0, w_0, a_1, w_1, ... (node 2i = input activation of layer i, "
-                    "node 2i+1 = weights of layer i)",
+      "node_order": [f"{k}_{i}" for k, i in nodes_to_config_index(workload)],
       "layers": layer_dicts(workload),
+      "activation_quantizers": activation_dicts(workload),
       "layer_edges": workload.layer_edges.tolist(),
       "sequential_edges": workload.sequential_edges.tolist(),
       "dataflow_edges": workload.dataflow_edges.tolist(),

@@ -1,7 +1,7 @@
 """Cost formulas: BOPs, memory, EMOMC energy and size as pure functions of a config batch.
 
 Every cost is minimised by the search (lower is better). Inputs are a population
-``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, L]`` (int, 32 = float) and
+``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, La]`` (int, 32 = float) and
 ``keep[P]`` (fraction of weights kept); outputs are ``float32 [P]`` arrays. A workload's
 static per-layer numbers are folded into the compiled function as constants, so there is
 one compile per (workload, P). Every built-in cost is an affine function of a few
@@ -13,7 +13,7 @@ Definitions (per image; ``b`` = weight bits, ``a`` = input-activation bits, ``p`
 
 * ``params``: every learnable parameter of the model (``Workload.total_params``).
 * ``macs``: conv + dense multiply-accumulates (dense, pruning ignored).
-* ``bops = sum_l macs_l * b_l * a_l``; FP32 is ``32 x 32`` (NEMO / AIMET / HAWQ-V3);
+* ``bops = sum_l macs_l * b_l * a_in(l)``; FP32 is ``32 x 32`` (NEMO / AIMET / HAWQ-V3);
   ``bops_ratio = bops / (1024 * macs)``. ``sparse_bops = p * bops`` counts only the MACs
   of kept weights (an idealised sparse engine).
 * ``weight_bits = sum_l weights_l * b_l``: dense storage, pruned zeros still stored.
@@ -23,9 +23,14 @@ Definitions (per image; ``b`` = weight bits, ``a`` = input-activation bits, ``p`
   BatchNorm parameters are never quantized and stay FP32.
   ``model_ratio = model_bits / (32 * total_params)`` (NEMO's memory objective) and
   ``weight_ratio = weight_bits / (32 * sum_l weights_l)`` (quantized weights only).
-* ``act_peak_bits = max_l in_act_elems_l * a_l``: the largest quantized layer input (the
+Activation bits are per activation quantizer ``q`` (``a_bits[q]``); layer ``l`` reads
+quantizer ``in(l) = Workload.input_quantizer[l]`` (``conv_inputs`` placement:
+``in(l) = l``), so ``bops = sum_l macs_l * b_l * a_in(l)`` counts the bits of the tensor a
+layer actually reads.
+
+* ``act_peak_bits = max_q elems_q * a_q``: the largest quantized activation (the
   activation buffer a layer-by-layer accelerator must hold for one image);
-  ``act_total_bits = sum_l in_act_elems_l * a_l`` (activation traffic per image).
+  ``act_total_bits = sum_q elems_q * a_q`` (activation traffic per image).
 * EMOMC model size in KB (bits / 8192), per layer with ``N = weights_l``, summed:
   Normal ``N * round(b)``, CSR ``N * round(b + 3) * p``, COO ``N * round(b + log2 N) * p``.
   Weights only (EMOMC counts no biases). Bit-widths are integers here, so
@@ -178,7 +183,11 @@ class _Constants:
   def __init__(self, wl: Workload):
     f64 = lambda a: np.asarray(a, np.float64)
     L = wl.num_layers
-    macs, weights, in_act = f64(wl.macs), f64(wl.weights), f64(wl.in_act_elems)
+    macs, weights, in_act = f64(wl.macs), f64(wl.weights), f64(wl.act_elems)
+    La = wl.num_act_quantizers
+    # None: layer l reads quantizer l (conv_inputs), no gather in the compiled costs.
+    self.input_quantizer = (None if np.array_equal(wl.input_quantizer, np.arange(L))
+                            and La == L else np.asarray(wl.input_quantizer, np.int32))
     total_macs, total_weights = macs.sum(), weights.sum()
     total_params = float(wl.total_params)
     other_params = total_params - total_weights
@@ -204,20 +213,20 @@ class _Constants:
     self.sat_n = np.asarray(sorted(ns), np.float32)
     nn_ = len(self.sat_n)
 
-    # Stage 1: X = [b (L), b*a (L), a (L), sat (Nn), 1] -> base columns.
+    # Stage 1: X = [b (L), b*a_in (L), a (La), sat (Nn), 1] -> base columns.
     base_names = (["w_weights", "w_macs"] + [f"w_wr:{d}" for d in DATAFLOWS]
                   + ["wa_macs", "a_act"] + [f"sat:{d}" for d in DATAFLOWS])
     col = {n: i for i, n in enumerate(base_names)}
-    B = np.zeros((3 * L + nn_ + 1, len(base_names)))
+    B = np.zeros((2 * L + La + nn_ + 1, len(base_names)))
     B[:L, col["w_weights"]] = weights / total_weights
     B[:L, col["w_macs"]] = macs / total_macs
     for d in DATAFLOWS:
       B[:L, col[f"w_wr:{d}"]] = weight_read[d] / weight_read[d].sum()
     B[L:2 * L, col["wa_macs"]] = macs / total_macs
-    B[2 * L:3 * L, col["a_act"]] = in_act / in_act.sum()
+    B[2 * L:2 * L + La, col["a_act"]] = in_act / in_act.sum()
     for j, n in enumerate(self.sat_n):
       for d in DATAFLOWS:
-        B[3 * L + j, col[f"sat:{d}"]] = sat[d].get(int(n), 0.0) / ENERGY_SCALE
+        B[2 * L + La + j, col[f"sat:{d}"]] = sat[d].get(int(n), 0.0) / ENERGY_SCALE
     self.B = B.astype(np.float32)
 
     # Stage 2: Z = [base (K), p * base (K), p, act_peak, 1] -> costs.
@@ -287,7 +296,7 @@ def cost_matrix(workload: Workload, configs: QuantConfig,
 
   Args:
     workload: the workload (static).
-    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``.
+    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``.
     keys: a subset of :data:`COST_KEYS` (column order).
 
   Returns:
@@ -299,7 +308,8 @@ def cost_matrix(workload: Workload, configs: QuantConfig,
   a = _as_bits(configs.a_bits)
   p = jnp.broadcast_to(jnp.asarray(configs.keep, jnp.float32), w.shape[:-1])[..., None]
   one = jnp.ones_like(p)
-  parts = [w, w * a, a]
+  a_read = a if c.input_quantizer is None else a[..., c.input_quantizer]
+  parts = [w, w * a_read, a]
   if c.sat_n.size:
     parts.append(1.0 - jnp.power(1.0 - p, c.sat_n))
   base = jnp.dot(jnp.concatenate(parts + [one], axis=-1), c.B, precision=_HIGHEST)
@@ -316,7 +326,7 @@ def costs_jnp(workload: Workload, configs: QuantConfig) -> dict:
 
   Args:
     workload: the workload (static).
-    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``.
+    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``.
 
   Returns:
     Dict with the keys :data:`COST_KEYS` (see the module docstring), each ``[P]``.

@@ -71,7 +71,7 @@ class CostRegistry(Mapping[str, CostFn]):
     Args:
       name: objective name used in configs (``"objectives": [..., name]``).
       fn: pure, traceable function of the static workload and a config batch
-        (``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``), e.g. a latency lookup table
+        (``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``), e.g. a latency lookup table
         gathered by bit-width.
     """
     if name in self._user:
@@ -252,7 +252,9 @@ def _prepare(workload: Workload, configs: QuantConfig, validate: bool):
   single = np.ndim(configs.w_bits) == 1
   if validate and not any(isinstance(leaf, jax.core.Tracer)
                           for leaf in jax.tree_util.tree_leaves(configs)):
-    configs = validate_configs(configs, workload.num_layers, workload.layer_names)
+    configs = validate_configs(configs, workload.num_layers, workload.layer_names,
+                               num_act_quantizers=workload.num_act_quantizers,
+                               act_names=workload.act_names)
   if single:
     configs = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], configs)
   return configs, single
@@ -264,7 +266,7 @@ def compute_costs(workload: Workload, configs: QuantConfig, validate: bool = Tru
 
   Args:
     workload: the workload.
-    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]`` (or one
+    configs: ``QuantConfig`` with ``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]`` (or one
       member without the P axis).
     validate: check shapes and values on the host first (skipped for tracers).
     chunk_size: configs per block (:func:`make_costs_fn`).

@@ -27,12 +27,14 @@ def layer_costs_numpy(workload: Workload, w_bits, a_bits, keep: float) -> dict:
 
   Returns:
     Dict of ``[L]`` float64 arrays: ``macs``, ``params``, ``bops``, ``weight_bits``,
-    ``act_bits`` (input activation bits), ``size_kb_{normal,csr,coo}``,
+    ``act_bits`` (bits of the input activation the layer reads; ``a_bits`` has one
+    entry per activation quantizer), ``size_kb_{normal,csr,coo}``,
     ``energy_{XY,ICOC,FxFy,XFx}``.
   """
   wl = workload
   b = np.round(np.asarray(w_bits, np.float64))
-  a = np.round(np.asarray(a_bits, np.float64))
+  # The bits of the activation quantizer each layer reads.
+  a = np.round(np.asarray(a_bits, np.float64))[wl.input_quantizer]
   p = float(keep)
   n = wl.weights.astype(np.float64)
   out = {"macs": wl.macs.astype(np.float64), "params": wl.params.astype(np.float64),
@@ -71,7 +73,7 @@ def cost_report(workload: Workload, config: QuantConfig) -> dict:
 
   Args:
     workload: the workload.
-    config: one member (``w_bits[L]``, ``a_bits[L]``, scalar ``keep``).
+    config: one member (``w_bits[L]``, ``a_bits[La]``, scalar ``keep``).
 
   Returns:
     ``{"params", "macs", "bops", "bops_ratio", "model_ratio",
@@ -82,7 +84,8 @@ def cost_report(workload: Workload, config: QuantConfig) -> dict:
     ValueError: wrong lengths, bits outside 1..32 or keep outside (0, 1].
   """
   keep = float(np.asarray(config.keep))  # before validation's float32 cast: exact p
-  config = validate_configs(config, workload.num_layers, workload.layer_names)
+  config = validate_configs(config, workload.num_layers, workload.layer_names,
+                            num_act_quantizers=workload.num_act_quantizers)
   w = np.asarray(config.w_bits)
   a = np.asarray(config.a_bits)
   p = keep
@@ -96,7 +99,7 @@ def cost_report(workload: Workload, config: QuantConfig) -> dict:
   for i in range(workload.num_layers):
     layers.append({
         "index": i, "name": workload.layer_names[i], "op": workload.ops[i],
-        "w_bits": int(w[i]), "a_bits": int(a[i]),
+        "w_bits": int(w[i]), "a_bits": int(a[workload.input_quantizer[i]]),
         "params": int(workload.params[i]), "weights": int(workload.weights[i]),
         "macs": int(workload.macs[i]), "bops": int(round(per["bops"][i])),
         "weight_bits": int(round(per["weight_bits"][i])),

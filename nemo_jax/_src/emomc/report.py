@@ -58,7 +58,8 @@ def all_costs(workload, keep: Sequence[float], w_bits, act_bits: int = 16) -> li
     One dict per configuration ``{"energy:X|Y": .., ..., "size_kb:coo": ..}`` (0.01 mJ, KB).
   """
   w = np.asarray(w_bits, np.int32)
-  configs = QuantConfig(w_bits=jnp.asarray(w), a_bits=jnp.full(w.shape, act_bits, jnp.int32),
+  configs = QuantConfig(w_bits=jnp.asarray(w),
+                        a_bits=jnp.full((len(w), workload.num_act_quantizers), act_bits, jnp.int32),
                         keep=jnp.asarray(np.asarray(keep, np.float32)))
   names = ENERGY_NAMES + SIZE_NAMES
   values = np.asarray(costs_lib.compute_objectives(workload, configs, names), np.float64)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax._src.layers import LayerInfo, QContext
+from nemo_jax._src.layers import ActInfo, LayerInfo, QContext
 from nemo_jax._src.models import mobilenet, resnet, vgg
 
 DEFAULT_MODEL = "resnet20"
@@ -155,29 +155,41 @@ def count_params(variables) -> int:
                  for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def trace_layers(model: nn.Module, input_shape, variables=None) -> list[LayerInfo]:
-  """The quantized layers of ``model`` in execution order (abstract trace, no FLOPs).
+def trace_quantizers(model: nn.Module, input_shape, variables=None,
+                     placement: str = "conv_inputs") -> tuple[list[LayerInfo], list[ActInfo]]:
+  """The quantized layers and activation quantizers of ``model`` (abstract trace).
 
   Args:
     model: a model whose quantized layers call the context (``__call__(x, ctx, train)``).
     input_shape: ``(H, W, C)``.
     variables: its variables (arrays or ``ShapeDtypeStruct``; default: from ``init``).
+    placement: where activation quantizers sit (``layers.PLACEMENTS``).
+
+  Returns:
+    ``(layers, activations)`` in execution / creation order.
 
   Raises:
     ValueError: the model has no quantized layer.
   """
   infos: list[LayerInfo] = []
+  acts: list[ActInfo] = []
   if variables is None:
     variables = abstract_variables(model, input_shape)
 
   def run(v, x):
-    return model.apply(v, x, QContext(on_layer=infos.append), train=False)
+    ctx = QContext(on_layer=infos.append, on_activation=acts.append, placement=placement)
+    return model.apply(v, x, ctx, train=False)
 
   jax.eval_shape(run, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
   if not infos:
     raise ValueError("model: has no quantized (QConv/QDense) layer; allowed: a quantizable "
                      "model")
-  return infos
+  return infos, acts
+
+
+def trace_layers(model: nn.Module, input_shape, variables=None) -> list[LayerInfo]:
+  """The quantized layers of ``model`` in execution order (abstract trace, no FLOPs)."""
+  return trace_quantizers(model, input_shape, variables)[0]
 
 
 register_model("mobilenet_v2")(mobilenet.mobilenet_v2)
@@ -191,5 +203,5 @@ __all__ = [
     "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "abstract_variables",
     "check_input_shape", "check_model_name", "check_num_classes", "count_params",
     "default_spec", "dummy_input", "get_model",
-    "init_variables", "list_models", "register_model", "trace_layers",
+    "init_variables", "list_models", "register_model", "trace_layers", "trace_quantizers",
 ]

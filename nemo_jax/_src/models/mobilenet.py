@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from nemo_jax._src.layers import QConv, QDense
-from nemo_jax._src.models.resnet import batch_norm
+from nemo_jax._src.models.resnet import _residual_add, _scope_name, batch_norm
 
 ModuleDef = Any
 
@@ -92,7 +92,7 @@ class InvertedResidual(nn.Module):
     out = self.conv(self.out_channels, 1, 1, name="project_conv")(out, ctx)
     out = self.norm(name="project_bn")(out)
     if self.strides == 1 and in_channels == self.out_channels:
-      out = x + out
+      out = _residual_add(out, x, ctx, _scope_name(self))
     return out
 
 

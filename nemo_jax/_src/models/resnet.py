@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemo_jax._src.layers import QConv, QDense
+from nemo_jax._src.layers import QConv, QDense, quantize_activation
 
 ModuleDef = Any
 
@@ -77,6 +77,18 @@ def max_pool_torch(x: jax.Array, window: int, stride: int, padding: int) -> jax.
       (1, stride, stride, 1), ((0, 0), (padding, padding), (padding, padding), (0, 0)))
 
 
+def _scope_name(module) -> str:
+  return "/".join(str(p) for p in module.path)
+
+
+def _residual_add(out, identity, ctx, name: str):
+  """``out + identity``, both inputs quantized under the ``"nncf"`` placement (the
+  identity shares the block input's quantizer when it is the block input itself)."""
+  out = quantize_activation(out, ctx, "residual", f"{name}:residual")
+  identity = quantize_activation(identity, ctx, "residual", f"{name}:identity")
+  return out + identity
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (torchvision ``BasicBlock``, expansion 1).
 
@@ -110,7 +122,7 @@ class BasicBlock(nn.Module):
       # Computed after the main path, as in torchvision's forward (layer order).
       identity = self.conv(self.planes, 1, self.strides, name="downsample_conv")(x, ctx)
       identity = self.norm(name="downsample_bn")(identity)
-    return self.act(out + identity)
+    return self.act(_residual_add(out, identity, ctx, _scope_name(self)))
 
 
 class Bottleneck(nn.Module):
@@ -143,7 +155,7 @@ class Bottleneck(nn.Module):
     if self.strides != 1 or x.shape[-1] != out_channels:
       identity = self.conv(out_channels, 1, self.strides, name="downsample_conv")(x, ctx)
       identity = self.norm(name="downsample_bn")(identity)
-    return self.act(out + identity)
+    return self.act(_residual_add(out, identity, ctx, _scope_name(self)))
 
 
 class ResNet(nn.Module):
@@ -183,7 +195,7 @@ class ResNet(nn.Module):
     else:
       x = self.conv(self.stem_features, 7, 2, padding=3, name="conv1")(x, ctx)
       x = self.act(norm(name="bn1")(x))
-      x = max_pool_torch(x, 3, 2, 1)
+      x = max_pool_torch(quantize_activation(x, ctx, "pool", "maxpool"), 3, 2, 1)
     for s, (num_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes)):
       for b in range(num_blocks):
         strides = 2 if s > 0 and b == 0 else 1

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nemo_jax._src.layers import QConv, QDense
+from nemo_jax._src.layers import QConv, QDense, quantize_activation
 from nemo_jax._src.models.resnet import batch_norm
 
 ModuleDef = Any
@@ -66,7 +66,7 @@ class VGG(nn.Module):
     index = 0
     for item in self.cfg:
       if item == "M":
-        x = _max_pool_2x2(x)
+        x = _max_pool_2x2(quantize_activation(x, ctx, "pool", f"pool{index}"))
         continue
       x = self.conv(item, 3, 1, padding=1, use_bias=self.conv_bias,
                     name=f"conv{index}")(x, ctx)

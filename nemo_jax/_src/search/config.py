@@ -20,7 +20,8 @@ from nemo_jax._src import models as models_lib
 from nemo_jax._src import quant
 from nemo_jax._src import validate as v
 from nemo_jax._src.config_file import load_config_file
-from nemo_jax._src.graph import FEATURE_NAMES
+from nemo_jax._src.graph import ALL_FEATURE_NAMES
+from nemo_jax._src.layers import PLACEMENTS
 from nemo_jax._src.registries import Registries
 
 SPECIES_KINDS = ("direct_round", "direct_floor", "gcn", "graph_unet", "random")
@@ -109,6 +110,9 @@ class SearchConfig:
     fixed_act_bits: integer activation bits when they are not searched (``int`` only).
     weight_quant: weight quantizer (``quant.WEIGHT_MODES``; EMOMC:
       ``symmetric_per_tensor``).
+    placement: where activation quantizers sit: ``conv_inputs`` (one per conv/dense
+      input) or ``nncf`` (one per tensor shared by its readers, plus residual-add and
+      max-pool inputs; NEMO's 116 / 125 / 244 quantizers).
     keep_choices: candidate global keep ratios (pruning); ``(1.0,)`` = no pruning.
     population, generations: total population size and number of generations; every
       generation evaluates exactly ``population`` new configurations.
@@ -153,6 +157,7 @@ class SearchConfig:
   activation_format: str = "int"
   fixed_act_bits: int = 8
   weight_quant: str = "symmetric_per_channel"
+  placement: str = "conv_inputs"
   keep_choices: tuple[float, ...] = (1.0,)
   population: int = 32
   generations: int = 25
@@ -302,6 +307,7 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
            f"{cfg.activation_format!r} (only integer activations have bits to search)")
   v.integer("fixed_act_bits", cfg.fixed_act_bits, quant.MIN_BITS, quant.MAX_BITS)
   v.choice("weight_quant", cfg.weight_quant, quant.WEIGHT_MODES)
+  v.choice("placement", cfg.placement, PLACEMENTS)
   if not cfg.keep_choices:
     v.fail("keep_choices", cfg.keep_choices, "a non-empty list of numbers in (0, 1]")
   for p in cfg.keep_choices:
@@ -320,9 +326,10 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
   v.boolean("resize", cfg.resize)
   if cfg.node_features is not None:
     if not cfg.node_features:
-      v.fail("node_features", list(cfg.node_features), "a non-empty subset of " + str(FEATURE_NAMES))
+      v.fail("node_features", list(cfg.node_features),
+             "a non-empty subset of " + str(ALL_FEATURE_NAMES))
     for f in cfg.node_features:
-      v.choice("node_features", f, FEATURE_NAMES)
+      v.choice("node_features", f, ALL_FEATURE_NAMES)
   v.number("ucb_c", cfg.ucb_c, 0.0)
   v.integer("archive_size", cfg.archive_size, 2)
   v.choice("eval_strategy", cfg.eval_strategy, EVAL_STRATEGIES)
