@@ -12,6 +12,8 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                tempfile.mkdtemp(prefix="nemo_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Calibration (and other) caches of this session stay out of the user's ~/.cache.
+os.environ.setdefault("NEMO_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="nemo_jax_cache_"))
 
 import jax  # noqa: E402  (after the environment is set)
 
