@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import models
+from nemo_jax._src.faults import check_finite
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEFAULT_CHECKPOINT = os.path.join(ASSETS, "resnet20_fashion_mnist.msgpack")
@@ -71,7 +72,8 @@ def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = T
     ``{'params': ..., 'batch_stats': ...}`` of jax arrays, as ``model.init`` makes.
 
   Raises:
-    ValueError: unreadable file, or (listing all) missing / unexpected / mis-shaped leaves.
+    ValueError: unreadable file, (listing all) missing / unexpected / mis-shaped leaves,
+      or a leaf holding NaN/inf (named).
   """
   try:
     with open(path, "rb") as f:
@@ -99,7 +101,9 @@ def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = T
     if strict and unexpected:
       parts.append(f"unexpected: {unexpected}")
     raise ValueError(f"variables file {path} does not match the model: " + "; ".join(parts))
-  return unflatten_dict({p: jnp.asarray(found[p], s.dtype) for p, s in expected.items()})
+  out = unflatten_dict({p: jnp.asarray(found[p], s.dtype) for p, s in expected.items()})
+  check_finite(out, f"variables file {path}")
+  return out
 
 
 def load_default_model():

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nemo_jax._src.faults import check_finite
+
 LIBRARY_FORMAT = "nemo_jax.emomc_library.v1"
 LIBRARY_FILE = "library.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -161,8 +163,16 @@ def load_entry(library_dir: str, keep: float, template, meta: dict | None = None
                      f"ratio {keep!r} is missing; rebuild it with `nemo-jax prune-library`")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
                           if not isinstance(x, jax.ShapeDtypeStruct) else x, dict(template))
-  restored = _checkpointer().restore(path, abstract)
-  return jax.tree.map(np.asarray, restored)
+  try:
+    restored = _checkpointer().restore(path, abstract)
+  except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged files
+    raise ValueError(f"library={library_dir!r}: checkpoint {entry['checkpoint']!r} of keep "
+                     f"ratio {keep!r} cannot be restored ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}); rebuild it with `nemo-jax "
+                     "prune-library`") from None
+  restored = jax.tree.map(np.asarray, restored)
+  check_finite(restored, f"library={library_dir!r} entry keep={keep!r}")
+  return restored
 
 
 def library_table(meta: dict) -> str:
