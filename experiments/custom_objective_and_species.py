@@ -3,7 +3,8 @@
 1. A cost: a latency lookup table (made-up numbers: ns per MAC by weight bit-width),
    registered with ``nemo_jax.costs.register_cost`` and used as an objective by name.
 2. A species: "all_same" genomes are ONE gene (index into bit_choices) applied to every
-   quantizer, varied by Gaussian noise; registered with
+   quantizer, varied by Gaussian noise; its plain init/vary/decode functions become a
+   species group with ``nemo_jax.evolution.ga_group``, registered with
    ``nemo_jax.evolution.register_species`` and used by name in the species list.
 
     python experiments/custom_objective_and_species.py [--generations 2]
@@ -44,11 +45,12 @@ def all_same_species(space, specs, species_indices, capacity, graph, feature_dim
     choice = jnp.broadcast_to(idx[..., None], idx.shape + (len(space.active_nodes),))
     return choice, jnp.zeros(idx.shape, jnp.int32)
 
-  def vary(key, genomes, priority, sizes):
-    noise = 0.7 * jax.random.normal(key, genomes.shape)
-    return jnp.clip(genomes + noise, 0.0, k - 1.0)
+  def vary(key, parents, priority, sizes):
+    noise = 0.7 * jax.random.normal(key, parents.shape)
+    return jnp.clip(parents + noise, 0.0, k - 1.0)
 
-  return evolution.Group("all_same", tuple(species_indices), init, decode, vary)
+  # A genetic algorithm: the joint ranking keeps the best of parents + offspring.
+  return evolution.ga_group("all_same", species_indices, init, vary, decode)
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import pytest
 from nemo_jax import pareto
 from nemo_jax._src.search import engine as engine_lib
 from nemo_jax._src.search import run as run_lib
+from nemo_jax._src.search import species as species_lib
 from nemo_jax._src.search.config import load_search_config
 from nemo_jax._src.search.problem import build_problem
 
@@ -112,11 +113,11 @@ def _rows(keys, F, pad_to=24):
   pad = lambda x, v=0: np.concatenate([x, np.full((pad_to - n,) + x.shape[1:], v, x.dtype)])
   keys = pad(np.asarray(keys, np.int32))
   F = pad(np.asarray(F, np.float32))
-  return {"key": jnp.asarray(keys), "choice": jnp.asarray(keys),
-          "keep_idx": jnp.zeros(pad_to, jnp.int32), "F": jnp.asarray(F),
-          "violation": jnp.zeros(pad_to, jnp.float32), "raw": jnp.asarray(F),
-          "species": jnp.zeros(pad_to, jnp.int32), "generation": jnp.zeros(pad_to, jnp.int32),
-          "valid": jnp.asarray(np.arange(pad_to) < n)}
+  return engine_lib.Archive(
+      key=jnp.asarray(keys), choice=jnp.asarray(keys), keep_idx=jnp.zeros(pad_to, jnp.int32),
+      F=jnp.asarray(F), violation=jnp.zeros(pad_to, jnp.float32), raw=jnp.asarray(F),
+      species=jnp.zeros(pad_to, jnp.int32), generation=jnp.zeros(pad_to, jnp.int32),
+      valid=jnp.asarray(np.arange(pad_to) < n))
 
 
 @hypothesis.settings(deadline=None, max_examples=25)
@@ -128,11 +129,43 @@ def test_archive_keeps_distinct_nondominated_configs(points):
   F = keys.astype(np.float32)
   empty = jax.tree.map(lambda x: jnp.zeros((32,) + x.shape[1:], x.dtype), _rows(keys, F))
   out = engine_lib.update_archive(empty, _rows(keys, F))
-  got = {tuple(k) for k, v in zip(np.asarray(out["key"]), np.asarray(out["valid"])) if v}
+  got = {tuple(k) for k, v in zip(np.asarray(out.key), np.asarray(out.valid)) if v}
   distinct = np.unique(keys, axis=0)
   rank = _brute_rank(distinct.astype(np.float32))
   want = {tuple(k) for k, r in zip(distinct, rank) if r == 0}
   assert got == want
+
+
+# --------------------------------------------------------------------------- species protocol
+
+def test_ga_group_asks_offspring_and_tells_the_ranked_keep():
+  # Genomes [S_g=2, C=3, 1] hold their own slot ids, so what tell keeps is visible.
+  parents = jnp.arange(6, dtype=jnp.float32).reshape(2, 3, 1)
+  group = species_lib.ga_group(
+      "toy", (0, 1), init=lambda key: parents,
+      vary=lambda key, p, priority, sizes: p + 100.0 + priority[..., None],
+      decode=lambda g: (g.astype(jnp.int32), jnp.zeros(g.shape[:2], jnp.int32)))
+  state, genomes = group.init(jax.random.key(0))
+  np.testing.assert_array_equal(state, parents)
+  np.testing.assert_array_equal(genomes, parents)
+  priority = jnp.asarray([[2, 0, 1], [0, 1, 2]], jnp.int32)
+  offspring, state = group.ask(jax.random.key(1), state, priority, jnp.asarray([3, 3]))
+  np.testing.assert_array_equal(state, parents)             # asking leaves the parents
+  np.testing.assert_array_equal(offspring[..., 0], [[102, 101, 103], [103, 105, 107]])
+  keep = jnp.asarray([[4, 0, 5], [1, 2, 3]], jnp.int32)    # indices into parents ++ offspring
+  info = species_lib.TellInfo(keep_order=keep, F=jnp.zeros((2, 3, 2)),
+                              violation=jnp.zeros((2, 3)), alive=jnp.ones((2, 3), bool))
+  kept = group.tell(jax.random.key(2), state, offspring, info)
+  np.testing.assert_array_equal(kept[..., 0], [[101, 0, 103], [4, 5, 103]])
+
+
+def test_evosax_fitness_masks_dead_and_non_finite_members():
+  info = species_lib.TellInfo(
+      keep_order=jnp.zeros((1, 3), jnp.int32),
+      F=jnp.asarray([[[0.2, 0.4], [jnp.nan, 0.1], [0.3, 0.1]]]),
+      violation=jnp.asarray([[0.0, 0.0, 0.5]]), alive=jnp.asarray([[True, True, False]]))
+  fit = np.asarray(species_lib.evosax_fitness(info, 4))
+  np.testing.assert_allclose(fit, [0.2, species_lib.BIG, species_lib.BIG, species_lib.BIG])
 
 
 # --------------------------------------------------------------------------- problem
