@@ -13,8 +13,7 @@ from nemo_jax._src.search.config import (DEFAULT_SPECIES, EVOSAX_OPTIMIZERS, SPE
                                          SearchConfig, SpeciesConfig, load_config_file,
                                          load_search_config, validate_search_config)
 from nemo_jax._src.search.engine import (Archive, Batch, Engine, GenerationMetrics, Proposal,
-                                         SearchState, allocate_sizes, joint_priority,
-                                         update_archive)
+                                         SearchState, allocate_sizes, update_archive)
 from nemo_jax._src.search.operators import (decode_floor, decode_round, polynomial_mutation,
                                             sbx_crossover, ssne_crossover, ssne_mutate,
                                             tournament_select)
@@ -30,8 +29,8 @@ __all__ = [
     "GenerationMetrics", "Problem", "Proposal", "SPECIES_KINDS", "SearchConfig",
     "SearchResult", "SearchSpace", "SearchState", "SpeciesConfig", "SpeciesGroup",
     "TellInfo", "allocate_sizes", "build_problem", "decode_floor", "decode_logits",
-    "decode_round", "ga_group", "gcn_policy", "graph_unet_policy", "joint_priority",
-    "keep_best", "load_config_file", "load_search_config", "polynomial_mutation", "redraw",
+    "decode_round", "ga_group", "gcn_policy", "graph_unet_policy", "keep_best",
+    "load_config_file", "load_search_config", "polynomial_mutation", "redraw",
     "register_species", "sbx_crossover", "search", "ssne_crossover", "ssne_mutate",
     "tournament_select", "update_archive", "validate_search_config",
 ]

@@ -8,8 +8,10 @@ A generation (NEMO's Algorithm 1, with static shapes throughout):
    species into one dense batch of exactly ``population`` configs.
 2. the problem scores the batch: costs (jit) + batched accuracy (the only step that
    leaves jit).
-3. ``select`` (jit): joint ranking of parents + offspring of ALL species (constraint
-   domination, then NSGA-III reference-direction niching or NSGA-II crowding) ->
+3. ``select`` (jit): joint ranking of parents + offspring of ALL species
+   (``pareto.nsga3_priority`` / ``nsga2_priority``: constraint domination, then
+   NSGA-III reference-direction niching for ``population`` survivors, continued
+   over every candidate, or NSGA-II crowding) ->
    utility per species (R2 against the utopian point, or the number of members on
    the joint front) -> UCB allocation of the next sizes (minimum size per species,
    growth at most x2 so every slot is filled by an evaluated candidate) -> each
@@ -192,56 +194,6 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
   return jax.lax.fori_loop(0, total - min_size * old_sizes.shape[0], seat, sizes)
 
 
-def _normalise_for_niching(F, valid, rank):
-  """Ideal/nadir normalisation (nadir from the first front; falls back to the max)."""
-  big = jnp.where(valid[:, None], F, jnp.inf)
-  ideal = jnp.min(big, axis=0)
-  first = valid & (rank == 0)
-  nadir = jnp.max(jnp.where(first[:, None], F, -jnp.inf), axis=0)
-  worst = jnp.max(jnp.where(valid[:, None], F, -jnp.inf), axis=0)
-  nadir = jnp.where(nadir - ideal > 1e-12, nadir, worst)
-  span = jnp.where(nadir - ideal > 1e-12, nadir - ideal, 1.0)
-  return jnp.where(valid[:, None], (F - ideal) / span, 0.0)
-
-
-def joint_priority(F, violation, valid, ref_dirs, selection: str):
-  """A total order of the population (0 = best), jointly over all species.
-
-  ``nsga3``: constrained non-dominated rank, then NSGA-III niching: members are
-  associated with their nearest reference direction (perpendicular distance on the
-  normalised objectives); inside a front, the closest member of every niche comes
-  first, then the second closest of every niche, and so on (the deterministic order
-  NSGA-III's niche-preserving selection fills a last front with). ``nsga2``: rank,
-  then descending crowding distance. Ties break by index. Invalid rows come last.
-
-  Returns:
-    ``(priority int32 [N], rank int32 [N])``.
-  """
-  n = F.shape[0]
-  rank = pareto.constrained_rank(F, violation, valid=valid)
-  idx = jnp.arange(n)
-  big_rank = jnp.where(valid, rank, jnp.iinfo(jnp.int32).max)
-  if selection == "nsga2":
-    crowd = pareto.crowding_distance(F, rank, valid=valid)
-    second = -jnp.where(jnp.isfinite(crowd), crowd, jnp.finfo(jnp.float32).max)
-    order = jnp.lexsort((idx, second, big_rank))
-  else:
-    Fn = _normalise_for_niching(F, valid, rank)
-    dirs = ref_dirs / jnp.linalg.norm(ref_dirs, axis=1, keepdims=True)
-    proj = Fn @ dirs.T                                              # [N, D]
-    dist2 = jnp.sum(Fn**2, axis=1, keepdims=True) - proj**2
-    dist = jnp.sqrt(jnp.maximum(dist2, 0.0))
-    niche = jnp.argmin(dist, axis=1)
-    d = jnp.min(dist, axis=1)
-    same = (rank[:, None] == rank[None, :]) & (niche[:, None] == niche[None, :]) & valid[None, :]
-    closer = (d[None, :] < d[:, None]) | ((d[None, :] == d[:, None]) & (idx[None, :] < idx[:, None]))
-    round_ = jnp.sum(same & closer, axis=1)
-    # Lexicographic (rank, round, distance, index): a distance never outweighs a round.
-    order = jnp.lexsort((idx, d, round_, big_rank))
-  priority = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return priority, rank
-
-
 def _dedup(keys, valid):
   """Marks rows whose key equals an earlier valid row's key (stable: first one wins)."""
   n = keys.shape[0]
@@ -353,6 +305,28 @@ class Engine:
     return Batch(choice=choice.reshape(s * c, -1)[live], keep_idx=keep_idx.reshape(-1)[live],
                  live=live, genomes=tuple(genomes))
 
+  def _rank_and_priority(self, F, violation, valid):
+    """Joint constrained ranks and the selection order of candidates of ALL species.
+
+    The order is NSGA-III's (or NSGA-II's) total order for ``k = population``
+    survivors: the candidates with priority < population are exactly the NSGA-III
+    survivors of the pooled candidates, and the rest continue the same niching, so
+    each species can fill its own allocation with its best-ranked members.
+
+    Args:
+      F: [N, M] objectives; violation: [N]; valid: bool [N].
+
+    Returns:
+      ``(priority int32 [N], 0 = best, int32 max where not valid; rank int32 [N])``.
+    """
+    rank = pareto.constrained_rank(F, violation, valid=valid)
+    if self.cfg.selection == "nsga2":
+      priority = pareto.nsga2_priority(F, valid=valid, violation=violation)
+    else:
+      priority = pareto.nsga3_priority(F, self.cfg.population, self.ref_dirs, valid=valid,
+                                       violation=violation)
+    return jnp.where(valid, priority, jnp.iinfo(jnp.int32).max), rank
+
   def member_key(self, choice, keep_idx):
     return jnp.concatenate([choice, keep_idx[..., None]], axis=-1).astype(jnp.int32)
 
@@ -428,14 +402,14 @@ class Engine:
     F_all = self._scatter(live, F, jnp.nan)
     viol_all = self._scatter(live, violation, 0.0)
     alive = self._alive(state.sizes)
-    pri, _ = joint_priority(F_all.reshape(s * c, -1), viol_all.reshape(-1),
-                            alive.reshape(-1), self.ref_dirs, self.cfg.selection)
+    pri, _ = self._rank_and_priority(F_all.reshape(s * c, -1), viol_all.reshape(-1),
+                                     alive.reshape(-1))
     identity = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (s, c))
     return state.replace(
         F=F_all,
         violation=viol_all,
         raw=self._scatter(live, raw, jnp.nan),
-        priority=jnp.where(alive, pri.reshape(s, c), jnp.iinfo(jnp.int32).max),
+        priority=pri.reshape(s, c),
         evals=state.sizes,
         species=self._tell(state.key, state.species, batch.genomes, identity, F_all,
                            viol_all, alive),
@@ -491,9 +465,9 @@ class Engine:
     cand_keep = jnp.concatenate([state.keep_idx, proposal.keep_idx], axis=1)
     cand_valid = jnp.concatenate([alive, alive], axis=1)
     flat_valid = cand_valid.reshape(-1)
-    priority, rank = joint_priority(cand_F.reshape(s * 2 * c, -1), cand_viol.reshape(-1),
-                                    flat_valid, self.ref_dirs, cfg.selection)
-    priority = jnp.where(flat_valid, priority, jnp.iinfo(jnp.int32).max).reshape(s, 2 * c)
+    priority, rank = self._rank_and_priority(cand_F.reshape(s * 2 * c, -1),
+                                             cand_viol.reshape(-1), flat_valid)
+    priority = priority.reshape(s, 2 * c)
     rank = rank.reshape(s, 2 * c)
     finite = cand_valid & jnp.all(jnp.isfinite(cand_F), axis=-1)
     value, utility = self._utilities(cand_F, finite, rank)
