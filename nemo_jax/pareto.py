@@ -15,6 +15,9 @@ every valid row and add nothing to hypervolume or R2.
 - ``hypervolume_monte_carlo(F, ref, key, ...)``: estimate for many objectives.
 - ``r2_indicator(F, utopia, weights, valid=None)``: Tchebycheff R2 (lower is better).
 - ``uniform_weights(n_obj, n_partitions)``: Das-Dennis weights / reference directions.
+- ``nsga2_priority(F, valid=None, violation=None)``, ``nsga3_priority(F, k, ref_dirs,
+  valid=None, violation=None)``: a total order of all rows (0 = best) whose k best rows
+  are the NSGA-II / NSGA-III survivors.
 - ``nsga2_select(F, k, valid=None)``, ``nsga3_select(F, k, ref_dirs, valid=None)``:
   indices of the k survivors.
 """
@@ -29,7 +32,9 @@ from nemo_jax._src.pareto import hypervolume_contributions
 from nemo_jax._src.pareto import hypervolume_monte_carlo
 from nemo_jax._src.pareto import nondominated_mask
 from nemo_jax._src.pareto import nondominated_rank
+from nemo_jax._src.pareto import nsga2_priority
 from nemo_jax._src.pareto import nsga2_select
+from nemo_jax._src.pareto import nsga3_priority
 from nemo_jax._src.pareto import nsga3_select
 from nemo_jax._src.pareto import r2_indicator
 from nemo_jax._src.pareto import uniform_weights
@@ -43,7 +48,9 @@ __all__ = [
     "hypervolume_monte_carlo",
     "nondominated_mask",
     "nondominated_rank",
+    "nsga2_priority",
     "nsga2_select",
+    "nsga3_priority",
     "nsga3_select",
     "r2_indicator",
     "uniform_weights",

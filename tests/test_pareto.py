@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pymoo.algorithms.moo.nsga3 import ReferenceDirectionSurvival
+from pymoo.core.population import Population
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from pymoo.util.ref_dirs import get_reference_directions
 
@@ -30,6 +32,8 @@ crowding_jit = jax.jit(pareto.crowding_distance)
 constrained_jit = jax.jit(pareto.constrained_rank)
 nsga2_jit = jax.jit(pareto.nsga2_select, static_argnums=1)
 nsga3_jit = jax.jit(pareto.nsga3_select, static_argnums=1)
+nsga2_priority_jit = jax.jit(pareto.nsga2_priority)
+nsga3_priority_jit = jax.jit(pareto.nsga3_priority)  # k is traced: one compile per shape
 hypervolume_jit = jax.jit(pareto.hypervolume)
 
 
@@ -60,6 +64,28 @@ def peel(dom, ok):
 
 def brute_rank(F, ok):
   return peel(dominance_matrix(F, ok), ok)
+
+
+def constrained_dominance(F, violation, ok):
+  """Deb's constraint domination: feasible beats infeasible, then smaller violation."""
+  feasible = violation <= 0
+  dom = dominance_matrix(F, ok)
+  dom = (dom & feasible[:, None] & feasible[None, :]) | (
+      feasible[:, None] & ~feasible[None, :]) | (
+          ~feasible[:, None] & ~feasible[None, :] & (violation[:, None] < violation[None, :]))
+  return dom & ok[:, None] & ok[None, :]
+
+
+def brute_selection_rank(F, ok, violation=None):
+  if violation is None:
+    return brute_rank(F, ok)
+  return peel(constrained_dominance(F, violation, ok), ok)
+
+
+def inverse_permutation(order):
+  priority = np.empty(len(order), np.int64)
+  priority[np.asarray(order, np.int64)] = np.arange(len(order))
+  return priority
 
 
 def brute_crowding(F, rank, ok):
@@ -171,14 +197,8 @@ def test_constrained_rank_equals_brute_force(case, violation_levels):
     violation = rng.integers(0, violation_levels, PAD).astype(np.float32) * 0.5
   else:
     violation = np.where(rng.random(PAD) < 0.5, 0.0, rng.random(PAD)).astype(np.float32)
-  feasible = violation <= 0
-  dom = dominance_matrix(F, ok)
-  dom = (dom & feasible[:, None] & feasible[None, :]) | (
-      feasible[:, None] & ~feasible[None, :]) | (
-          ~feasible[:, None] & ~feasible[None, :] & (violation[:, None] < violation[None, :]))
-  dom &= ok[:, None] & ok[None, :]
   np.testing.assert_array_equal(np.asarray(constrained_jit(F, violation, valid)),
-                                peel(dom, ok))
+                                peel(constrained_dominance(F, violation, ok), ok))
 
 
 def test_constrained_rank_per_constraint_values():
@@ -238,6 +258,8 @@ def asf_normalise_reference(F, considered, first_front):
   asf[:, ~considered] = np.inf
   E = translated[np.argmin(asf, axis=1)]
   try:
+    if len(np.unique(E, axis=0)) < m:  # one point extreme for two axes: no hyperplane
+      raise np.linalg.LinAlgError
     plane = np.linalg.solve(E, np.ones(m))
     intercepts = 1 / plane
     if not np.allclose(E @ plane, 1) or np.any(intercepts <= 1e-6):
@@ -321,6 +343,198 @@ def test_nsga3_prefers_empty_niches():
   np.testing.assert_array_equal(np.asarray(nsga3_jit(F, 4, dirs)), [0, 1, 2, 4])
   np.testing.assert_array_equal(nsga3_reference(F, 4, np.asarray(dirs), np.ones(5, bool)),
                                 [0, 1, 2, 4])
+
+
+# ----------------------------------------------------------------------------- priorities
+
+
+def nsga2_priority_reference(F, ok, violation=None):
+  """Rank (constrained when violation is given), descending crowding, index."""
+  rank = brute_selection_rank(F, ok, violation)
+  crowd = brute_crowding(F.astype(np.float64), rank, ok)
+  return inverse_permutation(np.lexsort((np.arange(len(F)), -crowd, rank)))
+
+
+def nsga3_priority_reference(F, k, dirs, ok, violation=None):
+  """Loop-based NSGA-III total order: niching front after front, counts over all ordered.
+
+  Normalised on the fronts up to the one reaching k valid rows; in each front the
+  direction with the smallest niche count among those with candidates (lowest index),
+  then its nearest member (lowest index); invalid rows last by index.
+  """
+  n = len(F)
+  if not ok.any():
+    return np.arange(n)
+  rank = brute_selection_rank(F, ok, violation)
+  counts = np.cumsum(np.bincount(rank[ok], minlength=n + 1))
+  last = int(np.argmax(counts >= k)) if ok.sum() >= k else n + 1
+  normalised = asf_normalise_reference(np.where(ok[:, None], F, 0), ok & (rank <= last),
+                                       ok & (rank == 0))
+  unit = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+  along = normalised @ unit.T
+  distance = np.sqrt(np.maximum(np.sum(normalised ** 2, axis=1, keepdims=True) - along ** 2,
+                                0))
+  niche, niche_distance = distance.argmin(axis=1), distance.min(axis=1)
+  niche_count = np.zeros(len(dirs), np.int64)
+  order = []
+  for r in np.unique(rank[ok]):
+    available = ok & (rank == r)
+    while available.any():
+      has = np.bincount(niche[available], minlength=len(dirs)) > 0
+      j = int(np.argmin(np.where(has, niche_count, np.iinfo(np.int64).max)))
+      members = np.flatnonzero(available & (niche == j))
+      i = members[np.argmin(niche_distance[members])]
+      order.append(i)
+      available[i] = False
+      niche_count[j] += 1
+  return inverse_permutation(order + np.flatnonzero(~ok).tolist())
+
+
+@pytest.mark.parametrize("n,m,k,partitions,seed,constrained",
+                         [(100, 3, 50, 6, 0, False), (120, 2, 37, 12, 1, False),
+                          (90, 4, 45, 4, 2, False), (60, 3, 60, 5, 3, True),
+                          (80, 3, 10, 3, 4, True), (70, 2, 0, 8, 5, True)])
+def test_nsga3_priority_equals_loop_reference(n, m, k, partitions, seed, constrained):
+  rng = np.random.default_rng(seed)
+  F = rng.random((n, m)) ** 2
+  F[:, 0] *= 10  # different scales: normalisation matters
+  valid = rng.random(n) > 0.1
+  violation = (np.where(rng.random(n) < 0.7, 0.0, rng.random(n)) if constrained else None)
+  dirs = np.asarray(pareto.uniform_weights(m, partitions), np.float64)
+  with jax.enable_x64(True):
+    ours = np.asarray(nsga3_priority_jit(F, k, dirs, valid, violation))
+  expected = nsga3_priority_reference(F, k, dirs, valid, violation)
+  np.testing.assert_array_equal(ours, expected)
+  # The k best are NSGA-III's survivors: the reference survival loop agrees.
+  if not constrained:
+    np.testing.assert_array_equal(np.sort(np.flatnonzero(ours < k)),
+                                  np.sort(nsga3_reference(F, k, dirs, valid)))
+
+
+def pymoo_survivor_sets(F, k, dirs, seeds=6):
+  """pymoo's NSGA-III survivor sets over several random states (it breaks ties randomly)."""
+  out = set()
+  for seed in range(seeds):
+    pop = Population.new("F", F, "index", np.arange(len(F)))
+    survivors = ReferenceDirectionSurvival(dirs)._do(None, pop, n_survive=k,
+                                                     random_state=np.random.default_rng(seed))
+    out.add(frozenset(int(i) for i in survivors.get("index")))
+  return out
+
+
+@pytest.mark.parametrize("m,partitions", [(2, 30), (3, 12)])
+def test_nsga3_priority_survivors_equal_pymoo(m, partitions):
+  # pymoo draws random niche/member ties; only cases where its survivor set does not
+  # depend on the random state (no effective tie) are compared. pymoo is given the
+  # fronts up to the last one (its worst point is taken over the whole population,
+  # ours over those fronts); objectives are scaled far above its 1e-3 snapping.
+  dirs = np.array(pareto.uniform_weights(m, partitions), np.float64)
+  compared = 0
+  for seed in range(12):
+    rng = np.random.default_rng(100 + seed)
+    n = 60
+    F = rng.random((n, m)) * rng.uniform(1.0, 1000.0, m)
+    rank = brute_rank(F, np.ones(n, bool))
+    for k in (10, 25, 40):
+      considered = np.flatnonzero(rank <= np.argmax(np.cumsum(np.bincount(rank)) >= k))
+      sets = pymoo_survivor_sets(F[considered], k, dirs)
+      if len(sets) != 1:
+        continue
+      compared += 1
+      # Invalid padding rows (they would dominate everything) must not change anything.
+      padded = np.concatenate([F, np.full((4, m), -1.0)])
+      valid = np.arange(n + 4) < n
+      with jax.enable_x64(True):
+        ours = np.asarray(nsga3_priority_jit(padded, k, dirs, valid))
+      assert set(np.flatnonzero(ours < k).tolist()) == set(considered[list(sets.pop())])
+      assert set(ours[n:].tolist()) == set(range(n, n + 4))    # invalid rows last
+  assert compared >= 4  # the test has teeth
+
+
+@settings(**{**SETTINGS, "max_examples": 12})
+@given(objective_sets, st.booleans())
+def test_nsga3_priority_is_a_permutation_consistent_with_survival_for_every_k(case, constrained):
+  F, valid, ok = random_objectives(*case)
+  F = F.astype(np.float64)
+  n, m = F.shape
+  dirs = np.asarray(pareto.uniform_weights(m, 4), np.float64)
+  # On integer levels, different points are often exactly as far from a reference line;
+  # which comes first is then decided by last-bit rounding (operation order), so the
+  # order is compared with the loop reference only on continuous values.
+  exact = case[3] == 0
+  rng = np.random.default_rng(case[0] + 2)
+  violation = (np.where(rng.random(n) < 0.6, 0.0, np.round(rng.random(n), 1))
+               if constrained else None)
+  ks = np.arange(n + 1)
+  with jax.enable_x64(True):
+    every_k = jax.jit(jax.vmap(pareto.nsga3_priority, in_axes=(None, 0, None, None, None)))
+    priorities = np.asarray(every_k(F, ks, dirs, valid, violation))
+    selected = {k: np.asarray(nsga3_jit(F, k, dirs, valid, violation)) for k in (1, 37, 80)}
+  rank = brute_selection_rank(F, ok, violation)
+  counts = np.cumsum(np.bincount(rank[ok], minlength=n + 1))
+  references = {}
+  for k in ks:
+    priority = priorities[k]
+    np.testing.assert_array_equal(np.sort(priority), np.arange(n))   # a permutation
+    last = int(np.argmax(counts >= k)) if ok.sum() >= k else n + 1
+    if exact:
+      if last not in references:  # the order depends on k only through the last front
+        references[last] = nsga3_priority_reference(F, k, dirs, ok, violation)
+      np.testing.assert_array_equal(priority, references[last])
+    chosen = priority < k
+    assert np.all(chosen[ok & (rank < last)])                  # whole earlier fronts
+    assert chosen[ok].sum() == min(k, ok.sum())                # valid rows first
+    if k in selected:
+      assert set(np.flatnonzero(chosen).tolist()) == set(selected[k].tolist())
+
+
+@settings(**SETTINGS)
+@given(objective_sets, st.booleans())
+def test_nsga2_priority_equals_rank_then_crowding(case, constrained):
+  F, valid, ok = random_objectives(*case)
+  rng = np.random.default_rng(case[0] + 3)
+  violation = (np.where(rng.random(len(F)) < 0.6, 0.0, np.round(rng.random(len(F)), 1))
+               .astype(np.float32) if constrained else None)
+  ours = np.asarray(nsga2_priority_jit(F, valid, violation))
+  np.testing.assert_array_equal(ours, nsga2_priority_reference(F, ok, violation))
+  np.testing.assert_array_equal(np.asarray(nsga2_jit(F, 80, valid, violation)),
+                                np.argsort(ours)[:80])
+
+
+def test_priorities_apply_constraint_domination():
+  # Row 0 dominates everything but violates a constraint; rows 3 and 4 violate less and
+  # more; row 5 has a NaN violation (invalid). Feasible rows 1, 2 (one front) come
+  # first, then row 3 (0.1), row 0 (0.5), row 4 (2.0), then the invalid row.
+  F = np.array([[0.0, 0.0], [1.0, 3.0], [3.0, 1.0], [0.5, 0.5], [0.2, 0.2], [0.0, 0.0]])
+  violation = np.array([0.5, 0.0, 0.0, 0.1, 2.0, np.nan])
+  dirs = pareto.uniform_weights(2, 4)
+  for priority in (nsga2_priority_jit(F, None, violation),
+                   nsga3_priority_jit(F, 2, dirs, None, violation)):
+    assert np.argsort(np.asarray(priority)).tolist()[2:] == [3, 0, 4, 5]
+    assert set(np.argsort(np.asarray(priority))[:2].tolist()) == {1, 2}
+  # Per-constraint values g <= 0 are summed as sum(max(g, 0)); all-feasible equals none.
+  g = np.stack([violation, np.zeros(6)], axis=1) - np.array([[0.0, 1.0]])
+  np.testing.assert_array_equal(np.asarray(nsga3_priority_jit(F, 3, dirs, None, g)),
+                                np.asarray(nsga3_priority_jit(F, 3, dirs, None, violation)))
+  np.testing.assert_array_equal(np.asarray(nsga3_priority_jit(F, 3, dirs, None, np.zeros(6))),
+                                np.asarray(nsga3_priority_jit(F, 3, dirs)))
+  # Without constraints row 0 is the single best.
+  assert int(np.argmin(np.asarray(nsga2_priority_jit(F, None, None)))) == 0
+
+
+def test_nsga3_priority_continues_niching_beyond_the_survivors():
+  # Front 0 = rows 0-3 (extremes (0, 1) and (1, 0): normalisation is the identity), rows
+  # 2 and 3 in the middle niche; rows 4 and 5 are fronts 1 and 2.
+  F = np.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.52, 0.48], [0.9, 0.9], [1.0, 1.0]])
+  dirs = pareto.uniform_weights(2, 2)  # (1, 0), (0.5, 0.5), (0, 1)
+  priority = np.asarray(nsga3_priority_jit(F, 2, dirs))
+  # All niches empty: the lowest directions (1, 0) and (0.5, 0.5) give the survivors.
+  assert set(np.flatnonzero(priority < 2).tolist()) == {1, 2}
+  # Then the empty (0, 1) niche (row 0) before row 3, whose niche already holds row 2;
+  # only then the later fronts. (A per-niche round order would put row 0 first.)
+  np.testing.assert_array_equal(np.argsort(priority), [1, 2, 0, 3, 4, 5])
+  with pytest.raises(ValueError, match="k must"):
+    pareto.nsga3_priority(F, 7, dirs)
 
 
 # ----------------------------------------------------------------------------- hypervolume

@@ -32,12 +32,19 @@ def test_package_ships_data_checkpoint_and_licence():
   assert '"assets/*"' in open(os.path.join(REPO, "pyproject.toml")).read()
 
 
-def test_custom_objective_and_species_example_runs():
+def test_custom_objective_and_species_example_runs(tmp_path):
   mod = runpy.run_path(os.path.join(REPO, "experiments", "custom_objective_and_species.py"))
   result = mod["main"](["--generations", "1"])
   assert result.front
   assert set(result.front[0]["objectives"]) == {"top1_error", "latency_ms", "model_ratio"}
   assert {m["species"] for m in result.front} <= {"direct_round", "all_same"}
+  # Named as plugins in the config: the same run, and a resumed run finds them again.
+  out = str(tmp_path / "run")
+  named = mod["main"](["--generations", "1", "--plugins", "--out", out])
+  assert [m["w_bits"] for m in named.front] == [m["w_bits"] for m in result.front]
+  import nemo_jax
+  resumed = nemo_jax.search(out_dir=out, resume=True, generations=2, progress=False)
+  assert len(resumed.history) == 3 and resumed.front
 
 
 # --------------------------------------------------------------------------- code structure

@@ -1,4 +1,4 @@
-"""Pareto toolkit in JAX: ranking, crowding, hypervolume, R2 and NSGA-II/III survival.
+"""Pareto toolkit in JAX: ranking, crowding, hypervolume, R2 and NSGA-II/III selection.
 
 Every objective is MINIMISED (accuracy enters as error, ``1 - acc``). ``F`` is always an
 array ``[N, M]``: N individuals (rows), M objectives (columns).
@@ -357,14 +357,7 @@ def constrained_rank(F, violation, valid=None, *, block_size: int | None = None
   """
   F = _as_objectives(F)
   n = F.shape[0]
-  violation = jnp.asarray(violation)
-  if violation.ndim == 2 and violation.shape[0] == n:
-    violation = jnp.sum(jnp.maximum(violation, 0), axis=1)
-  if violation.shape != (n,):
-    raise ValueError(f"violation must have shape ({n},) or ({n}, C); got shape "
-                     f"{tuple(violation.shape)}")
-  if not jnp.issubdtype(violation.dtype, jnp.floating):
-    violation = violation.astype(jnp.result_type(float))
+  violation = _total_violation(violation, n)
   ok = _valid_mask(F, valid) & ~jnp.isnan(violation)
   feasible = ok & (violation <= 0)
   infeasible = ok & ~feasible
@@ -687,7 +680,81 @@ def uniform_weights(n_obj: int, n_partitions: int) -> jax.Array:
 # ----------------------------------------------------------------------------- selection
 
 
-def nsga2_select(F, k: int, valid=None) -> jax.Array:
+def _total_violation(violation, n: int) -> jax.Array:
+  """Total violation [N] from [N] totals or [N, C] constraint values ``g <= 0``."""
+  violation = jnp.asarray(violation)
+  if violation.ndim == 2 and violation.shape[0] == n:
+    violation = jnp.sum(jnp.maximum(violation, 0), axis=1)
+  if violation.shape != (n,):
+    raise ValueError(f"violation must have shape ({n},) or ({n}, C); got shape "
+                     f"{tuple(violation.shape)}")
+  if not jnp.issubdtype(violation.dtype, jnp.floating):
+    violation = violation.astype(jnp.result_type(float))
+  return violation
+
+
+def _check_count(k, n: int):
+  """``k`` for a priority: a Python int in [0, N] (checked) or a traced int scalar."""
+  if isinstance(k, bool):
+    raise ValueError(f"k must be an int (number of survivors); got {k!r}")
+  if isinstance(k, (int, np.integer)):
+    return _check_k(k, n)
+  k = jnp.asarray(k)
+  if k.ndim != 0 or not jnp.issubdtype(k.dtype, jnp.integer):
+    raise ValueError(f"k must be an int or an int scalar array; got shape "
+                     f"{tuple(k.shape)}, dtype {k.dtype}")
+  return k
+
+
+def _selection_ranks(F, valid, violation):
+  """Validity (incl. a NaN violation) and front index under (constrained) domination.
+
+  Returns:
+    ``(F with invalid rows zeroed, ok bool [N], rank int32 [N])``.
+  """
+  F = _as_objectives(F)
+  ok = _valid_mask(F, valid)
+  if violation is not None:
+    violation = _total_violation(violation, F.shape[0])
+    ok = ok & ~jnp.isnan(violation)
+  F = jnp.where(ok[:, None], F, 0)
+  if violation is None:
+    rank = nondominated_rank(F, ok)
+  else:
+    rank = constrained_rank(F, jnp.where(ok, violation, 0), valid=ok)
+  return F, ok, rank
+
+
+def _inverse_permutation(order: jax.Array) -> jax.Array:
+  n = order.shape[0]
+  return jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+
+
+def nsga2_priority(F, valid=None, violation=None) -> jax.Array:
+  """NSGA-II order of every row: rank, then descending crowding distance, then index.
+
+  Objectives are minimised. With ``violation``, ranks follow Deb's constraint
+  domination (see ``constrained_rank``). Invalid rows (``valid`` False, a NaN objective
+  or violation) come last, by index.
+
+  Args:
+    F: objectives [N, M], all minimised.
+    valid: optional bool [N].
+    violation: optional [N] total constraint violation (<= 0 feasible) or [N, C]
+      constraint values ``g <= 0``.
+
+  Returns:
+    int32 [N] priority, a permutation of 0..N-1 (0 = best): the k rows with priority
+    < k are NSGA-II's k survivors.
+  """
+  F, ok, rank = _selection_ranks(F, valid, violation)
+  crowding = crowding_distance(F, rank, ok)
+  index = jnp.arange(F.shape[0], dtype=jnp.int32)
+  _, _, order = lax.sort((rank, -crowding, index), num_keys=3)
+  return _inverse_permutation(order)
+
+
+def nsga2_select(F, k: int, valid=None, violation=None) -> jax.Array:
   """NSGA-II survival: the k rows first by rank, then by descending crowding distance.
 
   Objectives are minimised. Ties (same rank and crowding) go to the lower row index, so
@@ -697,17 +764,14 @@ def nsga2_select(F, k: int, valid=None) -> jax.Array:
     F: objectives [N, M], all minimised.
     k: number of survivors (static), 0 <= k <= N.
     valid: optional bool [N].
+    violation: optional constraint violation, see ``nsga2_priority``.
 
   Returns:
     int32 [k] indices of the survivors, best first.
   """
   F = _as_objectives(F)
   k = _check_k(k, F.shape[0])
-  ok = _valid_mask(F, valid)
-  rank = nondominated_rank(F, ok)
-  crowding = crowding_distance(F, rank, ok)
-  index = jnp.arange(F.shape[0], dtype=jnp.int32)
-  _, _, order = lax.sort((rank, -crowding, index), num_keys=3)
+  order = jnp.argsort(nsga2_priority(F, valid, violation))
   return order[:k].astype(jnp.int32)
 
 
@@ -716,9 +780,18 @@ def _normalise_nsga3(F, considered, first_front):
 
   Ideal point = per-objective minimum of the considered rows; extreme points minimise
   the ASF along each axis; the hyperplane through them gives the intercepts. If the
-  system is singular, an intercept is <= 1e-6 or not finite, the nadir falls back to the
-  worst of the first front; any objective whose range is still <= 1e-6 uses the worst of
-  the considered rows, and a remaining zero range is replaced by 1.
+  system is singular (also when two axes share an extreme point), an intercept is
+  <= 1e-6 or not finite, the nadir falls back to the worst of the first front; any
+  objective whose range is still <= 1e-6 uses the worst of the considered rows, and a
+  remaining zero range is replaced by 1.
+
+  Args:
+    F: objectives [N, M] (finite in the considered rows).
+    considered: bool [N] rows that define the normalisation.
+    first_front: bool [N] the first front (nadir fallback).
+
+  Returns:
+    ``(ideal [M], span [M])``: row i normalises to ``(F[i] - ideal) / span``.
   """
   m = F.shape[1]
   inf = jnp.array(jnp.inf, F.dtype)
@@ -733,23 +806,170 @@ def _normalise_nsga3(F, considered, first_front):
   plane = jnp.linalg.solve(E, jnp.ones(m, F.dtype))
   intercepts = 1 / plane
   fits = jnp.allclose(E @ plane, jnp.ones(m, F.dtype), rtol=1e-5, atol=1e-6)
-  good = fits & jnp.all(jnp.isfinite(intercepts)) & jnp.all(intercepts > _NADIR_EPS)
+  # One point extreme for two axes leaves the hyperplane undefined; whether the solver
+  # notices depends on its rounding, so check it exactly.
+  same = jnp.all(E[:, None, :] == E[None, :, :], axis=-1) & ~jnp.eye(m, dtype=bool)
+  good = (fits & ~jnp.any(same) & jnp.all(jnp.isfinite(intercepts))
+          & jnp.all(intercepts > _NADIR_EPS))
   span = jnp.where(good, jnp.minimum(intercepts, worst), worst_front)
   span = jnp.where(span <= _NADIR_EPS, worst, span)
   span = jnp.where(span <= _NADIR_EPS, 1, span)
-  return translated / span
+  return ideal, span
 
 
-def nsga3_select(F, k: int, ref_dirs, valid=None, *, key=None) -> jax.Array:
+def _check_ref_dirs(ref_dirs, m: int) -> jax.Array:
+  ref_dirs = jnp.asarray(ref_dirs)
+  if ref_dirs.ndim != 2 or ref_dirs.shape[1] != m or ref_dirs.shape[0] < 1:
+    raise ValueError(f"ref_dirs must have shape (H >= 1, {m}); got shape "
+                     f"{tuple(ref_dirs.shape)}")
+  return ref_dirs
+
+
+def _last_front(rank, ok, k):
+  """The front that reaches ``k`` valid rows (N + 1 when fewer than k are valid)."""
+  n = rank.shape[0]
+  front_size = jax.ops.segment_sum(ok.astype(jnp.int32), rank, num_segments=n + 1)
+  filled = jnp.cumsum(front_size)
+  return jnp.where(filled[-1] >= k, jnp.argmax(filled >= k), n + 1)
+
+
+def _associate(F, ok, rank, last, ref_dirs):
+  """Every valid row's nearest reference line on the normalisation of fronts <= last.
+
+  Returns:
+    ``(niche int32 [N], perpendicular distance [N])`` (0 and 0 for invalid rows).
+  """
+  considered = ok & (rank <= last)
+  ideal, span = _normalise_nsga3(F, considered, ok & (rank == 0))
+  normalised = jnp.where(ok[:, None], (F - ideal) / span, 0)
+  directions = ref_dirs.astype(F.dtype)
+  directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
+  along = normalised @ directions.T  # [N, H]
+  squared = jnp.sum(normalised ** 2, axis=1, keepdims=True) - along ** 2
+  distance = jnp.sqrt(jnp.maximum(squared, 0))
+  niche = jnp.argmin(distance, axis=1).astype(jnp.int32)  # ties: lowest reference index
+  return niche, jnp.where(ok, jnp.min(distance, axis=1), 0)
+
+
+def _niching_order(rank, ok, niche, niche_distance, num_dirs: int, num_steps: int,
+                   key=None) -> jax.Array:
+  """NSGA-III's niche-preserving order, continued over every front.
+
+  Step t takes, from the best front that still has unordered rows, the reference
+  direction with the smallest niche count (rows already ordered, of any front) among
+  the directions with candidates (lowest index on ties), and its nearest member (lowest
+  row index on ties). With ``key``, direction ties are random and an occupied niche
+  gives a random member (Deb & Jain); an empty one still gives its nearest.
+
+  Args:
+    rank: int32 [N] fronts; ok: bool [N] valid rows.
+    niche: int32 [N] reference direction of each row; niche_distance: [N] distance.
+    num_dirs: number of reference directions H.
+    num_steps: how many rows to order (static; N orders every valid row).
+    key: optional PRNG key.
+
+  Returns:
+    int32 [N]: the step at which each row was ordered; int32 max for rows not ordered.
+  """
+  n = rank.shape[0]
+  big = jnp.iinfo(jnp.int32).max
+  dtype = niche_distance.dtype
+
+  def step(t, carry):
+    remaining, niche_count, position, loop_key = carry
+    front = jnp.min(jnp.where(remaining, rank, big))
+    candidates = remaining & (rank == front)
+    has_candidates = jax.ops.segment_max(candidates.astype(jnp.int32), niche,
+                                         num_segments=num_dirs) > 0
+    score = jnp.where(has_candidates, niche_count, big).astype(dtype)
+    if key is None:
+      member_score = niche_distance
+    else:
+      loop_key, tie_key, member_key = jax.random.split(loop_key, 3)
+      score = score + 0.5 * jax.random.uniform(tie_key, (num_dirs,), dtype)
+    direction = jnp.argmin(score)
+    if key is not None:  # empty niche: nearest member; occupied niche: a random member
+      member_score = jnp.where(niche_count[direction] == 0, niche_distance,
+                               jax.random.uniform(member_key, (n,), dtype))
+    in_niche = candidates & (niche == direction)
+    member = jnp.argmin(jnp.where(in_niche, member_score, jnp.inf))
+    active = jnp.any(in_niche)  # False once every valid row is ordered
+    remaining = remaining.at[member].set(jnp.where(active, False, remaining[member]))
+    niche_count = niche_count.at[direction].add(active.astype(jnp.int32))
+    position = position.at[member].set(jnp.where(active, t, position[member]))
+    return remaining, niche_count, position, loop_key
+
+  loop_key = key if key is not None else jax.random.key(0)
+  init = (ok, jnp.zeros(num_dirs, jnp.int32), jnp.full(n, big, jnp.int32), loop_key)
+  return lax.fori_loop(0, num_steps, step, init)[2]
+
+
+def _nsga3_positions(F, k, ref_dirs, valid, violation, key, num_steps):
+  """Shared core of ``nsga3_priority`` / ``nsga3_select``.
+
+  Returns:
+    ``(position int32 [N] from _niching_order, rank, ok, last front)``.
+  """
+  F, ok, rank = _selection_ranks(F, valid, violation)
+  last = _last_front(rank, ok, k)
+  niche, niche_distance = _associate(F, ok, rank, last, ref_dirs)
+  position = _niching_order(rank, ok, niche, niche_distance, ref_dirs.shape[0], num_steps,
+                            key)
+  return position, rank, ok, last
+
+
+def nsga3_priority(F, k, ref_dirs, valid=None, violation=None, *, key=None) -> jax.Array:
+  """NSGA-III (Deb & Jain 2014) order of every row, consistent with survival of k rows.
+
+  Objectives are minimised. The rows with priority < k are exactly NSGA-III's k
+  survivors (``nsga3_select``): rows are normalised on the fronts up to the one that
+  reaches k rows (ideal point, ASF extreme points, hyperplane intercepts with a nadir
+  fallback), each is associated with the reference line nearest in perpendicular
+  distance, then fronts are ordered one after another; inside a front, repeatedly the
+  reference direction with the smallest niche count among the directions that still
+  have candidates (counting every row already ordered, whatever its front) gives its
+  nearest member. Beyond the k survivors the same niching continues, so the order
+  ranks every candidate (NEMO's species each keep their own best-ranked members).
+
+  Ties are deterministic when ``key`` is None: the lowest reference index among equal
+  niche counts, then the nearest member, then the lowest row index. With a ``key``,
+  ties between niche counts and the member of an already occupied niche are random
+  as in the paper. With ``violation``, fronts follow Deb's constraint domination
+  (feasible fronts, then infeasible rows by increasing violation). Invalid rows
+  (``valid`` False, a NaN objective or violation) come last, by index.
+
+  Args:
+    F: objectives [N, M], all minimised.
+    k: the number of survivors the order is consistent with, 0 <= k <= N: a Python int
+      or an int scalar array (may be traced, e.g. vmapped over several k).
+    ref_dirs: reference directions [H, M] (e.g. ``uniform_weights``).
+    valid: optional bool [N].
+    violation: optional [N] total constraint violation (<= 0 feasible) or [N, C]
+      constraint values ``g <= 0``.
+    key: optional PRNG key for random tie-breaking.
+
+  Returns:
+    int32 [N] priority, a permutation of 0..N-1 (0 = best).
+  """
+  F = _as_objectives(F)
+  n = F.shape[0]
+  k = _check_count(k, n)
+  ref_dirs = _check_ref_dirs(ref_dirs, F.shape[1])
+  if n == 0:
+    return jnp.zeros(0, jnp.int32)
+  position, _, _, _ = _nsga3_positions(F, k, ref_dirs, valid, violation, key, n)
+  index = jnp.arange(n, dtype=jnp.int32)
+  _, order = lax.sort((position, index), num_keys=2)  # unordered (invalid) rows: by index
+  return _inverse_permutation(order)
+
+
+def nsga3_select(F, k: int, ref_dirs, valid=None, violation=None, *, key=None) -> jax.Array:
   """NSGA-III survival (Deb & Jain 2014) returning the indices of k survivors.
 
   Objectives are minimised. Whole fronts are taken while they fit; the front that
-  overfills (the "last front") is filled by reference-point niching: rows of the taken
-  fronts plus the last front are normalised (ideal point, ASF extreme points, hyperplane
-  intercepts with a nadir fallback, see ``_normalise_nsga3``), each is associated with
-  the reference line nearest in perpendicular distance, and the last front's rows are
-  added one at a time to the reference direction with the smallest niche count that
-  still has candidates.
+  overfills (the "last front") is filled by reference-point niching (see
+  ``nsga3_priority``, whose k best rows these are): its rows are added one at a time
+  to the reference direction with the smallest niche count that still has candidates.
 
   Tie-breaking is deterministic when ``key`` is None: the lowest reference index among
   equal niche counts, then the candidate nearest to that line (lowest row index on
@@ -761,6 +981,7 @@ def nsga3_select(F, k: int, ref_dirs, valid=None, *, key=None) -> jax.Array:
     k: number of survivors (static), 0 <= k <= N.
     ref_dirs: reference directions [H, M] (e.g. ``uniform_weights``).
     valid: optional bool [N]; invalid rows are taken only after every valid row.
+    violation: optional constraint violation, see ``nsga3_priority``.
     key: optional PRNG key for random tie-breaking.
 
   Returns:
@@ -768,71 +989,19 @@ def nsga3_select(F, k: int, ref_dirs, valid=None, *, key=None) -> jax.Array:
     pick order, then (only if fewer than k valid rows) invalid rows by index.
   """
   F = _as_objectives(F)
-  n, m = F.shape
+  n = F.shape[0]
   k = _check_k(k, n)
-  ref_dirs = jnp.asarray(ref_dirs)
-  if ref_dirs.ndim != 2 or ref_dirs.shape[1] != m or ref_dirs.shape[0] < 1:
-    raise ValueError(f"ref_dirs must have shape (H >= 1, {m}); got shape "
-                     f"{tuple(ref_dirs.shape)}")
+  ref_dirs = _check_ref_dirs(ref_dirs, F.shape[1])
   if k == 0:
     return jnp.zeros(0, jnp.int32)
-  ok = _valid_mask(F, valid)
-  F = jnp.where(ok[:, None], F, 0)
-  rank = nondominated_rank(F, ok)
-  index = jnp.arange(n, dtype=jnp.int32)
-
-  # Last front L: the first rank at which the cumulative count of valid rows reaches k.
-  front_size = jax.ops.segment_sum(ok.astype(jnp.int32), rank, num_segments=n + 1)
-  filled = jnp.cumsum(front_size)
-  # With fewer than k valid rows every valid row is taken (last = beyond every rank).
-  last = jnp.where(filled[-1] >= k, jnp.argmax(filled >= k), n + 1)
+  # k niching steps decide the survivors (the rest of the order is not needed).
+  position, rank, ok, last = _nsga3_positions(F, k, ref_dirs, valid, violation, key, k)
   taken = ok & (rank < last)
-  candidates = ok & (rank == last)
-  still_needed = k - jnp.sum(taken)
-
-  considered = ok & (rank <= last)
-  normalised = _normalise_nsga3(F, considered, ok & (rank == 0))
-  directions = ref_dirs.astype(F.dtype)
-  directions = directions / jnp.linalg.norm(directions, axis=1, keepdims=True)
-  along = normalised @ directions.T  # [N, H]
-  squared = jnp.sum(normalised ** 2, axis=1, keepdims=True) - along ** 2
-  distance = jnp.sqrt(jnp.maximum(squared, 0))
-  niche = jnp.argmin(distance, axis=1)  # ties: lowest reference index
-  niche_distance = jnp.min(distance, axis=1)
-  num_dirs = ref_dirs.shape[0]
-  niche_count = jax.ops.segment_sum(taken.astype(jnp.int32), niche, num_segments=num_dirs)
-  big = jnp.iinfo(jnp.int32).max
-
-  def pick(step, carry):
-    available, niche_count, pick_order, pick_key = carry
-    has_candidates = jax.ops.segment_max(available.astype(jnp.int32), niche,
-                                         num_segments=num_dirs) > 0
-    score = jnp.where(has_candidates, niche_count, big).astype(F.dtype)
-    pick_key, tie_key, member_key = (jax.random.split(pick_key, 3) if key is not None
-                                     else (pick_key, None, None))
-    if key is not None:
-      score = score + 0.5 * jax.random.uniform(tie_key, (num_dirs,), F.dtype)
-    direction = jnp.argmin(score)
-    in_niche = available & (niche == direction)
-    if key is None:
-      member_score = niche_distance
-    else:  # empty niche: nearest member; occupied niche: a random member
-      member_score = jnp.where(niche_count[direction] == 0, niche_distance,
-                               jax.random.uniform(member_key, (n,), F.dtype))
-    member = jnp.argmin(jnp.where(in_niche, member_score, jnp.inf))
-    active = (step < still_needed) & jnp.any(in_niche)
-    available = available.at[member].set(jnp.where(active, False, available[member]))
-    niche_count = niche_count.at[direction].add(active.astype(jnp.int32))
-    pick_order = pick_order.at[member].set(jnp.where(active, step, pick_order[member]))
-    return available, niche_count, pick_order, pick_key
-
-  loop_key = key if key is not None else jax.random.key(0)
-  init = (candidates, niche_count, jnp.full(n, big, jnp.int32), loop_key)
-  pick_order = lax.fori_loop(0, k, pick, init)[2]
-  picked = pick_order < big
-  # Sort: taken rows (by rank, index), then picks (in pick order), then the rest
-  # (valid before invalid via rank, then index).
+  picked = ok & (rank == last) & (position < k)
+  index = jnp.arange(n, dtype=jnp.int32)
+  # Taken rows (by rank, index), then picks (in pick order), then the rest (valid
+  # before invalid via rank, then index).
   group = jnp.where(taken, 0, jnp.where(picked, 1, 2))
-  within = jnp.where(taken, rank, jnp.where(picked, pick_order, rank))
+  within = jnp.where(taken, rank, jnp.where(picked, position, rank))
   _, _, _, order = lax.sort((group, within, index, index), num_keys=3)
   return order[:k].astype(jnp.int32)

@@ -51,28 +51,9 @@ from nemo_jax._src.emomc import io as library_io
 from nemo_jax._src.evaluator import Evaluator
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, SearchConfig, search_registries
+from nemo_jax._src.search.species import SearchSpace
 
 MIN_LIBRARY_WEIGHT_BITS = 2   # EMOMC's symmetric formula needs 2^(q-1) - 1 >= 1
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSpace:
-  """What the species' genomes decode to.
-
-  Attributes:
-    num_nodes: quantizer nodes of the workload graph (``Workload.num_quantizers``).
-    active_nodes: indices of the nodes whose bit-width is searched.
-    num_choices: number of bit choices K.
-    num_keep: number of keep-ratio choices (1: no keep gene).
-  """
-  num_nodes: int
-  active_nodes: tuple[int, ...]
-  num_choices: int
-  num_keep: int
-
-  @property
-  def num_genes(self) -> int:
-    return len(self.active_nodes) + (1 if self.num_keep > 1 else 0)
 
 
 @dataclasses.dataclass(frozen=True)

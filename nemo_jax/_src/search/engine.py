@@ -8,17 +8,22 @@ A generation (NEMO's Algorithm 1, with static shapes throughout):
    species into one dense batch of exactly ``population`` configs.
 2. the problem scores the batch: costs (jit) + batched accuracy (the only step that
    leaves jit).
-3. ``select`` (jit): joint ranking of parents + offspring of ALL species (constraint
-   domination, then NSGA-III reference-direction niching or NSGA-II crowding) ->
+3. ``select`` (jit): joint ranking of parents + offspring of ALL species
+   (``pareto.nsga3_priority`` / ``nsga2_priority``: constraint domination, then
+   NSGA-III reference-direction niching for ``population`` survivors, continued
+   over every candidate, or NSGA-II crowding) ->
    utility per species (R2 against the utopian point, or the number of members on
    the joint front) -> UCB allocation of the next sizes (minimum size per species,
    growth at most x2 so every slot is filled by an evaluated candidate) -> each
-   species keeps its best-ranked candidates -> evosax ``tell`` -> the archive of every
-   non-dominated configuration seen (deduplicated) is updated.
+   species keeps its best-ranked candidates (every group's ``tell``) -> the archive of
+   every non-dominated configuration seen (deduplicated) is updated.
 
-The whole search state is one pytree (checkpointed with orbax every generation), and
-every random choice comes from the PRNG key inside it: the same config and seed give
-the same result, and a resumed run equals an uninterrupted one.
+Every species group follows one evosax-style protocol (``species.SpeciesGroup``:
+``init`` / ``ask`` / ``tell`` / ``decode``), so the engine never asks which optimiser
+drives a species. The whole search state is one typed pytree (:class:`SearchState`,
+checkpointed with orbax every generation), and every random choice comes from the PRNG
+key inside it: the same config and seed give the same result, and a resumed run equals
+an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,12 +34,126 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from nemo_jax import pareto
 from nemo_jax._src.search import species as species_lib
 from nemo_jax._src.search.config import SearchConfig
 
-BIG = 1e6  # finite "very bad" fitness for evosax (NaN-free fitness shaping)
+
+
+@struct.dataclass
+class Archive:
+  """Every distinct non-dominated configuration seen (``A`` = ``cfg.archive_size`` rows).
+
+  Rows with ``valid`` False are empty slots. The same type holds rows to add
+  (:func:`update_archive`), with their own row count.
+
+  Attributes:
+    key: int32 ``[A, num_active + 1]`` identity of a configuration (choices, keep).
+    choice: int32 ``[A, num_active]`` bit-choice indices of the searched quantizers.
+    keep_idx: int32 ``[A]`` keep-ratio index.
+    F: float32 ``[A, M]`` objectives (minimised).
+    violation: float32 ``[A]`` total constraint violation (0 = feasible).
+    raw: float32 ``[A, R]`` raw quantities (``Engine.raw_names``).
+    species: int32 ``[A]`` species that found the configuration.
+    generation: int32 ``[A]`` generation it was found in.
+    valid: bool ``[A]`` occupied rows.
+  """
+  key: jax.Array
+  choice: jax.Array
+  keep_idx: jax.Array
+  F: jax.Array
+  violation: jax.Array
+  raw: jax.Array
+  species: jax.Array
+  generation: jax.Array
+  valid: jax.Array
+
+  def to_dict(self) -> dict:
+    """The fields as a plain ``{name: array}`` dict."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@struct.dataclass
+class SearchState:
+  """The whole search between generations (``S`` species, capacity ``C`` each).
+
+  Attributes:
+    generation: int32 ``[]`` generations completed (0 after ``finish_init``).
+    key: uint32 PRNG key data (``jax.random.key_data``) for the next generation.
+    species: one state per species group (``SpeciesGroup.init`` / ``tell`` output).
+    sizes: int32 ``[S]`` live members per species (the first ``sizes[s]`` slots).
+    evals: int32 ``[S]`` evaluations spent per species so far.
+    choice: int32 ``[S, C, num_active]`` the members' bit-choice indices.
+    keep_idx: int32 ``[S, C]`` the members' keep-ratio indices.
+    F: float32 ``[S, C, M]`` the members' objectives (NaN in dead slots).
+    violation: float32 ``[S, C]`` the members' constraint violation.
+    raw: float32 ``[S, C, R]`` the members' raw quantities.
+    priority: int32 ``[S, C]`` joint rank of the members (0 = best; int32 max if dead).
+    archive: the :class:`Archive`.
+  """
+  generation: jax.Array
+  key: jax.Array
+  species: tuple
+  sizes: jax.Array
+  evals: jax.Array
+  choice: jax.Array
+  keep_idx: jax.Array
+  F: jax.Array
+  violation: jax.Array
+  raw: jax.Array
+  priority: jax.Array
+  archive: Archive
+
+
+@struct.dataclass
+class Batch:
+  """One generation's candidates: the genomes and the dense batch to evaluate.
+
+  Attributes:
+    choice: int32 ``[P, num_active]`` bit-choice indices of the ``P = population`` live
+      candidates (species order).
+    keep_idx: int32 ``[P]`` their keep-ratio indices.
+    live: int32 ``[P]`` their flat slots in ``[S * C]`` (species-major).
+    genomes: one genome pytree per species group (what the groups' ``tell`` receives).
+  """
+  choice: jax.Array
+  keep_idx: jax.Array
+  live: jax.Array
+  genomes: tuple
+
+
+@struct.dataclass
+class Proposal:
+  """What ``propose`` hands to ``select`` besides the batch.
+
+  Attributes:
+    species: the species groups' states after ``ask``.
+    choice: int32 ``[S, C, num_active]`` decoded offspring, every slot.
+    keep_idx: int32 ``[S, C]`` decoded offspring keep indices.
+    key: uint32 PRNG key data left after this generation's splits.
+  """
+  species: tuple
+  choice: jax.Array
+  keep_idx: jax.Array
+  key: jax.Array
+
+
+@struct.dataclass
+class GenerationMetrics:
+  """Per-species numbers of one generation (``S`` species).
+
+  Attributes:
+    utility: float32 ``[S]`` raw utility (R2, lower is better; or front count).
+    value: float32 ``[S]`` utility mapped to [0, 1], higher is better (UCB input).
+    sizes: int32 ``[S]`` the next generation's sizes.
+    front_counts: int32 ``[S]`` candidates of each species on the joint first front.
+  """
+  utility: jax.Array
+  value: jax.Array
+  sizes: jax.Array
+  front_counts: jax.Array
 
 
 def species_capacity(cfg: SearchConfig) -> int:
@@ -75,55 +194,6 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
   return jax.lax.fori_loop(0, total - min_size * old_sizes.shape[0], seat, sizes)
 
 
-def _normalise_for_niching(F, valid, rank):
-  """Ideal/nadir normalisation (nadir from the first front; falls back to the max)."""
-  big = jnp.where(valid[:, None], F, jnp.inf)
-  ideal = jnp.min(big, axis=0)
-  first = valid & (rank == 0)
-  nadir = jnp.max(jnp.where(first[:, None], F, -jnp.inf), axis=0)
-  worst = jnp.max(jnp.where(valid[:, None], F, -jnp.inf), axis=0)
-  nadir = jnp.where(nadir - ideal > 1e-12, nadir, worst)
-  span = jnp.where(nadir - ideal > 1e-12, nadir - ideal, 1.0)
-  return jnp.where(valid[:, None], (F - ideal) / span, 0.0)
-
-
-def joint_priority(F, violation, valid, ref_dirs, selection: str):
-  """A total order of the population (0 = best), jointly over all species.
-
-  ``nsga3``: constrained non-dominated rank, then NSGA-III niching: members are
-  associated with their nearest reference direction (perpendicular distance on the
-  normalised objectives); inside a front, the closest member of every niche comes
-  first, then the second closest of every niche, and so on (the deterministic order
-  NSGA-III's niche-preserving selection fills a last front with). ``nsga2``: rank,
-  then descending crowding distance. Ties break by index. Invalid rows come last.
-
-  Returns:
-    ``(priority int32 [N], rank int32 [N])``.
-  """
-  n = F.shape[0]
-  rank = pareto.constrained_rank(F, violation, valid=valid)
-  idx = jnp.arange(n)
-  if selection == "nsga2":
-    crowd = pareto.crowding_distance(F, rank, valid=valid)
-    second = -jnp.where(jnp.isfinite(crowd), crowd, jnp.finfo(jnp.float32).max)
-  else:
-    Fn = _normalise_for_niching(F, valid, rank)
-    dirs = ref_dirs / jnp.linalg.norm(ref_dirs, axis=1, keepdims=True)
-    proj = Fn @ dirs.T                                              # [N, D]
-    dist2 = jnp.sum(Fn**2, axis=1, keepdims=True) - proj**2
-    dist = jnp.sqrt(jnp.maximum(dist2, 0.0))
-    niche = jnp.argmin(dist, axis=1)
-    d = jnp.min(dist, axis=1)
-    same = (rank[:, None] == rank[None, :]) & (niche[:, None] == niche[None, :]) & valid[None, :]
-    closer = (d[None, :] < d[:, None]) | ((d[None, :] == d[:, None]) & (idx[None, :] < idx[:, None]))
-    round_ = jnp.sum(same & closer, axis=1)
-    second = round_.astype(jnp.float32) * 4.0 + d  # round first, distance breaks ties
-  big_rank = jnp.where(valid, rank, jnp.iinfo(jnp.int32).max)
-  order = jnp.lexsort((idx, second, big_rank))
-  priority = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return priority, rank
-
-
 def _dedup(keys, valid):
   """Marks rows whose key equals an earlier valid row's key (stable: first one wins)."""
   n = keys.shape[0]
@@ -138,32 +208,44 @@ def _dedup(keys, valid):
   return valid & ~dup
 
 
-def update_archive(archive: dict, new: dict) -> dict:
+def update_archive(archive: Archive, rows: Archive) -> Archive:
   """Keeps every (feasible-first) non-dominated, distinct configuration seen.
 
-  Rows of ``archive`` and ``new`` are dicts of arrays with the same keys; ``valid``
-  marks real rows, ``key`` (int32 ``[R, K]``) identifies a configuration. If more
-  than the capacity are non-dominated, the most crowded ones are dropped.
+  ``rows.valid`` marks real rows, ``key`` identifies a configuration (the first of
+  equal keys wins). If more than the capacity are non-dominated, the most crowded ones
+  are dropped.
+
+  Args:
+    archive: the current archive, ``A`` rows.
+    rows: candidates to add, any number of rows.
+
+  Returns:
+    The new archive, ``A`` rows.
   """
-  cap = archive["valid"].shape[0]
-  rows = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), archive, new)
-  finite = jnp.all(jnp.isfinite(rows["F"]), axis=1)
-  valid = _dedup(rows["key"], rows["valid"] & finite)
-  rank = pareto.constrained_rank(rows["F"], rows["violation"], valid=valid)
+  cap = archive.valid.shape[0]
+  both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), archive, rows)
+  finite = jnp.all(jnp.isfinite(both.F), axis=1)
+  valid = _dedup(both.key, both.valid & finite)
+  rank = pareto.constrained_rank(both.F, both.violation, valid=valid)
   keep = valid & (rank == 0)
-  crowd = pareto.crowding_distance(rows["F"], jnp.where(keep, 0, 1), valid=keep)
+  crowd = pareto.crowding_distance(both.F, jnp.where(keep, 0, 1), valid=keep)
   crowd = jnp.where(jnp.isfinite(crowd), crowd, jnp.finfo(jnp.float32).max)
   order = jnp.lexsort((jnp.arange(keep.shape[0]), -crowd, ~keep))[:cap]
-  out = jax.tree.map(lambda x: x[order], rows)
-  out["valid"] = keep[order]
-  return out
+  out = jax.tree.map(lambda x: x[order], both)
+  return out.replace(valid=keep[order])
 
 
-def tchebycheff(F, weights=None):
-  """Scalarised fitness for evosax species: weighted max distance to the utopian point 0."""
-  m = F.shape[-1]
-  w = jnp.full((m,), 1.0 / m) if weights is None else weights
-  return jnp.max(w * F, axis=-1)
+def empty_archive(size: int, num_active: int, num_objectives: int, num_raw: int) -> Archive:
+  """An archive of ``size`` empty rows."""
+  return Archive(key=jnp.full((size, num_active + 1), -1, jnp.int32),
+                 choice=jnp.zeros((size, num_active), jnp.int32),
+                 keep_idx=jnp.zeros((size,), jnp.int32),
+                 F=jnp.full((size, num_objectives), jnp.nan, jnp.float32),
+                 violation=jnp.zeros((size,), jnp.float32),
+                 raw=jnp.full((size, num_raw), jnp.nan, jnp.float32),
+                 species=jnp.full((size,), -1, jnp.int32),
+                 generation=jnp.full((size,), -1, jnp.int32),
+                 valid=jnp.zeros((size,), bool))
 
 
 @dataclasses.dataclass
@@ -176,19 +258,21 @@ class Engine:
     graph: the workload ``jraph.GraphsTuple`` (GNN species input).
     feature_dim: node feature width.
     raw_names: names of the raw quantities stored per member (for reports).
+    custom_species: builders of custom species kinds (``Registries.species``).
   """
   cfg: SearchConfig
   space: species_lib.SearchSpace
   graph: Any
   feature_dim: int
   raw_names: tuple[str, ...]
+  custom_species: Any = None
 
   def __post_init__(self):
     cfg = self.cfg
     self.num_species = len(cfg.species)
     self.capacity = species_capacity(cfg)
     self.groups = species_lib.build_groups(cfg, self.space, self.capacity, self.graph,
-                                           self.feature_dim)
+                                           self.feature_dim, self.custom_species)
     order = [i for g in self.groups for i in g.species]
     self._species_perm = np.argsort(np.asarray(order))
     m = len(cfg.objectives)
@@ -218,131 +302,138 @@ class Engine:
     """Flat indices (into [S*C]) of the live members: exactly ``population`` of them."""
     return jnp.nonzero(self._alive(sizes).reshape(-1), size=self.cfg.population)[0]
 
+  def _batch(self, choice, keep_idx, live, genomes) -> Batch:
+    s, c = self.num_species, self.capacity
+    return Batch(choice=choice.reshape(s * c, -1)[live], keep_idx=keep_idx.reshape(-1)[live],
+                 live=live, genomes=tuple(genomes))
+
+  def _rank_and_priority(self, F, violation, valid):
+    """Joint constrained ranks and the selection order of candidates of ALL species.
+
+    The order is NSGA-III's (or NSGA-II's) total order for ``k = population``
+    survivors: the candidates with priority < population are exactly the NSGA-III
+    survivors of the pooled candidates, and the rest continue the same niching, so
+    each species can fill its own allocation with its best-ranked members.
+
+    Args:
+      F: [N, M] objectives; violation: [N]; valid: bool [N].
+
+    Returns:
+      ``(priority int32 [N], 0 = best, int32 max where not valid; rank int32 [N])``.
+    """
+    rank = pareto.constrained_rank(F, violation, valid=valid)
+    if self.cfg.selection == "nsga2":
+      priority = pareto.nsga2_priority(F, valid=valid, violation=violation)
+    else:
+      priority = pareto.nsga3_priority(F, self.cfg.population, self.ref_dirs, valid=valid,
+                                       violation=violation)
+    return jnp.where(valid, priority, jnp.iinfo(jnp.int32).max), rank
+
   def member_key(self, choice, keep_idx):
     return jnp.concatenate([choice, keep_idx[..., None]], axis=-1).astype(jnp.int32)
-
-  # ---------------------------------------------------------------- generation 0
-  def _init_state(self, key):
-    """Random genomes for every species; returns (state, batch to evaluate)."""
-    cfg = self.cfg
-    key, *gkeys = jax.random.split(key, len(self.groups) + 1)
-    genomes, evo_states = [], []
-    for g, k in zip(self.groups, gkeys):
-      if g.strategy is None:
-        genomes.append(g.init(k))
-        evo_states.append(None)
-      else:
-        k_i, k_a = jax.random.split(k)
-        evo = g.init(k_i)
-        x, evo = g.strategy.ask(k_a, evo, g.strategy_params)
-        genomes.append(x)
-        evo_states.append(evo)
-    sizes = jnp.asarray(initial_sizes(cfg))
-    choice, keep_idx = self._decode_all(genomes)
-    live = self._gather_live(sizes)
-    s, c, m = self.num_species, self.capacity, len(cfg.objectives)
-    state = {
-        "generation": jnp.zeros((), jnp.int32),
-        "key": jax.random.key_data(key),
-        "genomes": genomes,
-        "evo_states": evo_states,
-        "sizes": sizes,
-        "evals": jnp.zeros((s,), jnp.int32),
-        "choice": choice,
-        "keep_idx": keep_idx,
-        "F": jnp.full((s, c, m), jnp.nan, jnp.float32),
-        "violation": jnp.zeros((s, c), jnp.float32),
-        "raw": jnp.full((s, c, len(self.raw_names)), jnp.nan, jnp.float32),
-        "priority": jnp.zeros((s, c), jnp.int32),
-        "archive": self._empty_archive(),
-    }
-    batch = {"choice": choice.reshape(s * c, -1)[live], "keep_idx": keep_idx.reshape(-1)[live],
-             "live": live}
-    return state, batch
-
-  def _empty_archive(self):
-    a, m = self.cfg.archive_size, len(self.cfg.objectives)
-    return {"key": jnp.full((a, len(self.space.active_nodes) + 1), -1, jnp.int32),
-            "choice": jnp.zeros((a, len(self.space.active_nodes)), jnp.int32),
-            "keep_idx": jnp.zeros((a,), jnp.int32),
-            "F": jnp.full((a, m), jnp.nan, jnp.float32),
-            "violation": jnp.zeros((a,), jnp.float32),
-            "raw": jnp.full((a, len(self.raw_names)), jnp.nan, jnp.float32),
-            "species": jnp.full((a,), -1, jnp.int32),
-            "generation": jnp.full((a,), -1, jnp.int32),
-            "valid": jnp.zeros((a,), bool)}
 
   def _scatter(self, live, values, fill):
     s, c = self.num_species, self.capacity
     flat = jnp.full((s * c,) + values.shape[1:], fill, values.dtype).at[live].set(values)
     return flat.reshape((s, c) + values.shape[1:])
 
-  def _finish_init(self, state, batch, F, violation, raw):
-    """Stores generation 0's scores, ranks the parents, tells evosax, fills the archive."""
-    live = batch["live"]
-    state = dict(state)
-    state["F"] = self._scatter(live, F, jnp.nan)
-    state["violation"] = self._scatter(live, violation, 0.0)
-    state["raw"] = self._scatter(live, raw, jnp.nan)
-    alive = self._alive(state["sizes"])
-    s, c = self.num_species, self.capacity
-    pri, _ = joint_priority(state["F"].reshape(s * c, -1), state["violation"].reshape(-1),
-                            alive.reshape(-1), self.ref_dirs, self.cfg.selection)
-    state["priority"] = jnp.where(alive, pri.reshape(s, c), jnp.iinfo(jnp.int32).max)
-    state["evals"] = state["sizes"]
-    state["evo_states"] = self._tell(state["key"], state["evo_states"], state["genomes"],
-                                     state["F"], state["violation"], alive)
-    species_id = jnp.repeat(jnp.arange(s), c)[live]
-    state["archive"] = update_archive(state["archive"], self._archive_rows(
-        batch["choice"], batch["keep_idx"], F, violation, raw, species_id, 0))
-    return state
+  def _archive_rows(self, batch: Batch, F, violation, raw, generation) -> Archive:
+    species_id = jnp.repeat(jnp.arange(self.num_species), self.capacity)[batch.live]
+    n = batch.choice.shape[0]
+    return Archive(key=self.member_key(batch.choice, batch.keep_idx), choice=batch.choice,
+                   keep_idx=batch.keep_idx, F=F, violation=violation, raw=raw,
+                   species=species_id.astype(jnp.int32),
+                   generation=jnp.full((n,), generation, jnp.int32),
+                   valid=jnp.ones((n,), bool))
 
-  def _archive_rows(self, choice, keep_idx, F, violation, raw, species_id, generation):
-    return {"key": self.member_key(choice, keep_idx), "choice": choice, "keep_idx": keep_idx,
-            "F": F, "violation": violation, "raw": raw, "species": species_id.astype(jnp.int32),
-            "generation": jnp.full(choice.shape[:1], generation, jnp.int32),
-            "valid": jnp.ones(choice.shape[:1], bool)}
+  def _tell(self, key_data, states, offspring, keep_order, F, violation, alive):
+    """Every group's ``tell`` with its slice of the generation's outcome.
 
-  def _tell(self, key_data, evo_states, genomes, F, violation, alive):
+    Args:
+      key_data: the generation's key data; group ``gi`` gets ``fold_in(key, 1000 + gi)``.
+      states: per-group states (after ``ask``).
+      offspring: per-group genomes that were evaluated.
+      keep_order: int32 ``[S, C]`` what each species keeps (indices into ``[0, 2C)``).
+      F, violation, alive: the offspring's ``[S, C, M]``, ``[S, C]``, ``[S, C]``.
+
+    Returns:
+      tuple of the groups' next states.
+    """
+    key = jax.random.wrap_key_data(key_data)
     out = []
-    for gi, (g, evo) in enumerate(zip(self.groups, evo_states)):
-      if g.strategy is None:
-        out.append(evo)
-        continue
-      s = g.species[0]
-      fit = tchebycheff(F[s]) + 10.0 * violation[s]
-      fit = jnp.where(alive[s] & jnp.isfinite(fit), fit, BIG)
-      pop = jax.tree.leaves(genomes[gi])[0].shape[0]
-      fit = jnp.concatenate([fit, jnp.full((pop - fit.shape[0],), BIG)])
-      k = jax.random.fold_in(jax.random.wrap_key_data(key_data), 1000 + gi)
-      new_evo, _ = g.strategy.tell(k, genomes[gi], fit, evo, g.strategy_params)
-      out.append(new_evo)
-    return out
+    for gi, (g, st, off) in enumerate(zip(self.groups, states, offspring)):
+      idx = np.asarray(g.species)
+      info = species_lib.TellInfo(keep_order=keep_order[idx], F=F[idx],
+                                  violation=violation[idx], alive=alive[idx])
+      out.append(g.tell(jax.random.fold_in(key, 1000 + gi), st, off, info))
+    return tuple(out)
+
+  # ---------------------------------------------------------------- generation 0
+  def _init_state(self, key) -> tuple[SearchState, Batch]:
+    """Every group's ``init``; returns (state, batch to evaluate)."""
+    cfg = self.cfg
+    key, *gkeys = jax.random.split(key, len(self.groups) + 1)
+    states, genomes = zip(*[g.init(k) for g, k in zip(self.groups, gkeys)])
+    sizes = jnp.asarray(initial_sizes(cfg))
+    choice, keep_idx = self._decode_all(genomes)
+    live = self._gather_live(sizes)
+    s, c, m, r = self.num_species, self.capacity, len(cfg.objectives), len(self.raw_names)
+    state = SearchState(
+        generation=jnp.zeros((), jnp.int32),
+        key=jax.random.key_data(key),
+        species=tuple(states),
+        sizes=sizes,
+        evals=jnp.zeros((s,), jnp.int32),
+        choice=choice,
+        keep_idx=keep_idx,
+        F=jnp.full((s, c, m), jnp.nan, jnp.float32),
+        violation=jnp.zeros((s, c), jnp.float32),
+        raw=jnp.full((s, c, r), jnp.nan, jnp.float32),
+        priority=jnp.zeros((s, c), jnp.int32),
+        archive=empty_archive(cfg.archive_size, len(self.space.active_nodes), m, r))
+    return state, self._batch(choice, keep_idx, live, genomes)
+
+  def _finish_init(self, state: SearchState, batch: Batch, F, violation, raw) -> SearchState:
+    """Stores generation 0's scores, ranks the members, tells every group, fills the archive.
+
+    Generation 0 goes through the same ``tell`` as later ones: every member is kept
+    (the identity keep order over the members, which are the offspring).
+    """
+    live = batch.live
+    s, c = self.num_species, self.capacity
+    F_all = self._scatter(live, F, jnp.nan)
+    viol_all = self._scatter(live, violation, 0.0)
+    alive = self._alive(state.sizes)
+    pri, _ = self._rank_and_priority(F_all.reshape(s * c, -1), viol_all.reshape(-1),
+                                     alive.reshape(-1))
+    identity = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (s, c))
+    return state.replace(
+        F=F_all,
+        violation=viol_all,
+        raw=self._scatter(live, raw, jnp.nan),
+        priority=pri.reshape(s, c),
+        evals=state.sizes,
+        species=self._tell(state.key, state.species, batch.genomes, identity, F_all,
+                           viol_all, alive),
+        archive=update_archive(state.archive,
+                               self._archive_rows(batch, F, violation, raw, 0)))
 
   # ---------------------------------------------------------------- generations >= 1
-  def _propose(self, state):
-    """Offspring of every species and the dense batch of live offspring to evaluate."""
-    key = jax.random.wrap_key_data(state["key"])
+  def _propose(self, state: SearchState) -> tuple[Proposal, Batch]:
+    """Every group's ``ask``: offspring of every species and the dense batch of live ones."""
+    key = jax.random.wrap_key_data(state.key)
     key, *gkeys = jax.random.split(key, len(self.groups) + 1)
-    offspring, evo_asked = [], []
-    for g, k, gen, evo in zip(self.groups, gkeys, state["genomes"], state["evo_states"]):
-      if g.strategy is None:
-        idx = np.asarray(g.species)
-        offspring.append(g.vary(k, gen, state["priority"][idx].astype(jnp.float32),
-                                state["sizes"][idx]))
-        evo_asked.append(None)
-      else:
-        x, evo = g.strategy.ask(k, evo, g.strategy_params)
-        offspring.append(x)
-        evo_asked.append(evo)
+    offspring, asked = [], []
+    for g, k, st in zip(self.groups, gkeys, state.species):
+      idx = np.asarray(g.species)
+      x, st = g.ask(k, st, state.priority[idx], state.sizes[idx])
+      offspring.append(x)
+      asked.append(st)
     choice, keep_idx = self._decode_all(offspring)
-    live = self._gather_live(state["sizes"])
-    s, c = self.num_species, self.capacity
-    proposal = {"genomes": offspring, "evo_states": evo_asked, "choice": choice,
-                "keep_idx": keep_idx, "key": jax.random.key_data(key)}
-    batch = {"choice": choice.reshape(s * c, -1)[live], "keep_idx": keep_idx.reshape(-1)[live],
-             "live": live}
-    return proposal, batch
+    live = self._gather_live(state.sizes)
+    proposal = Proposal(species=tuple(asked), choice=choice, keep_idx=keep_idx,
+                        key=jax.random.key_data(key))
+    return proposal, self._batch(choice, keep_idx, live, offspring)
 
   def _utilities(self, F, valid, rank):
     """Per-species value in [0, 1] (higher is better) and the raw utility."""
@@ -358,73 +449,61 @@ class Engine:
     value = jnp.where(hi - lo > 1e-12, (hi - raw) / jnp.maximum(hi - lo, 1e-12), 1.0)
     return jnp.where(finite, value, 0.0), raw
 
-  def _select(self, state, proposal, batch, F_new, viol_new, raw_new):
+  def _select(self, state: SearchState, proposal: Proposal, batch: Batch, F_new, viol_new,
+              raw_new) -> tuple[SearchState, GenerationMetrics]:
+    """Joint ranking, resizing, every group's ``tell`` and the archive update."""
     cfg = self.cfg
     s, c = self.num_species, self.capacity
-    live = batch["live"]
+    live = batch.live
     off_F = self._scatter(live, F_new, jnp.nan)
     off_viol = self._scatter(live, viol_new, 0.0)
     off_raw = self._scatter(live, raw_new, jnp.nan)
-    alive = self._alive(state["sizes"])
+    alive = self._alive(state.sizes)
     # Candidates of species s: its parents then its offspring, [S, 2C].
-    cand_F = jnp.concatenate([state["F"], off_F], axis=1)
-    cand_viol = jnp.concatenate([state["violation"], off_viol], axis=1)
-    cand_raw = jnp.concatenate([state["raw"], off_raw], axis=1)
-    cand_choice = jnp.concatenate([state["choice"], proposal["choice"]], axis=1)
-    cand_keep = jnp.concatenate([state["keep_idx"], proposal["keep_idx"]], axis=1)
+    cand_F = jnp.concatenate([state.F, off_F], axis=1)
+    cand_viol = jnp.concatenate([state.violation, off_viol], axis=1)
+    cand_raw = jnp.concatenate([state.raw, off_raw], axis=1)
+    cand_choice = jnp.concatenate([state.choice, proposal.choice], axis=1)
+    cand_keep = jnp.concatenate([state.keep_idx, proposal.keep_idx], axis=1)
     cand_valid = jnp.concatenate([alive, alive], axis=1)
     flat_valid = cand_valid.reshape(-1)
-    priority, rank = joint_priority(cand_F.reshape(s * 2 * c, -1), cand_viol.reshape(-1),
-                                    flat_valid, self.ref_dirs, cfg.selection)
-    priority = jnp.where(flat_valid, priority, jnp.iinfo(jnp.int32).max).reshape(s, 2 * c)
+    priority, rank = self._rank_and_priority(cand_F.reshape(s * 2 * c, -1),
+                                             cand_viol.reshape(-1), flat_valid)
+    priority = priority.reshape(s, 2 * c)
     rank = rank.reshape(s, 2 * c)
     finite = cand_valid & jnp.all(jnp.isfinite(cand_F), axis=-1)
     value, utility = self._utilities(cand_F, finite, rank)
-    evals = state["evals"] + state["sizes"]
+    evals = state.evals + state.sizes
     if cfg.resize:
-      sizes = allocate_sizes(value, evals, state["sizes"], cfg.population,
+      sizes = allocate_sizes(value, evals, state.sizes, cfg.population,
                              cfg.min_species_size, c, cfg.ucb_c)
     else:
-      sizes = state["sizes"]
+      sizes = state.sizes
     # Fill: every species keeps its best-ranked candidates.
     keep_order = jnp.argsort(priority, axis=1, stable=True)[:, :c]      # [S, C]
     take = lambda x: jnp.take_along_axis(x, keep_order.reshape(keep_order.shape + (1,) * (x.ndim - 2)), axis=1)
     new_alive = self._alive(sizes)
-    genomes = []
-    for g, parents, kids in zip(self.groups, state["genomes"], proposal["genomes"]):
-      if g.strategy is not None:
-        genomes.append(kids)   # evosax keeps its own population in its state
-        continue
-      idx = keep_order[np.asarray(g.species)]
-      both = jax.tree.map(lambda p, o: jnp.concatenate([p, o], axis=1), parents, kids)
-      genomes.append(jax.tree.map(
-          lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1),
-          both))
     new_priority = jnp.take_along_axis(priority, keep_order, axis=1)
-    new_state = {
-        "generation": state["generation"] + 1,
-        "key": proposal["key"],
-        "genomes": genomes,
-        "evo_states": self._tell(proposal["key"], proposal["evo_states"], proposal["genomes"],
-                                 off_F, off_viol, alive),
-        "sizes": sizes,
-        "evals": evals,
-        "choice": take(cand_choice),
-        "keep_idx": take(cand_keep[..., None])[..., 0],
-        "F": jnp.where(new_alive[..., None], take(cand_F), jnp.nan),
-        "violation": take(cand_viol[..., None])[..., 0],
-        "raw": take(cand_raw),
-        "priority": jnp.where(new_alive, new_priority, jnp.iinfo(jnp.int32).max),
-    }
-    species_id = jnp.repeat(jnp.arange(s), c)[live]
-    new_state["archive"] = update_archive(state["archive"], self._archive_rows(
-        batch["choice"], batch["keep_idx"], F_new, viol_new, raw_new, species_id,
-        state["generation"] + 1))
-    front_counts = jnp.sum(finite & (rank == 0), axis=1)
-    metrics = {"utility": utility, "value": value, "sizes": sizes, "front_counts": front_counts}
+    new_state = SearchState(
+        generation=state.generation + 1,
+        key=proposal.key,
+        species=self._tell(proposal.key, proposal.species, batch.genomes, keep_order, off_F,
+                           off_viol, alive),
+        sizes=sizes,
+        evals=evals,
+        choice=take(cand_choice),
+        keep_idx=take(cand_keep[..., None])[..., 0],
+        F=jnp.where(new_alive[..., None], take(cand_F), jnp.nan),
+        violation=take(cand_viol[..., None])[..., 0],
+        raw=take(cand_raw),
+        priority=jnp.where(new_alive, new_priority, jnp.iinfo(jnp.int32).max),
+        archive=update_archive(state.archive, self._archive_rows(
+            batch, F_new, viol_new, raw_new, state.generation + 1)))
+    metrics = GenerationMetrics(utility=utility, value=value, sizes=sizes,
+                                front_counts=jnp.sum(finite & (rank == 0), axis=1))
     return new_state, metrics
 
-  def hypervolume(self, archive, ref):
+  def hypervolume(self, archive: Archive, ref):
     """Hypervolume of the feasible archive front on the normalised objectives."""
-    ok = archive["valid"] & (archive["violation"] <= 0)
-    return pareto.hypervolume(archive["F"], ref, valid=ok)
+    ok = archive.valid & (archive.violation <= 0)
+    return pareto.hypervolume(archive.F, ref, valid=ok)

@@ -27,7 +27,7 @@ from nemo_jax._src import data as data_lib
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
-                                         species_labels)
+                                         search_registries, species_labels)
 from nemo_jax._src.search.engine import Engine
 from nemo_jax._src.problem import Problem, build_problem
 from nemo_jax._src.registries import Registries
@@ -80,7 +80,7 @@ def _raw_matrix(raw: Mapping[str, np.ndarray], names) -> np.ndarray:
 
 def _score(problem: Problem, batch, raw_names):
   """Decodes and scores a batch; returns device arrays and the accuracy seconds."""
-  configs = problem.decode(batch["choice"], batch["keep_idx"])
+  configs = problem.decode(batch.choice, batch.keep_idx)
   F, violation, raw, acc_seconds = problem.objectives(configs, timed=True)
   return (jnp.asarray(F), jnp.asarray(violation), jnp.asarray(_raw_matrix(raw, raw_names)),
           acc_seconds)
@@ -106,13 +106,13 @@ def _members(problem: Problem, choice, keep_idx, species, generation, raw, raw_n
 def front_members(problem: Problem, archive, raw_names, labels) -> list[dict]:
   """The feasible non-dominated archive as a list of dicts, sorted by objectives."""
   a = jax.tree.map(np.asarray, archive)
-  ok = a["valid"] & (a["violation"] <= 0)
+  ok = a.valid & (a.violation <= 0)
   if not ok.any():  # nothing feasible: report the least-violating configurations
-    ok = a["valid"] & (a["violation"] <= a["violation"][a["valid"]].min(initial=np.inf))
+    ok = a.valid & (a.violation <= a.violation[a.valid].min(initial=np.inf))
   idx = np.nonzero(ok)[0]
-  idx = idx[np.lexsort(tuple(a["F"][idx, j] for j in reversed(range(a["F"].shape[1]))))]
-  return _members(problem, a["choice"][idx], a["keep_idx"][idx], a["species"][idx],
-                  a["generation"][idx], a["raw"][idx], raw_names, labels)
+  idx = idx[np.lexsort(tuple(a.F[idx, j] for j in reversed(range(a.F.shape[1]))))]
+  return _members(problem, a.choice[idx], a.keep_idx[idx], a.species[idx],
+                  a.generation[idx], a.raw[idx], raw_names, labels)
 
 
 def _final_evaluator(problem: Problem):
@@ -168,12 +168,12 @@ def check_feasibility(problem: Problem, archive, raw_names, labels) -> str | Non
   if not cfg.constraints:
     return None
   a = jax.tree.map(np.asarray, archive)
-  valid = a["valid"]
-  if not valid.any() or (valid & (a["violation"] <= 0)).any():
+  valid = a.valid
+  if not valid.any() or (valid & (a.violation <= 0)).any():
     return None
-  i = int(np.argmin(np.where(valid, a["violation"], np.inf)))
-  m = _members(problem, a["choice"][i:i + 1], a["keep_idx"][i:i + 1], a["species"][i:i + 1],
-               a["generation"][i:i + 1], a["raw"][i:i + 1], raw_names, labels)[0]
+  i = int(np.argmin(np.where(valid, a.violation, np.inf)))
+  m = _members(problem, a.choice[i:i + 1], a.keep_idx[i:i + 1], a.species[i:i + 1],
+               a.generation[i:i + 1], a.raw[i:i + 1], raw_names, labels)[0]
   bounds = ", ".join(f"{n} <= {b!r} (closest has {m['metrics'][n]:.6g})"
                      for n, b in cfg.constraints.items())
   msg = (f"constraints: no configuration of generation 0 meets {bounds}; closest "
@@ -186,14 +186,14 @@ def check_feasibility(problem: Problem, archive, raw_names, labels) -> str | Non
 
 
 def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds):
-  row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state["evals"]))),
-         "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state["archive"]["valid"])))}
+  row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state.evals))),
+         "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state.archive.valid)))}
   for i, l in enumerate(labels):
-    row[f"size:{l}"] = int(np.asarray(state["sizes"])[i])
+    row[f"size:{l}"] = int(np.asarray(state.sizes)[i])
   for i, l in enumerate(labels):
-    row[f"utility:{l}"] = float(np.asarray(metrics["utility"])[i]) if metrics else float("nan")
+    row[f"utility:{l}"] = float(np.asarray(metrics.utility)[i]) if metrics else float("nan")
   for i, l in enumerate(labels):
-    row[f"front:{l}"] = int(np.asarray(metrics["front_counts"])[i]) if metrics else 0
+    row[f"front:{l}"] = int(np.asarray(metrics.front_counts)[i]) if metrics else 0
   row["seconds"] = round(seconds, 4)
   row["accuracy_seconds"] = round(acc_seconds, 4)
   return row
@@ -240,7 +240,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
   labels = species_labels(cfg.species)
   raw_names = raw_names_for(problem)
   engine = Engine(cfg, problem.space, problem.graph, int(problem.graph.nodes.shape[-1]),
-                  raw_names)
+                  raw_names, search_registries(cfg, registries).species)
   hv_ref = jnp.asarray(cfg.hv_ref if cfg.hv_ref is not None else [1.0] * len(cfg.objectives),
                        jnp.float32)
   hv_fn = jax.jit(engine.hypervolume)
@@ -269,22 +269,22 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     state, batch = engine.init_state(jax.random.key(cfg.seed))
     F, viol, raw, acc_s = _score(problem, batch, raw_names)
     state = _canonical(engine.finish_init(state, batch, F, viol, raw))
-    hv = hv_fn(state["archive"], hv_ref)
+    hv = hv_fn(state.archive, hv_ref)
     history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
     _save(manager, state, history)
-    check_feasibility(problem, state["archive"], raw_names, labels)
+    check_feasibility(problem, state.archive, raw_names, labels)
   else:
-    bar.update(int(state["generation"]))
+    bar.update(int(state.generation))
   bar.update(1)
   _postfix(bar, history[-1], labels)
 
-  while int(state["generation"]) < cfg.generations:
+  while int(state.generation) < cfg.generations:
     t0 = time.perf_counter()
     proposal, batch = engine.propose(state)
     F, viol, raw, acc_s = _score(problem, batch, raw_names)
     state, metrics = engine.select(state, proposal, batch, F, viol, raw)
-    hv = hv_fn(state["archive"], hv_ref)
-    row = _history_row(int(state["generation"]), state, metrics, hv, labels,
+    hv = hv_fn(state.archive, hv_ref)
+    row = _history_row(int(state.generation), state, metrics, hv, labels,
                        time.perf_counter() - t0, acc_s)
     history.append(row)
     _save(manager, state, history)
@@ -296,7 +296,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
   if manager is not None:
     manager.wait_until_finished()
 
-  front = front_members(problem, state["archive"], raw_names, labels)
+  front = front_members(problem, state.archive, raw_names, labels)
   uniform = uniform_baselines(problem, raw_names)
   if cfg.final_split is not None:
     final_eval = _final_evaluator(problem)
@@ -304,7 +304,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     _final_accuracy(problem, final_eval, uniform)
   if out_dir is not None:
     write_outputs(out_dir, cfg, front, uniform, history, labels)
-  return SearchResult(front=front, archive=jax.tree.map(np.asarray, state["archive"]),
+  return SearchResult(front=front, archive=jax.tree.map(np.asarray, state.archive.to_dict()),
                       history=history, config=cfg, out_dir=out_dir, uniform=uniform)
 
 
@@ -320,7 +320,7 @@ def write_outputs(out_dir, cfg, front, uniform, history, labels):
 def _save(manager, state, history):
   if manager is None:
     return
-  step = int(state["generation"])
+  step = int(state.generation)
   manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                              history=ocp.args.JsonSave(history)))
 

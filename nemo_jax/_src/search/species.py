@@ -1,4 +1,4 @@
-"""Species: how a sub-population's genomes are initialised, varied and decoded.
+"""Species: every species group behind one evosax-style init/ask/tell protocol.
 
 Species that share a structure form a *group* whose genomes are stacked on a leading
 species axis ``[S_g, C, ...]`` (``C`` = per-species capacity) so that initialisation,
@@ -11,6 +11,13 @@ variation and decoding run as one call vmapped over species and members:
   genome also carries ``keep_logits`` when several keep ratios are searched;
 * every evosax-driven species is a group of its own (its strategy owns its state).
 
+Every group is a :class:`SpeciesGroup` of pure functions with explicit keys and state,
+as an evosax strategy: ``init`` -> ``ask`` (offspring) -> the engine evaluates and ranks
+-> ``tell`` (next state). The genetic-algorithm groups (SBX + polynomial mutation, SSNE)
+are wrapped by :func:`ga_group`: their state is the parent genomes, ``ask`` varies them
+and ``tell`` keeps the best-ranked of parents + offspring. evosax groups wrap the
+strategy's own init/ask/tell on a Tchebycheff-scalarised fitness.
+
 A species' live members are the first ``size`` slots of its capacity; the rest are
 ignored padding, so shapes never change between generations.
 """
@@ -18,7 +25,7 @@ ignored padding, so shapes never change between generations.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +36,7 @@ from nemo_jax._src.search import policies
 from nemo_jax._src.search.config import SearchConfig, SpeciesConfig
 
 ROUNDING = {"direct_round": 0, "direct_floor": 1, "random": 0}
+BIG = 1e6  # finite "very bad" fitness for evosax (NaN-free fitness shaping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,22 +59,103 @@ class SearchSpace:
     return len(self.active_nodes) + (1 if self.num_keep > 1 else 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Group:
-  """Species sharing one genome structure; members of the group are ``species``.
+class TellInfo(NamedTuple):
+  """What a group's ``tell`` learns about one generation (slices for the group's species).
 
-  ``init(key) -> genomes [S_g, C, ...]``; ``decode(genomes) -> (choice_idx [S_g, C,
-  num_active], keep_idx [S_g, C])``; ``vary(key, genomes, priority [S_g, C], sizes
-  [S_g]) -> offspring [S_g, C, ...]``. Evosax groups also have ``strategy`` and
-  ``strategy_params`` and vary through ask/tell (done by the engine).
+  Attributes:
+    keep_order: int32 ``[S_g, C]`` indices into parents ++ offspring (``[0, 2C)``), best
+      first: the joint ranking over all species decides which candidates each species
+      keeps (GA groups take them; generation 0 passes the identity ``arange(C)``).
+    F: float32 ``[S_g, C, M]`` objectives of the offspring (NaN where not evaluated).
+    violation: float32 ``[S_g, C]`` total constraint violation of the offspring.
+    alive: bool ``[S_g, C]`` offspring that were evaluated (the first ``size`` slots).
+  """
+  keep_order: jax.Array
+  F: jax.Array
+  violation: jax.Array
+  alive: jax.Array
+
+
+class SpeciesGroup(NamedTuple):
+  """Species sharing one genome structure, as pure evosax-style functions.
+
+  ``genomes`` is a pytree the group's ``decode`` understands (GA groups stack them
+  ``[S_g, C, ...]``; an evosax group keeps its strategy's ``[population, ...]``), and
+  ``state`` whatever the group carries between generations.
+
+  Attributes:
+    family: label of the group (``"direct"``, ``"gcn"``, ``"evosax:Open_ES"``, ...).
+    species: indices (into the config's species list) of the group's members.
+    init: ``init(key) -> (state, genomes)``: generation 0's state and the genomes to
+      evaluate.
+    ask: ``ask(key, state, priority, sizes) -> (offspring, state)`` with ``priority``
+      int32 ``[S_g, C]`` (the joint rank of the current members, lower is better, only
+      the first ``sizes[s]`` slots are live) and ``sizes`` int32 ``[S_g]``; ``offspring``
+      are genomes filling the whole capacity.
+    tell: ``tell(key, state, offspring, info: TellInfo) -> state``, after the offspring
+      were evaluated.
+    decode: ``decode(genomes) -> (choice_idx int32 [S_g, C, num_active], keep_idx int32
+      [S_g, C])``: indices into the config's ``bit_choices`` for ``space.active_nodes``
+      and into its ``keep_choices``.
   """
   family: str
   species: tuple[int, ...]
   init: Callable
+  ask: Callable
+  tell: Callable
   decode: Callable
-  vary: Callable | None
-  strategy: Any = None
-  strategy_params: Any = None
+
+
+def keep_best(parents, offspring, keep_order):
+  """The members a GA species keeps: ``(parents ++ offspring)[keep_order]`` per species.
+
+  Args:
+    parents: pytree of ``[S_g, C, ...]`` genomes.
+    offspring: pytree like ``parents``.
+    keep_order: int32 ``[S_g, C]`` indices into the concatenation (``[0, 2C)``).
+
+  Returns:
+    pytree like ``parents``.
+  """
+  def take(p, o):
+    both = jnp.concatenate([p, o], axis=1)
+    idx = keep_order.reshape(keep_order.shape + (1,) * (both.ndim - 2))
+    return jnp.take_along_axis(both, idx, axis=1)
+
+  return jax.tree.map(take, parents, offspring)
+
+
+def ga_group(family: str, species: tuple[int, ...], init: Callable, vary: Callable,
+             decode: Callable) -> SpeciesGroup:
+  """Wraps plain genetic-algorithm functions as a :class:`SpeciesGroup`.
+
+  The group's state is its parent genomes; ``ask`` varies them and leaves the state as
+  it is, ``tell`` keeps the best-ranked of parents + offspring (``info.keep_order``).
+
+  Args:
+    family: group label.
+    species: indices of the group's species in the config.
+    init: ``init(key) -> genomes [S_g, C, ...]``.
+    vary: ``vary(key, parents, priority int32 [S_g, C], sizes int32 [S_g]) -> offspring
+      [S_g, C, ...]`` (pick parents among the first ``sizes[s]`` members, lower priority
+      is better).
+    decode: ``decode(genomes) -> (choice_idx [S_g, C, num_active], keep_idx [S_g, C])``.
+
+  Returns:
+    The SpeciesGroup.
+  """
+  def init_state(key):
+    genomes = init(key)
+    return genomes, genomes
+
+  def ask(key, parents, priority, sizes):
+    return vary(key, parents, priority, sizes), parents
+
+  def tell(key, parents, offspring, info: TellInfo):
+    del key  # keeping the best-ranked members is deterministic
+    return keep_best(parents, offspring, info.keep_order)
+
+  return SpeciesGroup(family, tuple(species), init_state, ask, tell, decode)
 
 
 def _tournament_parents(key, priority, size, num):
@@ -75,7 +164,8 @@ def _tournament_parents(key, priority, size, num):
 
 
 def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
-                  capacity: int) -> Group:
+                  capacity: int) -> SpeciesGroup:
+  """SBX + polynomial mutation on index-space genes ``[S_g, C, num_genes]``."""
   genes = space.num_genes
   high = jnp.concatenate([jnp.full((len(space.active_nodes),), space.num_choices - 1.0),
                           jnp.full((genes - len(space.active_nodes),), space.num_keep - 1.0)])
@@ -119,7 +209,7 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
     return jax.vmap(vary_one)(keys, genomes, priority, sizes, sbx_eta, sbx_prob, pm_eta,
                               is_random)
 
-  return Group("direct", idx, init, decode, vary)
+  return ga_group("direct", idx, init, vary, decode)
 
 
 def _gnn_policy(spec: SpeciesConfig, num_choices: int):
@@ -128,7 +218,8 @@ def _gnn_policy(spec: SpeciesConfig, num_choices: int):
 
 
 def _gnn_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
-               capacity: int, graph, feature_dim: int) -> Group:
+               capacity: int, graph, feature_dim: int) -> SpeciesGroup:
+  """SSNE on GNN policy weights (genomes ``[S_g, C]`` pytrees)."""
   policy = _gnn_policy(specs[0], space.num_choices)
   active = jnp.asarray(space.active_nodes, jnp.int32)
   mut_prob = jnp.asarray([s.mutation_prob for s in specs], jnp.float32)
@@ -172,16 +263,54 @@ def _gnn_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, .
     keys = jax.random.split(key, len(specs))
     return jax.vmap(vary_one)(keys, genomes, priority, sizes, mut_prob, mut_strength, cx_prob)
 
-  return Group(specs[0].kind, idx, init, decode, vary)
+  return ga_group(specs[0].kind, idx, init, vary, decode)
+
+
+def tchebycheff(F, weights=None):
+  """Scalarised fitness for evosax species: weighted max distance to the utopian point 0.
+
+  Args:
+    F: objectives ``[..., M]`` (minimised).
+    weights: optional ``[M]`` weights (default: uniform ``1 / M``).
+
+  Returns:
+    ``[...]`` fitness, lower is better.
+  """
+  m = F.shape[-1]
+  w = jnp.full((m,), 1.0 / m) if weights is None else weights
+  return jnp.max(w * F, axis=-1)
+
+
+def evosax_fitness(info: TellInfo, population_size: int):
+  """Fitness of an evosax species' population from its offspring scores.
+
+  Tchebycheff scalarisation plus ``10 x`` the constraint violation; members that were
+  not evaluated (dead or padding beyond the capacity) or scored non-finite get
+  :data:`BIG`, so evosax's fitness shaping never meets a NaN.
+
+  Args:
+    info: the species' TellInfo (``S_g = 1``).
+    population_size: the strategy's population (>= C).
+
+  Returns:
+    float32 ``[population_size]``.
+  """
+  fit = tchebycheff(info.F[0]) + 10.0 * info.violation[0]
+  fit = jnp.where(info.alive[0] & jnp.isfinite(fit), fit, BIG)
+  return jnp.concatenate([fit, jnp.full((population_size - fit.shape[0],), BIG)])
 
 
 def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int,
-                  graph, feature_dim: int) -> Group:
-  """A species driven by an evosax strategy (minimising a scalarised fitness)."""
+                  graph, feature_dim: int) -> SpeciesGroup:
+  """A species driven by an evosax strategy (minimising a scalarised fitness).
+
+  Its state is the strategy's state; its genomes the strategy's population
+  ``[P, ...]`` (``P`` = C rounded up to even; decode uses the first C).
+  """
   name = spec.evosax_name
   if spec.is_gnn:
     base = _gnn_group(space, [spec], (i,), 1, graph, feature_dim)
-    template = jax.tree.map(lambda x: x[0, 0], base.init(jax.random.key(0)))
+    template = jax.tree.map(lambda x: x[0, 0], base.init(jax.random.key(0))[1])
 
     def to_choices(genomes):  # [1, C, ...] -> decode
       return base.decode(genomes)
@@ -204,10 +333,10 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
   if hasattr(params, "std_init"):
     params = params.replace(std_init=jnp.asarray(spec.sigma_init, jnp.float32))
 
-  def init(key):
+  def init_strategy(key):
     k_init, k_pop = jax.random.split(key)
     if spec.is_gnn:
-      sample = jax.vmap(lambda k: base.init(k))(jax.random.split(k_pop, pop))
+      sample = jax.vmap(lambda k: base.init(k)[1])(jax.random.split(k_pop, pop))
       population = jax.tree.map(lambda x: x[:, 0, 0], sample)
     else:
       population = jax.random.uniform(k_pop, (pop, space.num_genes), maxval=1.0) * (
@@ -218,45 +347,48 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
     mean = jax.tree.map(lambda x: x.mean(0), population)
     return strategy.init(k_init, mean, params)
 
+  def init(key):
+    # Generation 0's population is the strategy's first ask.
+    k_init, k_ask = jax.random.split(key)
+    population, state = strategy.ask(k_ask, init_strategy(k_init), params)
+    return state, population
+
+  def ask(key, state, priority, sizes):
+    del priority, sizes  # the strategy samples from its own distribution/population
+    return strategy.ask(key, state, params)
+
+  def tell(key, state, offspring, info: TellInfo):
+    return strategy.tell(key, offspring, evosax_fitness(info, pop), state, params)[0]
+
   def decode(genomes):
     return to_choices(jax.tree.map(lambda x: x[None, :capacity], genomes))
 
-  return Group(f"evosax:{name}", (i,), init, decode, None, strategy, params)
+  return SpeciesGroup(f"evosax:{name}", (i,), init, ask, tell, decode)
 
 
-GroupBuilder = Callable[..., Group]
-_CUSTOM_BUILDERS: dict[str, GroupBuilder] = {}
-
-
-def register_species(kind: str, builder: GroupBuilder) -> None:
-  """Adds a species kind without editing the library.
-
-  Args:
-    kind: the name used as ``{"kind": kind}`` in a search config.
-    builder: ``builder(space, specs, species_indices, capacity, graph, feature_dim) ->
-      Group`` with pure ``init`` / ``decode`` / ``vary`` functions over genomes stacked
-      ``[len(specs), capacity, ...]`` (see :class:`Group`); ``decode`` returns choice
-      indices into the config's ``bit_choices`` for ``space.active_nodes`` and keep indices.
-  """
-  if not isinstance(kind, str) or not kind:
-    raise ValueError(f"kind: expected a non-empty string, got {kind!r}")
-  if not callable(builder):
-    raise ValueError(f"builder: expected a callable returning a Group, got {builder!r}")
-  _CUSTOM_BUILDERS[kind] = builder
-
-
-def custom_kinds() -> tuple[str, ...]:
-  """Species kinds added with :func:`register_species`."""
-  return tuple(_CUSTOM_BUILDERS)
+GroupBuilder = Callable[..., SpeciesGroup]
+"""A custom species: ``builder(space, specs, species_indices, capacity, graph,
+feature_dim) -> SpeciesGroup`` for the species of its kind (``specs``, at
+``species_indices`` in the config), with genomes stacked ``[len(specs), capacity, ...]``.
+A genetic algorithm only needs ``ga_group(kind, species_indices, init, vary, decode)``;
+any other optimiser implements the init/ask/tell protocol of :class:`SpeciesGroup`.
+``decode`` returns choice indices into the config's ``bit_choices`` for
+``space.active_nodes`` and keep indices. Builders are passed explicitly, in
+``nemo_jax.Registries(species={kind: builder})`` (``registries.py``)."""
 
 
 def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
-                 feature_dim: int) -> list[Group]:
-  """Partitions ``cfg.species`` into groups (order of first appearance)."""
+                 feature_dim: int, custom: Mapping[str, GroupBuilder] | None = None
+                 ) -> list[SpeciesGroup]:
+  """Partitions ``cfg.species`` into groups (order of first appearance).
+
+  ``custom`` maps the kinds of custom species to their builders (:data:`GroupBuilder`).
+  """
+  custom = dict(custom or {})
   keyed: dict[tuple, list[int]] = {}
   groups: list[tuple[tuple, list[int]]] = []
   for i, s in enumerate(cfg.species):
-    if s.kind in _CUSTOM_BUILDERS:
+    if s.kind in custom:
       key = ("custom", s.kind)
       if key not in keyed:
         keyed[key] = []
@@ -275,8 +407,7 @@ def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
   for key, members in groups:
     specs = [cfg.species[i] for i in members]
     if key[0] == "custom":
-      out.append(_CUSTOM_BUILDERS[key[1]](space, specs, tuple(members), capacity, graph,
-                                          feature_dim))
+      out.append(custom[key[1]](space, specs, tuple(members), capacity, graph, feature_dim))
     elif key[0] == "evosax":
       out.append(_evosax_group(space, specs[0], members[0], capacity, graph, feature_dim))
     elif key[0] == "direct":
