@@ -1,7 +1,9 @@
 """The ``nemo-jax`` command line: every subcommand, each a thin call into the public API.
 
 Every subcommand validates its input first; a ValueError is printed as one line
-(``error: ...``) without a traceback and the exit status is 2.
+(``error: ...``) without a traceback and the exit status is 2. A stop signal
+(SIGINT / SIGTERM) ends a long job at its next checkpoint with one line saying how to
+resume and the exit status 128 + signal (130 / 143).
 """
 
 from __future__ import annotations
@@ -94,7 +96,8 @@ def cmd_search(args) -> int:
   import nemo_jax
   out = args.resume or args.out or "runs/default"
   result = nemo_jax.search(args.config, out_dir=out, resume=args.resume is not None,
-                           progress=not args.quiet, generations=args.generations,
+                           progress=not args.quiet, overwrite=args.overwrite,
+                           generations=args.generations,
                            population=args.population, seed=args.seed)
   print(nemo_jax.front_table(result.front, result.config.objectives))
   print(f"\n{len(result.front)} configurations on the front; results in {out}/ "
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--population", type=int)
   s.add_argument("--seed", type=int)
   s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+  s.add_argument("--overwrite", action="store_true",
+                 help="replace a previous run in --out (default: refuse)")
   s.add_argument("--quiet", action="store_true")
   s.set_defaults(func=cmd_search)
 
@@ -239,13 +244,19 @@ def enable_compilation_cache() -> str:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   enable_compilation_cache()
+  from nemo_jax._src.faults import StopRequested
   try:
     return args.func(args)
+  except StopRequested as e:
+    # The step's checkpoint is complete: say how to go on, exit 128 + signal.
+    print(f"stopped: {e}", file=sys.stderr)
+    return e.exit_status
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+    print("interrupted (the last complete checkpoint is intact; resume with --resume)",
+          file=sys.stderr)
     return 130
 
 

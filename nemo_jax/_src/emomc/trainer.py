@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -52,6 +53,7 @@ from nemo_jax._src import validate as v
 from nemo_jax._src.emomc.io import (DENSE_KEEP, LIBRARY_FILE, LIBRARY_FORMAT, _write_json,
                                     check_keep_ratios, load_entry, parse_keep_range,
                                     ratio_id, ratio_key, read_library, save_entry)
+from nemo_jax._src.faults import CheckpointWriteError, GracefulStop, probe_writable
 from nemo_jax._src.emomc.masks import is_kernel_path, magnitude_masks, nonzero_counts
 
 SCHEDULES = ("independent", "chain")
@@ -251,7 +253,9 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
       "eval_split": cfg.eval_split, "eval_max_images": cfg.eval_max_images,
       "data_dir": cfg.data_dir,
   }
-  os.makedirs(out_dir, exist_ok=True)
+  entry_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(variables))
+  # Before any training: an unwritable directory or a disk without room for the entries.
+  probe_writable(out_dir, entry_bytes * (len(ratios) + 1), "out_dir")
   lib_path = os.path.join(out_dir, LIBRARY_FILE)
   if os.path.exists(lib_path):
     meta = read_library(out_dir)
@@ -267,6 +271,14 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
     e = meta["entries"].get(ratio_key(p))
     return e is not None and os.path.isdir(os.path.join(out_dir, e["checkpoint"]))
 
+  for p in [p for p in ratios if finished(p)]:
+    try:  # a damaged entry (e.g. a write cut short) is rebuilt, not trusted
+      load_entry(out_dir, p, variables, meta)
+    except ValueError as e:
+      warnings.warn(f"{e}; rebuilding it", stacklevel=2)
+      tqdm.write(f"warning: {e}; rebuilding it")
+      del meta["entries"][ratio_key(p)]
+
   todo = [p for p in ratios if not finished(p)]
   skipped = [p for p in ratios if finished(p)]
   data = _load_data(cfg)
@@ -276,7 +288,14 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
   def record(p, v, seconds, start_keep):
     top1 = train_lib.float_accuracy(model, v, data.x_eval, data.y_eval)
     counts = nonzero_counts(v["params"])
-    rel = save_entry(out_dir, p, v)
+    try:
+      rel = save_entry(out_dir, p, v)
+    except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in several types
+      raise CheckpointWriteError(
+          f"writing library entry keep={p!r} to {out_dir!r} failed ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the entries already in "
+          f"{LIBRARY_FILE} are intact: free space and run the same command again to resume"
+      ) from e
     meta["entries"][ratio_key(p)] = {
         "keep": p, "id": ratio_id(p), "checkpoint": rel, "top1": top1,
         "nonzero": int(sum(c[0] for c in counts.values())),
@@ -284,15 +303,27 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
         "start_keep": start_keep, "seconds": round(seconds, 3)}
     _write_json(lib_path, meta)
 
-  if not finished(DENSE_KEEP):
-    record(DENSE_KEEP, variables, 0.0, DENSE_KEEP)
-
   tx = _optimizer(cfg.learning_rate, cfg.momentum, cfg.weight_decay)
   step_fn = _make_masked_step(model, tx)
   bar = tqdm(total=len(todo) * steps * stage_steps, disable=not progress, desc="prune-library",
              unit="step")
   built = []
-  for p in sorted(todo, reverse=True):  # descending: "chain" needs the denser ones first
+  stop = GracefulStop(f"finished entries are saved in {out_dir}; run the same command "
+                      "again to resume (the interrupted ratio restarts)")
+  with stop:
+    if not finished(DENSE_KEEP):
+      record(DENSE_KEEP, variables, 0.0, DENSE_KEEP)
+    _build_ratios(cfg, sorted(todo, reverse=True), meta, model, variables, data, info, tx,
+                  step_fn, stage_steps, record, bar, built, stop)
+  bar.close()
+  return {**meta, "built": sorted(built), "skipped": skipped}
+
+
+def _build_ratios(cfg, todo, meta, model, variables, data, info, tx, step_fn, stage_steps,
+                  record, bar, built, stop):
+  """Prunes + retrains each ratio of ``todo`` (descending keep), recording each."""
+  steps, batch_size, seed, out_dir = cfg.steps, cfg.batch_size, cfg.seed, cfg.out_dir
+  for p in todo:  # descending: "chain" needs the denser ones first
     if p == DENSE_KEEP:
       built.append(p)
       continue
@@ -309,6 +340,8 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
     bar.set_postfix_str(f"keep={p:.4f}")
     masks = None
     for k in range(1, steps + 1):
+      # A stop discards this ratio's unfinished training whole; finished ones are saved.
+      stop.check()
       keep_k = p if k == steps else start_keep * (p / start_keep) ** (k / steps)
       # Magnitudes of the current (already pruned) weights: masks only ever shrink.
       masks = magnitude_masks(params, keep_k)
@@ -331,5 +364,4 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
     record(p, {"params": params, "batch_stats": batch_stats}, time.perf_counter() - t0,
            start_keep)
     built.append(p)
-  bar.close()
-  return {**meta, "built": sorted(built), "skipped": skipped}
+    stop.check()

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import math
 import os
+import shutil
 import time
 import warnings
 from typing import Any, Callable, Mapping
@@ -24,6 +26,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from nemo_jax._src import data as data_lib
+from nemo_jax._src import faults
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
@@ -33,6 +36,12 @@ from nemo_jax._src.problem import Problem, build_problem
 from nemo_jax._src.registries import Registries
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+MAX_TO_KEEP = 2
+
+RESUME_OVERRIDES = ("generations", "final_split", "final_max_images")
+"""Fields a resumed run may change: they decide how long it runs and what is reported
+after the loop, never the shape or content of the saved state."""
 
 
 @dataclasses.dataclass
@@ -207,7 +216,8 @@ def _canonical(tree):
 def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
            progress: bool = True, problem: Problem | None = None,
            registries: Registries | None = None,
-           callback: Callable[[dict], Any] | None = None, **overrides) -> SearchResult:
+           callback: Callable[[dict], Any] | None = None, overwrite: bool = False,
+           **overrides) -> SearchResult:
   """Runs a NEMO (or baseline) search. All objectives are minimised.
 
   Args:
@@ -223,19 +233,32 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       plugins named in the config itself (``custom_costs`` / ``custom_species``) are
       imported too, also on resume.
     callback: called with each generation's history row.
+    overwrite: replace a previous run in ``out_dir`` (without it, a directory that
+      already holds a run is an error: pass ``resume=True`` or another directory).
     **overrides: config fields to replace (``generations=5``, ``seed=1``, ...).
 
   Returns:
     A SearchResult with the front, the archive and the history.
+
+  Raises:
+    ValueError: a bad config (naming the field), an unwritable ``out_dir``, a resume
+      whose overrides contradict the saved run, or a run directory with no checkpoint
+      that restores (``docs/DESIGN.md``, "Faults").
+    nemo_jax._src.faults.StopRequested: SIGINT / SIGTERM arrived; the last generation's
+      checkpoint is complete, ``front.json`` / ``history.csv`` hold the results so far.
+    nemo_jax._src.faults.CheckpointWriteError: a checkpoint write failed (disk full);
+      the previous checkpoint is intact.
   """
   if resume:
-    if out_dir is None or not os.path.exists(os.path.join(out_dir, report.CONFIG_FILE)):
-      raise ValueError(f"resume: {out_dir!r} holds no previous run ({report.CONFIG_FILE} missing)")
-    with open(os.path.join(out_dir, report.CONFIG_FILE)) as f:
-      saved = json.load(f)["config"]
-    cfg = load_search_config(saved, registries, **overrides)
+    cfg = _resumed_config(out_dir, config, registries, overrides)
   else:
     cfg = load_search_config(config, registries, **overrides)
+    if out_dir is not None:
+      _claim_out_dir(out_dir, overwrite)
+  if out_dir is not None:
+    # Before any work: an unwritable directory or a full disk is an error now, not after
+    # the calibration and generation 0.
+    faults.probe_writable(out_dir, what="out_dir")
   problem = problem or build_problem(cfg, registries, progress=progress)
   labels = species_labels(cfg.species)
   raw_names = raw_names_for(problem)
@@ -247,54 +270,57 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
 
   manager = None
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
-    report.write_json(os.path.join(out_dir, report.CONFIG_FILE),
-                      {"config": cfg.to_dict(), "seed": cfg.seed, "versions": package_versions()})
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(out_dir, CHECKPOINT_DIR)),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    template, _ = jax.eval_shape(engine.init_state, jax.random.key(cfg.seed))
+    faults.probe_writable(out_dir, _checkpoint_bytes(template) * (MAX_TO_KEEP + 1), "out_dir")
+    if not resume:
+      report.write_json(os.path.join(out_dir, report.CONFIG_FILE),
+                        {"config": cfg.to_dict(), "seed": cfg.seed,
+                         "versions": package_versions()})
+    manager = _manager(out_dir)
 
   state, history = None, []
-  if resume and manager is not None and manager.latest_step() is not None:
-    key = jax.random.key(cfg.seed)
-    template, _ = jax.eval_shape(engine.init_state, key)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-    state, history = _canonical(restored["state"]), list(restored["history"])
+  if resume and manager is not None and manager.all_steps():
+    state, history = _restore(manager, out_dir, engine, cfg)
 
+  hint = (f"resume with: nemo-jax search --resume {out_dir}" if out_dir is not None
+          else "nothing was saved (out_dir=None)")
   bar = tqdm(total=cfg.generations + 1, disable=not progress, desc="search", unit="gen")
-  if state is None:
-    t0 = time.perf_counter()
-    state, batch = engine.init_state(jax.random.key(cfg.seed))
-    F, viol, raw, acc_s = _score(problem, batch, raw_names)
-    state = _canonical(engine.finish_init(state, batch, F, viol, raw))
-    hv = hv_fn(state.archive, hv_ref)
-    history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
-    _save(manager, state, history)
-    check_feasibility(problem, state.archive, raw_names, labels)
-  else:
-    bar.update(int(state.generation))
-  bar.update(1)
-  _postfix(bar, history[-1], labels)
-
-  while int(state.generation) < cfg.generations:
-    t0 = time.perf_counter()
-    proposal, batch = engine.propose(state)
-    F, viol, raw, acc_s = _score(problem, batch, raw_names)
-    state, metrics = engine.select(state, proposal, batch, F, viol, raw)
-    hv = hv_fn(state.archive, hv_ref)
-    row = _history_row(int(state.generation), state, metrics, hv, labels,
-                       time.perf_counter() - t0, acc_s)
-    history.append(row)
-    _save(manager, state, history)
-    if callback is not None:
-      callback(row)
+  with faults.GracefulStop(hint) as stop:
+    if state is None:
+      t0 = time.perf_counter()
+      state, batch = engine.init_state(jax.random.key(cfg.seed))
+      F, viol, raw, acc_s = _score(problem, batch, raw_names)
+      state = _canonical(engine.finish_init(state, batch, F, viol, raw))
+      hv = hv_fn(state.archive, hv_ref)
+      history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
+      _save(manager, state, history)
+      check_feasibility(problem, state.archive, raw_names, labels)
+    else:
+      bar.update(int(state.generation))
     bar.update(1)
-    _postfix(bar, row, labels)
+    _postfix(bar, history[-1], labels)
+
+    while True:
+      if stop.requested:
+        bar.close()
+        _write_partial(out_dir, problem, state, history, raw_names, labels)
+        stop.check()
+      if int(state.generation) >= cfg.generations:
+        break
+      t0 = time.perf_counter()
+      proposal, batch = engine.propose(state)
+      F, viol, raw, acc_s = _score(problem, batch, raw_names)
+      state, metrics = engine.select(state, proposal, batch, F, viol, raw)
+      hv = hv_fn(state.archive, hv_ref)
+      row = _history_row(int(state.generation), state, metrics, hv, labels,
+                         time.perf_counter() - t0, acc_s)
+      history.append(row)
+      _save(manager, state, history)
+      if callback is not None:
+        callback(row)
+      bar.update(1)
+      _postfix(bar, row, labels)
   bar.close()
-  if manager is not None:
-    manager.wait_until_finished()
 
   front = front_members(problem, state.archive, raw_names, labels)
   uniform = uniform_baselines(problem, raw_names)
@@ -317,12 +343,118 @@ def write_outputs(out_dir, cfg, front, uniform, history, labels):
   report.plot_species(out_dir, history, labels)
 
 
+def _manager(out_dir) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(out_dir, CHECKPOINT_DIR)),
+      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True))
+
+
+def _checkpoint_bytes(template) -> int:
+  """Bytes one checkpoint of the search state takes (array data; metadata extra)."""
+  return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(template)
+                 if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype,
+                                                                      jax.dtypes.prng_key)))
+
+
+def _claim_out_dir(out_dir, overwrite: bool) -> None:
+  """A new run never writes over a previous run's results unless asked to."""
+  previous = [f for f in (report.CONFIG_FILE, CHECKPOINT_DIR, report.FRONT_FILE)
+              if os.path.exists(os.path.join(out_dir, f))]
+  if not previous:
+    return
+  if not overwrite:
+    raise ValueError(f"out_dir={out_dir!r} already holds a run ({', '.join(previous)}); "
+                     "allowed: resume it (--resume DIR / resume=True), another directory, "
+                     "or --overwrite / overwrite=True to replace it")
+  for d in (CHECKPOINT_DIR, DAMAGED_DIR):
+    shutil.rmtree(os.path.join(out_dir, d), ignore_errors=True)
+
+
+def _resumed_config(out_dir, config, registries, overrides) -> SearchConfig:
+  """The saved run's config; an override may only change ``RESUME_OVERRIDES``."""
+  path = None if out_dir is None else os.path.join(out_dir, report.CONFIG_FILE)
+  if path is None or not os.path.exists(path):
+    raise ValueError(f"resume: {out_dir!r} holds no previous run ({report.CONFIG_FILE} missing)")
+  try:
+    with open(path) as f:
+      saved = json.load(f)["config"]
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f"resume: {path} is not a run's config ({type(e).__name__}: {e}); "
+                     "allowed: the config.json written by nemo-jax search") from None
+  saved_cfg = load_search_config(saved, registries)
+  asked = {k: x for k, x in overrides.items() if x is not None}
+  if config is not None:
+    given = load_search_config(config, registries, **asked).to_dict()
+    asked = {k: x for k, x in given.items() if x != saved_cfg.to_dict()[k]} | asked
+  cfg = load_search_config(saved, registries, **asked)
+  new, old = cfg.to_dict(), saved_cfg.to_dict()
+  for k in sorted(new):
+    if new[k] != old[k] and k not in RESUME_OVERRIDES:
+      raise ValueError(f"resume: {k}={new[k]!r} differs from the run in {out_dir!r}, which "
+                       f"was made with {k}={old[k]!r}; a resumed run keeps its config "
+                       f"(allowed overrides: {', '.join(RESUME_OVERRIDES)}); start a new run "
+                       "in another directory to change it")
+  return cfg
+
+
+def _restore(manager, out_dir, engine, cfg):
+  """The newest checkpoint that restores completely; damaged newer steps are moved aside."""
+  template, _ = jax.eval_shape(engine.init_state, jax.random.key(cfg.seed))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+  expected = jax.tree.structure(abstract)
+
+  def restore(step):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    state, history = restored["state"], list(restored["history"])
+    if jax.tree.structure(state) != expected or len(history) != int(state.generation) + 1:
+      raise ValueError(f"step {step} does not hold this run's state")
+    return _canonical(state), history
+
+  directory = os.path.join(out_dir, CHECKPOINT_DIR)
+  step, (state, history), problems = faults.restore_latest_good(
+      manager.all_steps(), restore, directory)
+  damaged = [s for s in manager.all_steps() if s > step]
+  if damaged:
+    os.makedirs(os.path.join(out_dir, DAMAGED_DIR), exist_ok=True)
+    for s in damaged:
+      # Kept (not deleted) for inspection; out of the way of the steps to come.
+      shutil.move(os.path.join(directory, str(s)),
+                  os.path.join(out_dir, DAMAGED_DIR, f"{s}.{int(time.time())}"))
+    manager.reload()
+    tqdm.write(f"resume: checkpoint step(s) {damaged} in {directory} could not be restored "
+               f"({'; '.join(problems)}); resumed from step {step}, moved the damaged "
+               f"step(s) to {os.path.join(out_dir, DAMAGED_DIR)}")
+  return state, history
+
+
 def _save(manager, state, history):
+  """Writes generation ``state.generation``; on failure the previous step stays intact."""
   if manager is None:
     return
   step = int(state.generation)
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             history=ocp.args.JsonSave(history)))
+  try:
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               history=ocp.args.JsonSave(history)))
+    # Finished before the next generation starts: a stop or a failure never leaves a
+    # half-written newest step, and write errors surface here, at their step.
+    manager.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in several types
+    previous = [s for s in manager.all_steps() if s < step]
+    kept = (f"the previous checkpoint (step {max(previous)}) is intact; free space and "
+            "resume with --resume" if previous else "no earlier checkpoint exists")
+    raise faults.CheckpointWriteError(
+        f"writing checkpoint step {step} to {manager.directory} failed "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); {kept}") from e
+
+
+def _write_partial(out_dir, problem, state, history, raw_names, labels) -> None:
+  """On a stop: the front and history so far, readable (no final-phase accuracy)."""
+  if out_dir is None:
+    return
+  front = front_members(problem, state.archive, raw_names, labels)
+  report.write_json(os.path.join(out_dir, report.FRONT_FILE), front)
+  report.write_history(os.path.join(out_dir, report.HISTORY_FILE), history)
 
 
 def _postfix(bar, row, labels):
