@@ -57,11 +57,10 @@ def _factory_workload(args):
   """The workload of a factory ``MODULE:ATTR`` / ``FILE.py:ATTR`` (your own model)."""
   from nemo_jax import costs
   from nemo_jax import models
-  from nemo_jax._src.problem import load_model_factory
   if not args.input_shape:
     raise ValueError(f"--input-shape: required for the factory model {args.model!r} "
                      "(expected H,W,C)")
-  module, variables = load_model_factory(args.model)
+  module, variables = models.load_model_factory(args.model)
   model, shape = models.intercept(module), _shape(args.input_shape)
   models.check_intercepted(model, variables, shape)
   return costs.extract_workload(model, shape, args.num_classes, args.placement)

@@ -17,7 +17,7 @@ Your own linen model needs no rewrite: :func:`intercept` quantizes its ``nn.Conv
 from nemo_jax._src.checkpoint import load_variables, save_variables
 from nemo_jax._src.convert import convert_checkpoint, load_torch_checkpoint, torchvision_to_flax
 from nemo_jax._src.intercept import (HANDLED_LAYERS, Intercepted, check_intercepted, intercept,
-                                     intercept_layers)
+                                     intercept_layers, load_model_factory)
 from nemo_jax._src.layers import LayerInfo, QContext, QConv, QDense
 from nemo_jax._src.models import (DEFAULT_INPUT_SHAPE, DEFAULT_MODEL, DEFAULT_NUM_CLASSES,
                                   abstract_variables, default_spec, get_model, init_variables,
@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "HANDLED_LAYERS",
     "Intercepted", "LayerInfo", "QContext", "QConv", "QDense", "TrainConfig",
     "abstract_variables", "check_intercepted", "convert_checkpoint", "intercept",
-    "intercept_layers",
+    "intercept_layers", "load_model_factory",
     "default_spec", "float_accuracy", "get_model", "init_variables", "list_models",
     "load_default_model", "load_model", "load_torch_checkpoint", "load_variables",
     "register_model", "save_trained", "save_variables", "torchvision_to_flax", "trace_layers",

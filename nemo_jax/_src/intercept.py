@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from nemo_jax._src import config_file
 from nemo_jax._src.layers import LayerInfo, QContext
 
 HANDLED_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral)
@@ -279,6 +280,41 @@ def intercept(module: nn.Module, train_arg: str | None = "auto") -> nn.Module:
   if isinstance(module, Intercepted) or takes_context(module):
     return module
   return Intercepted(module, train_arg)
+
+
+# --------------------------------------------------------------------------- factories
+
+
+def load_model_factory(spec: str, field: str = "model"):
+  """Calls the factory ``"package.module:attr"`` / ``"file.py:attr"``.
+
+  Returns:
+    ``(module, variables)`` as the factory returns them.
+
+  Raises:
+    ValueError: an import failure, a non-callable, or a result that is not a
+      ``(flax.linen.Module, variables with 'params')`` pair.
+  """
+  factory = config_file.resolve_object(spec, field)
+  if not callable(factory):
+    v_type = type(factory).__name__
+    raise ValueError(f"{field}={spec!r}: is a {v_type}; allowed: a function returning "
+                     "(module, variables)")
+  out = factory()
+  if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    raise ValueError(f"{field}={spec!r}: the factory returned {type(out).__name__}; allowed: "
+                     "a pair (flax.linen.Module, variables)")
+  return check_user_model(out[0], out[1], field)
+
+
+def check_user_model(model, variables, field: str = "model"):
+  """``(model, variables)`` checked: a linen module and a variables mapping with params."""
+  if not isinstance(model, nn.Module):
+    raise ValueError(f"{field}: got {type(model).__name__}; allowed: a flax.linen.Module")
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError(f"variables: got {type(variables).__name__}; allowed: a mapping with a "
+                     "'params' collection (what module.init returns)")
+  return model, dict(variables)
 
 
 # --------------------------------------------------------------------------- check

@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import checkpoint as ckpt
-from nemo_jax._src import config_file
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import graph as graph_lib
 from nemo_jax._src import intercept as intercept_lib
@@ -121,39 +120,6 @@ def check_library_config(cfg: SearchConfig, meta: dict, library_dir: str) -> Non
                        f"integers {MIN_LIBRARY_WEIGHT_BITS}..{quant.FLOAT_BITS} (EMOMC: 2..12)")
 
 
-def load_model_factory(spec: str, field: str = "model"):
-  """Calls the factory ``"package.module:attr"`` / ``"file.py:attr"``.
-
-  Returns:
-    ``(module, variables)`` as the factory returns them.
-
-  Raises:
-    ValueError: an import failure, a non-callable, or a result that is not a
-      ``(flax.linen.Module, variables with 'params')`` pair.
-  """
-  factory = config_file.resolve_object(spec, field)
-  if not callable(factory):
-    v_type = type(factory).__name__
-    raise ValueError(f"{field}={spec!r}: is a {v_type}; allowed: a function returning "
-                     "(module, variables)")
-  out = factory()
-  if not (isinstance(out, (tuple, list)) and len(out) == 2):
-    raise ValueError(f"{field}={spec!r}: the factory returned {type(out).__name__}; allowed: "
-                     "a pair (flax.linen.Module, variables)")
-  return check_user_model(out[0], out[1], field)
-
-
-def check_user_model(model, variables, field: str = "model"):
-  """``(model, variables)`` checked: a linen module and a variables mapping with params."""
-  import flax.linen as nn
-  if not isinstance(model, nn.Module):
-    raise ValueError(f"{field}: got {type(model).__name__}; allowed: a flax.linen.Module")
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    raise ValueError(f"variables: got {type(variables).__name__}; allowed: a mapping with a "
-                     "'params' collection (what module.init returns)")
-  return model, dict(variables)
-
-
 def user_model_source(cfg: SearchConfig, model, variables) -> ModelSource:
   """A user's linen model (quantized by interception) and its float variables.
 
@@ -187,18 +153,18 @@ def load_model_source(cfg: SearchConfig, progress: bool = True, model=None,
   report's quantization-only baseline, p = 1): ``(K + 1) * 4 * params`` bytes resident
   (VGG-16 with the 61 ratios 0.20..0.80: ~3.6 GB). A user model comes from
   ``model`` / ``variables`` (``cfg.model == "custom"``) or the factory ``cfg.model``
-  names (:func:`load_model_factory`).
+  names (``intercept.load_model_factory``).
   """
   if model is not None or variables is not None:
     if model is None or variables is None:
       raise ValueError("model, variables: pass both (a flax.linen.Module and its variables) "
                        "or neither")
-    return user_model_source(cfg, *check_user_model(model, variables))
+    return user_model_source(cfg, *intercept_lib.check_user_model(model, variables))
   if cfg.model == USER_MODEL:
     raise ValueError(f"model={USER_MODEL!r}: pass model= and variables= to nemo_jax.search "
                      "/ build_problem (the config names no zoo model or factory)")
   if is_model_factory(cfg.model):
-    return user_model_source(cfg, *load_model_factory(cfg.model))
+    return user_model_source(cfg, *intercept_lib.load_model_factory(cfg.model))
   shape, classes = cfg.resolved_input_shape, cfg.resolved_num_classes
   if cfg.library is None:
     model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes)
