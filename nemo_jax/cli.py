@@ -55,10 +55,26 @@ def cmd_convert(args) -> int:
   return 0
 
 
+def _factory_workload(args):
+  """The workload of a factory ``MODULE:ATTR`` / ``FILE.py:ATTR`` (your own model)."""
+  from nemo_jax import costs
+  from nemo_jax import models
+  if not args.input_shape:
+    raise ValueError(f"--input-shape: required for the factory model {args.model!r} "
+                     "(expected H,W,C)")
+  module, variables = models.load_model_factory(args.model)
+  model, shape = models.intercept(module), _shape(args.input_shape)
+  models.check_intercepted(model, variables, shape)
+  return costs.extract_workload(model, shape, args.num_classes, args.placement)
+
+
 def cmd_layers(args) -> int:
   from nemo_jax import costs
-  shape, classes = _model_spec(args)
-  wl = costs.extract_workload(args.model, shape, classes, args.placement)
+  if ":" in args.model:
+    wl = _factory_workload(args)
+  else:
+    shape, classes = _model_spec(args)
+    wl = costs.extract_workload(args.model, shape, classes, args.placement)
   print(json.dumps(costs.workload_to_json(wl), indent=1))
   return 0
 
@@ -166,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
   for name, fn, text in (("layers", cmd_layers, "print a model's quantizer workload as JSON"),
                          ("costs", cmd_costs, "print the costs of a configuration as JSON")):
     s = sub.add_parser(name, help=text)
-    s.add_argument("model")
+    s.add_argument("model", help="zoo name" + (", or your own model's factory MODULE:ATTR / "
+                                              "FILE.py:ATTR (with --input-shape)"
+                                              if name == "layers" else ""))
     s.add_argument("--input-shape", help="H,W,C")
     s.add_argument("--num-classes", type=int)
     s.add_argument("--placement", default="conv_inputs", choices=("conv_inputs", "nncf"),

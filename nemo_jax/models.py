@@ -6,10 +6,18 @@ compiled function serves every configuration::
 
     model = nemo_jax.models.get_model("resnet20", input_shape=(28, 28, 1), num_classes=10)
     logits = model.apply(variables, images, QContext.from_config(config, calibration))
+
+Your own linen model needs no rewrite: :func:`intercept` quantizes its ``nn.Conv`` /
+``nn.ConvTranspose`` / ``nn.Dense`` / ``nn.DenseGeneral`` calls from the same context::
+
+    model = nemo_jax.models.intercept(MyCNN())       # same variables as MyCNN()
+    logits = model.apply(variables, images, QContext.from_config(config, calibration))
 """
 
 from nemo_jax._src.checkpoint import load_variables, save_variables
 from nemo_jax._src.convert import convert_checkpoint, load_torch_checkpoint, torchvision_to_flax
+from nemo_jax._src.intercept import (HANDLED_LAYERS, Intercepted, check_intercepted, intercept,
+                                     intercept_layers, load_model_factory)
 from nemo_jax._src.layers import LayerInfo, QContext, QConv, QDense
 from nemo_jax._src.models import (DEFAULT_INPUT_SHAPE, DEFAULT_MODEL, DEFAULT_NUM_CLASSES,
                                   abstract_variables, default_spec, get_model, init_variables,
@@ -18,8 +26,10 @@ from nemo_jax._src.checkpoint import load_default_model, load_model
 from nemo_jax._src.train import TrainConfig, float_accuracy, save_trained, train
 
 __all__ = [
-    "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "LayerInfo", "QContext",
-    "QConv", "QDense", "TrainConfig", "abstract_variables", "convert_checkpoint",
+    "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "HANDLED_LAYERS",
+    "Intercepted", "LayerInfo", "QContext", "QConv", "QDense", "TrainConfig",
+    "abstract_variables", "check_intercepted", "convert_checkpoint", "intercept",
+    "intercept_layers", "load_model_factory",
     "default_spec", "float_accuracy", "get_model", "init_variables", "list_models",
     "load_default_model", "load_model", "load_torch_checkpoint", "load_variables",
     "register_model", "save_trained", "save_variables", "torchvision_to_flax", "trace_layers",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import graph as graph_lib
+from nemo_jax._src import intercept as intercept_lib
 from nemo_jax._src import models as models_lib
 from nemo_jax._src import quant
 from nemo_jax._src import schemes
@@ -50,7 +51,9 @@ from nemo_jax._src.costs.registry import CostRegistry, make_objectives_fn
 from nemo_jax._src.emomc import io as library_io
 from nemo_jax._src.evaluator import Evaluator
 from nemo_jax._src.registries import Registries
-from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, SearchConfig, search_registries
+from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET,
+                                         IN_MEMORY_SPLITS, USER_MODEL, SearchConfig,
+                                         is_model_factory, is_user_model, search_registries)
 from nemo_jax._src.search.species import SearchSpace
 
 MIN_LIBRARY_WEIGHT_BITS = 2   # EMOMC's symmetric formula needs 2^(q-1) - 1 >= 1
@@ -117,13 +120,51 @@ def check_library_config(cfg: SearchConfig, meta: dict, library_dir: str) -> Non
                        f"integers {MIN_LIBRARY_WEIGHT_BITS}..{quant.FLOAT_BITS} (EMOMC: 2..12)")
 
 
-def load_model_source(cfg: SearchConfig, progress: bool = True) -> ModelSource:
-  """The checkpoint or library of a search config.
+def user_model_source(cfg: SearchConfig, model, variables) -> ModelSource:
+  """A user's linen model (quantized by interception) and its float variables.
+
+  The number of classes is read off the model's output.
+
+  Raises:
+    ValueError: a model whose output is not ``[N, classes]``, or one with parameters
+      feeding products no handled layer computes (``intercept.check_intercepted``).
+  """
+  shape = cfg.resolved_input_shape
+  model = intercept_lib.intercept(model)
+  variables = jax.tree.map(jnp.asarray, variables)
+  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+  try:
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, None, train=False), variables, x)
+  except Exception as e:  # a model that cannot run on the data's shape
+    raise ValueError(f"model: {type(e).__name__} running it on input_shape={shape}: "
+                     f"{e}") from None
+  if not hasattr(out, "shape") or len(out.shape) != 2:
+    raise ValueError(f"model: output {getattr(out, 'shape', type(out).__name__)} on "
+                     f"input_shape={shape}; allowed: logits [N, classes]")
+  intercept_lib.check_intercepted(model, variables, shape)
+  return ModelSource("checkpoint", model, variables, shape, int(out.shape[-1]), variables)
+
+
+def load_model_source(cfg: SearchConfig, progress: bool = True, model=None,
+                      variables=None) -> ModelSource:
+  """The checkpoint, library or user model of a search config.
 
   A library source stacks the entries of ``keep_choices`` plus the dense model (the
   report's quantization-only baseline, p = 1): ``(K + 1) * 4 * params`` bytes resident
-  (VGG-16 with the 61 ratios 0.20..0.80: ~3.6 GB).
+  (VGG-16 with the 61 ratios 0.20..0.80: ~3.6 GB). A user model comes from
+  ``model`` / ``variables`` (``cfg.model == "custom"``) or the factory ``cfg.model``
+  names (``intercept.load_model_factory``).
   """
+  if model is not None or variables is not None:
+    if model is None or variables is None:
+      raise ValueError("model, variables: pass both (a flax.linen.Module and its variables) "
+                       "or neither")
+    return user_model_source(cfg, *intercept_lib.check_user_model(model, variables))
+  if cfg.model == USER_MODEL:
+    raise ValueError(f"model={USER_MODEL!r}: pass model= and variables= to nemo_jax.search "
+                     "/ build_problem (the config names no zoo model or factory)")
+  if is_model_factory(cfg.model):
+    return user_model_source(cfg, *intercept_lib.load_model_factory(cfg.model))
   shape, classes = cfg.resolved_input_shape, cfg.resolved_num_classes
   if cfg.library is None:
     model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes)
@@ -167,13 +208,68 @@ def cost_names_of(cfg: SearchConfig) -> tuple[str, ...]:
   return tuple(n for n in dict.fromkeys(wanted) if n not in ACCURACY_OBJECTIVES)
 
 
-def fitness_data(cfg: SearchConfig):
+def data_splits(data) -> dict:
+  """In-memory data as ``{split: (images float32 [N, H, W, C], labels int32 [N])}``.
+
+  Args:
+    data: ``(images, labels)`` (the split ``"train"``: fitness subset and calibration)
+      or ``{"train": (images, labels), "test": (images, labels)}`` (``"test"`` is where
+      the final front is re-evaluated). Images are used as given (preprocessed).
+
+  Raises:
+    ValueError naming the split and the problem.
+  """
+  if isinstance(data, (tuple, list)):
+    data = {"train": data}
+  if not isinstance(data, Mapping) or not data:
+    raise ValueError(f"data: got {type(data).__name__}; allowed: (images, labels) or "
+                     f"{{split: (images, labels)}} with splits in {IN_MEMORY_SPLITS}")
+  out = {}
+  for split, pair in data.items():
+    if split not in IN_MEMORY_SPLITS:
+      raise ValueError(f"data: split {split!r} is invalid; allowed: {IN_MEMORY_SPLITS}")
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+      raise ValueError(f"data[{split!r}]: got {type(pair).__name__}; allowed: a pair "
+                       "(images, labels)")
+    images, labels = np.asarray(pair[0]), np.asarray(pair[1])
+    if images.ndim != 4 or len(images) < 1:
+      raise ValueError(f"data[{split!r}]: images of shape {images.shape}; allowed: "
+                       "[N, H, W, C] with N >= 1")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) \
+        or labels.min() < 0:
+      raise ValueError(f"data[{split!r}]: labels of shape {labels.shape} / dtype "
+                       f"{labels.dtype}; allowed: non-negative integers [{len(images)}]")
+    out[split] = (images.astype(np.float32), labels.astype(np.int32))
+  shapes = {s: x.shape[1:] for s, (x, _) in out.items()}
+  if len(set(shapes.values())) > 1:
+    raise ValueError(f"data: image shapes differ between splits {shapes}; allowed: one shape")
+  return out
+
+
+def split_arrays(cfg: SearchConfig, split: str, data: Mapping | None = None):
+  """``(images preprocessed, labels)`` of a split: from files, or ``data`` (``"arrays"``)."""
+  if cfg.dataset != IN_MEMORY_DATASET:
+    images, labels = data_lib.load_split(cfg.dataset, split, source_dir=cfg.data_dir)
+    return data_lib.preprocess(cfg.dataset, images), labels
+  if data is None:
+    raise ValueError("dataset='arrays': pass data= to nemo_jax.search / build_problem "
+                     "(the in-memory splits are not stored with the run)")
+  if split not in data:
+    raise ValueError(f"split {split!r} is not in data (splits {sorted(data)}); allowed: "
+                     f"one of {sorted(data)} (eval_split / final_split)")
+  return data[split]
+
+
+def fitness_data(cfg: SearchConfig, data: Mapping | None = None):
   """``(x_fitness, y_fitness, x_calibration)``: stratified subsets of ``eval_split``."""
-  images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split, source_dir=cfg.data_dir)
+  if cfg.dataset != IN_MEMORY_DATASET:
+    images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split, source_dir=cfg.data_dir)
+    pre = lambda x: data_lib.preprocess(cfg.dataset, x)
+  else:
+    (images, labels), pre = split_arrays(cfg, cfg.eval_split, data), lambda x: x
   eval_idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=cfg.seed)
   calib_idx = data_lib.stratified_subset(labels, cfg.calib_per_class, seed=cfg.seed + 1)
-  return (data_lib.preprocess(cfg.dataset, images[eval_idx]), labels[eval_idx],
-          data_lib.preprocess(cfg.dataset, images[calib_idx]))
+  return pre(images[eval_idx]), labels[eval_idx], pre(images[calib_idx])
 
 
 # --------------------------------------------------------------------------- problem
@@ -195,6 +291,7 @@ class Problem:
   fp32_costs: dict
   bit_choices: jnp.ndarray
   keep_choices: jnp.ndarray
+  data: Mapping | None = None   # in-memory splits (dataset "arrays"), data_splits()
 
   @property
   def model(self):
@@ -327,7 +424,8 @@ def check_cost_bounds(cfg: SearchConfig, workload, registry: CostRegistry) -> No
 
 
 def build_problem(cfg: SearchConfig, registries: Registries | None = None,
-                  progress: bool = True) -> Problem:
+                  progress: bool = True, model=None, variables=None,
+                  data=None) -> Problem:
   """Composes the problem of a validated search config (module docstring).
 
   Args:
@@ -335,15 +433,20 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
     registries: costs / custom species beyond the built-ins (the config's own plugins
       are added).
     progress: show progress bars (library loading).
+    model, variables: a user's linen model and its float variables (with
+      ``cfg.model == "custom"``; quantized by interception, ``intercept.py``).
+    data: in-memory splits (with ``cfg.dataset == "arrays"``), see :func:`data_splits`.
 
   Raises:
-    ValueError: a checkpoint or library that does not match the config, or a cost bound
-      no configuration can meet.
+    ValueError: a checkpoint or library that does not match the config, a user model
+      with unhandled quantizable parameters, or a cost bound no configuration can meet.
   """
   registries = search_registries(cfg, registries)
-  source = load_model_source(cfg, progress=progress)
-  workload = workload_lib.extract_workload(cfg.model, source.input_shape, source.num_classes,
-                                           cfg.placement)
+  data = None if data is None else data_splits(data)
+  source = load_model_source(cfg, progress=progress, model=model, variables=variables)
+  workload = workload_lib.extract_workload(
+      source.model if is_user_model(cfg.model) else cfg.model, source.input_shape,
+      source.num_classes, cfg.placement)
   check_cost_bounds(cfg, workload, registries.costs)
   graph = graph_lib.workload_graph(workload, edges=cfg.edges)
   if cfg.node_features is not None:
@@ -356,7 +459,7 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
     graph = graph._replace(nodes=graph.nodes[:, np.asarray(columns)])
   space = search_space(cfg, workload)
 
-  x_eval, y_eval, x_calib = fitness_data(cfg)
+  x_eval, y_eval, x_calib = fitness_data(cfg, data)
   calibration = None
   if source.kind == "checkpoint" and cfg.activation_format == "int":
     batch = max(1, len(x_calib) // cfg.calib_batches)
@@ -376,4 +479,4 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
                  costs_registry=registries.costs, cost_names=cost_names,
                  fp32_costs={n: float(x) for n, x in zip(cost_names, fp32_values)},
                  bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
-                 keep_choices=jnp.asarray(cfg.keep_choices, jnp.float32))
+                 keep_choices=jnp.asarray(cfg.keep_choices, jnp.float32), data=data)

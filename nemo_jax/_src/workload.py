@@ -360,7 +360,7 @@ def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs):
     module = zoo.get_model(name, **kwargs)
   else:
     module = model_or_name
-    name = type(module).__name__
+    name = getattr(module, "model_name", None) or type(module).__name__
   if input_shape is None:
     input_shape = getattr(module, "input_shape", None)
   if num_classes is None:
@@ -439,7 +439,8 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
   Args:
     model_or_name: a zoo name (``get_model``) or a Flax module whose
       ``__call__(x, ctx=None, train=False)`` routes every conv/dense through
-      ``QConv`` / ``QDense``.
+      ``QConv`` / ``QDense``, or a plain linen model wrapped by ``intercept.intercept``
+      (its ``nn.Conv`` / ``nn.Dense`` / ... calls are traced the same way).
     input_shape: ``(H, W, C)``; default: the zoo's default for the name.
     num_classes: classes of the classifier; default: the zoo's default.
     placement: where activation quantizers sit (``layers.PLACEMENTS``).

@@ -40,7 +40,8 @@ layer actually reads.
   layer with ``k x k`` kernel (``k*k = k_h*k_w``, ``k = k_w`` for the ``Fx`` loop),
   ``ci = C_in / groups``, ``co = C_out / groups``, ``O = H_out * W_out``, ``M`` = MACs and
   counts ``[mac, ifmap reads, weight reads, ofmap writes, psum reads]``; dense layers use
-  output-stationary counts ``[M, M, M, C_out, 0]`` in every dataflow. EMOMC keeps
+  output-stationary counts ``[M, M, M, C_out * positions, 0]`` in every dataflow (positions
+  = tokens of a dense layer on ``[N, T, C]``, 1 for ``[N, C]``: EMOMC's ``C_out``). EMOMC keeps
   activations in FP16, so its energy ignores ``a_bits``.
 
 The named objectives, their registry and the compiled entry points are in
@@ -130,7 +131,7 @@ def emomc_counts(workload: Workload, dataflow: str) -> np.ndarray:
     conv = [m, m, m / o, m / kk, m / kk]
   else:
     conv = [m, m / k, m / np.sqrt(o), m / k, m / k]
-  dense = [m, m, m, wl.out_channels.astype(np.float64), zero]
+  dense = [m, m, m, wl.out_act_elems.astype(np.float64), zero]   # = C_out for [N, C] inputs
   is_dense = np.asarray(wl.ops) == "dense"
   return np.stack([np.where(is_dense, d, c) for c, d in zip(conv, dense)], axis=1)
 

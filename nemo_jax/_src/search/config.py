@@ -33,6 +33,21 @@ EDGE_SETS = ("sequential", "dataflow")
 ACCURACY_OBJECTIVES = ("top1_error", "top5_error")
 INFEASIBLE_ACTIONS = ("warn", "error")
 EVAL_STRATEGIES = ("auto", "map", "vmap", "chunked_vmap")
+USER_MODEL = "custom"
+"""``model`` of a search whose module is passed in memory (``search(model=...)``)."""
+IN_MEMORY_DATASET = "arrays"
+"""``dataset`` of a search whose data arrays are passed in memory (``search(data=...)``)."""
+IN_MEMORY_SPLITS = ("train", "test")
+
+
+def is_model_factory(name) -> bool:
+  """Whether ``model`` names a factory (``"package.module:attr"`` / ``"file.py:attr"``)."""
+  return isinstance(name, str) and ":" in name
+
+
+def is_user_model(name) -> bool:
+  """A model that is not in the zoo: a factory or one passed in memory."""
+  return name == USER_MODEL or is_model_factory(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +101,15 @@ class SearchConfig:
   """Everything a search run depends on (all objectives are minimised).
 
   Attributes:
-    model, input_shape, num_classes: the zoo model (input_shape/num_classes default to
-      the dataset's).
+    model, input_shape, num_classes: the model (input_shape/num_classes default to
+      the dataset's): a zoo name, a factory ``"package.module:attr"`` /
+      ``"file.py:attr"`` called without arguments and returning ``(module, variables)``
+      of any linen model (quantized by interception, ``intercept.py``), or
+      ``"custom"`` for a module passed to ``search(model=..., variables=...)``.
     checkpoint: ``"default"`` (the shipped default model) or a path to a variables file
       (``nemo-jax convert`` / ``nemo-jax train`` output).
-    dataset, data_dir: evaluation data (local files only).
+    dataset, data_dir: evaluation data (local files only), or ``"arrays"`` for splits
+      passed to ``search(data=...)`` (used as given: already preprocessed).
     eval_split, eval_per_class: the fitness subset (NEMO: 5 images per class of the
       TRAINING split).
     calib_per_class, calib_batches: calibration subset and number of batches.
@@ -194,11 +213,17 @@ class SearchConfig:
 
   @property
   def resolved_input_shape(self) -> tuple[int, int, int]:
+    if self.input_shape is None and self.dataset == IN_MEMORY_DATASET:
+      raise ValueError("input_shape: required with dataset='arrays' (search() sets it from "
+                       "the data); allowed: (H, W, C)")
     return tuple(self.input_shape or data_lib.DATASETS[self.dataset].input_shape)
 
   @property
-  def resolved_num_classes(self) -> int:
-    return self.num_classes or data_lib.DATASETS[self.dataset].num_classes
+  def resolved_num_classes(self) -> int | None:
+    """The classes (None with ``dataset="arrays"`` and no ``num_classes``)."""
+    if self.num_classes or self.dataset == IN_MEMORY_DATASET:
+      return self.num_classes
+    return data_lib.DATASETS[self.dataset].num_classes
 
 
 def _species_from(d: Any, i: int, kinds: tuple[str, ...]) -> SpeciesConfig:
@@ -252,8 +277,16 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
       d[k] = _plugins(k, d[k])
   registries = (registries or Registries()).with_plugins(d.get("custom_costs"),
                                                          d.get("custom_species"))
-  models_lib.check_model_name(d.get("model", SearchConfig.model))
-  v.choice("dataset", d.get("dataset", SearchConfig.dataset), sorted(data_lib.DATASETS))
+  model = d.get("model", SearchConfig.model)
+  if not is_user_model(model):
+    try:
+      models_lib.check_model_name(model)
+    except ValueError:
+      v.fail("model", model, f"a zoo name {models_lib.list_models()}, a factory "
+             "'package.module:attr' / 'file.py:attr' returning (module, variables), or "
+             f"{USER_MODEL!r} (a module passed to search(model=...))")
+  v.choice("dataset", d.get("dataset", SearchConfig.dataset),
+           sorted(data_lib.DATASETS) + [IN_MEMORY_DATASET])
   kinds = SPECIES_KINDS + tuple(k for k in registries.species if k not in SPECIES_KINDS)
   if "species" in d:
     species = v.sequence("species", d["species"], "a non-empty list of species")
@@ -276,7 +309,8 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
   cfg = SearchConfig(**d)
 
   v.optional_integer("num_classes", cfg.num_classes, 1)
-  splits = data_lib.DATASETS[cfg.dataset].splits
+  splits = (IN_MEMORY_SPLITS if cfg.dataset == IN_MEMORY_DATASET
+            else data_lib.DATASETS[cfg.dataset].splits)
   v.choice("eval_split", cfg.eval_split, splits)
   if cfg.final_split is not None:
     v.choice("final_split", cfg.final_split, (None,) + tuple(splits))
@@ -337,6 +371,12 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
     v.fail("hv_ref", list(cfg.hv_ref), f"{len(cfg.objectives)} numbers (one per objective)")
   v.integer("seed", cfg.seed)
   v.nonempty_string("checkpoint", cfg.checkpoint, "'default' or a variables file path")
+  if is_user_model(cfg.model) and cfg.checkpoint != "default":
+    v.fail("checkpoint", cfg.checkpoint, f"'default' with model={cfg.model!r} (the "
+           "variables come from the factory / search(variables=...))")
+  if is_user_model(cfg.model) and cfg.library is not None:
+    v.fail("library", cfg.library, f"None with model={cfg.model!r} (EMOMC libraries are "
+           "built for zoo models)")
   if cfg.library is not None:
     v.nonempty_string("library", cfg.library,
                       "None or a library directory (`nemo-jax prune-library`)")

@@ -29,10 +29,11 @@ from nemo_jax._src import data as data_lib
 from nemo_jax._src import faults
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
-from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, SearchConfig, load_search_config,
+from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET, USER_MODEL,
+                                         SearchConfig, load_search_config,
                                          search_registries, species_labels)
 from nemo_jax._src.search.engine import Engine
-from nemo_jax._src.problem import Problem, build_problem
+from nemo_jax._src.problem import Problem, build_problem, data_splits, split_arrays
 from nemo_jax._src.registries import Registries
 
 CHECKPOINT_DIR = "checkpoints"
@@ -126,12 +127,11 @@ def front_members(problem: Problem, archive, raw_names, labels) -> list[dict]:
 
 def _final_evaluator(problem: Problem):
   cfg = problem.cfg
-  images, labels = data_lib.load_split(cfg.dataset, cfg.final_split, source_dir=cfg.data_dir)
-  classes = data_lib.DATASETS[cfg.dataset].num_classes
+  images, labels = split_arrays(cfg, cfg.final_split, problem.data)
+  classes = cfg.resolved_num_classes or problem.source.num_classes
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
-  x = data_lib.preprocess(cfg.dataset, images[idx])
-  return problem.make_evaluator(x, labels[idx])
+  return problem.make_evaluator(images[idx], labels[idx])
 
 
 def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
@@ -217,7 +217,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
            progress: bool = True, problem: Problem | None = None,
            registries: Registries | None = None,
            callback: Callable[[dict], Any] | None = None, overwrite: bool = False,
-           **overrides) -> SearchResult:
+           model=None, variables=None, data=None, **overrides) -> SearchResult:
   """Runs a NEMO (or baseline) search. All objectives are minimised.
 
   Args:
@@ -235,6 +235,16 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     callback: called with each generation's history row.
     overwrite: replace a previous run in ``out_dir`` (without it, a directory that
       already holds a run is an error: pass ``resume=True`` or another directory).
+    model, variables: your own linen model and its float variables (every
+      ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.Dense`` / ``nn.DenseGeneral`` call is
+      quantized by interception; ``docs/DESIGN.md``, "Your own model"); the config's
+      ``model`` becomes ``"custom"``. Pass them again on resume.
+    data: in-memory data instead of a named dataset (used as given, preprocessed):
+      ``(images [N, H, W, C], labels [N])``, the split ``"train"`` (fitness subset and
+      calibration; the final re-evaluation is then skipped, ``final_split=None``), or
+      ``{"train": (x, y), "test": (x, y)}`` (the front is re-evaluated on ``"test"``).
+      The config's ``dataset`` becomes ``"arrays"``, ``input_shape`` the images' and
+      ``num_classes`` (if unset) ``max(label) + 1``. Pass it again on resume.
     **overrides: config fields to replace (``generations=5``, ``seed=1``, ...).
 
   Returns:
@@ -249,6 +259,13 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     nemo_jax._src.faults.CheckpointWriteError: a checkpoint write failed (disk full);
       the previous checkpoint is intact.
   """
+  if model is not None or variables is not None:
+    overrides["model"] = USER_MODEL
+  splits = None
+  if data is not None:
+    splits = data_splits(data)
+    overrides["dataset"] = IN_MEMORY_DATASET
+    overrides["input_shape"] = tuple(next(iter(splits.values()))[0].shape[1:])
   if resume:
     cfg = _resumed_config(out_dir, config, registries, overrides)
   else:
@@ -259,7 +276,16 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     # Before any work: an unwritable directory or a full disk is an error now, not after
     # the calibration and generation 0.
     faults.probe_writable(out_dir, what="out_dir")
-  problem = problem or build_problem(cfg, registries, progress=progress)
+  if splits is not None and cfg.num_classes is None:
+    cfg = dataclasses.replace(
+        cfg, num_classes=int(max(int(y.max()) for _, y in splits.values()) + 1))
+  if splits is not None and cfg.final_split is not None and cfg.final_split not in splits:
+    if not isinstance(data, (tuple, list)):
+      raise ValueError(f"final_split={cfg.final_split!r} is not in data (splits "
+                       f"{sorted(splits)}); allowed: one of {sorted(splits)} or None")
+    cfg = dataclasses.replace(cfg, final_split=None)
+  problem = problem or build_problem(cfg, registries, progress=progress, model=model,
+                                     variables=variables, data=splits)
   labels = species_labels(cfg.species)
   raw_names = raw_names_for(problem)
   engine = Engine(cfg, problem.space, problem.graph, int(problem.graph.nodes.shape[-1]),
