@@ -218,7 +218,8 @@ REDUCED = {
 }
 
 
-def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0):
+def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
+                       weight_quant="symmetric_per_channel", library=False):
   model = models_lib.get_model(name, input_shape=shape, num_classes=10, **REDUCED[name])
   variables = models_lib.init_variables(model, jax.random.key(seed), shape)
   # Non-trivial BatchNorm statistics (init is mean 0, var 1).
@@ -229,8 +230,12 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0):
                     rng.normal(0, 0.1, v.shape).astype(np.float32)
                     if "mean" in jax.tree_util.keystr(p) else np.asarray(v)), variables)
   images = rng.normal(size=(8, *shape)).astype(np.float32)
-  calib = calib_lib.calibrate(model, variables, images, batch_size=4)
-  scheme = schemes.ptq(calib)
+  if library:   # EMOMC: a one-entry library, FP16 activations
+    scheme = schemes.library([1.0], weight_quant, "fp16")
+    variables = schemes.stack_variables([variables])
+  else:
+    calib = calib_lib.calibrate(model, variables, images, batch_size=4)
+    scheme = schemes.ptq(calib, weight_quant)
   layers, acts = models_lib.trace_quantizers(model, shape)
   config = QuantConfig(w_bits=jnp.asarray(w_bits(len(layers)), jnp.int32),
                        a_bits=jnp.asarray(a_bits(len(acts)), jnp.int32),
@@ -241,17 +246,23 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0):
   return model, member, want, images
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
-def test_onnx_runtime_matches_jax_on_random_zoo_models(name):
+@pytest.mark.parametrize("name, weight_quant, library", [
+    ("mobilenet_v2", "symmetric_per_channel", False),
+    ("resnet18", "asymmetric_per_tensor", False),
+    ("resnet20", "asymmetric_per_channel", True),
+])
+def test_onnx_runtime_matches_jax_on_random_zoo_models(name, weight_quant, library):
   rng = np.random.default_rng(1)
-  choices = [2, 3, 4, 6, 8, 12, 32]
+  choices = [1, 2, 3, 4, 6, 8, 12, 32]
   model, member, want, images = _random_model_case(
-      name, (32, 32, 3), lambda n: rng.choice(choices, n), lambda n: rng.choice(choices, n),
-      0.8)
+      name, (32, 32, 3) if name != "resnet20" else (12, 12, 1),
+      lambda n: rng.choice(choices, n), lambda n: rng.choice(choices, n),
+      1.0 if library else 0.8, weight_quant=weight_quant, library=library)
   assert any(l.info.op == "depthwise" for l in member.layers) == (name == "mobilenet_v2")
+  assert {l.bits for l in member.layers} & {1, 12, 32}
   got = _onnx_logits(export.to_onnx(model, member), images)
   a = _agreement(got, want)
-  print(name, "onnx vs jax:", a)
+  print(name, weight_quant, "library" if library else "ptq", "onnx vs jax:", a)
   assert _agrees(a), a
 
 

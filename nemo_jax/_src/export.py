@@ -87,8 +87,8 @@ class ExportedLayer:
   mask: np.ndarray | None
 
   def signed(self) -> np.ndarray:
-    """Integer values ``q - zero_point``-ready: int64 kernel of codes, symmetric offset
-    removed (``q``), for ``"offset"`` / ``"binary"`` layers."""
+    """The int64 kernel-shaped integers: the codes (``"offset"``; subtract
+    ``zero_point``) or ``2 code - 1`` masked (``"binary"``)."""
     c = self.codes.astype(np.int64).reshape(self.shape)
     if self.encoding == "binary":
       q = 2 * c - 1
@@ -143,7 +143,7 @@ class ExportedMember:
   input_shape: tuple[int, int, int]
 
 
-def _codes(q, zp, bits: int, mode: str, kernel: np.ndarray):
+def _codes(q, zp, bits: int, mode: str):
   """Unsigned codes, encoding, zero points in code space, mask for 1-bit zeros."""
   q = q.astype(np.int64)
   if mode.startswith("symmetric"):
@@ -211,7 +211,7 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
                                       np.zeros((0,), np.int64), mask))
       continue
     q, scale, zp = (np.asarray(a) for a in ints[i])
-    codes, encoding, zp_codes, zeros = _codes(q, zp, bits, mode, k)
+    codes, encoding, zp_codes, zeros = _codes(q, zp, bits, mode)
     if zeros is not None and not zeros.all():
       mask = zeros if mask is None else (mask & zeros)
     out_layers.append(ExportedLayer(
