@@ -12,6 +12,7 @@ Public modules:
 * ``nemo_jax.pareto``: non-dominated ranking, crowding, hypervolume, R2, NSGA-II/III.
 * ``nemo_jax.evolution``: the NEMO engine, species, operators and GNN policies.
 * ``nemo_jax.emomc``: EMOMC's pruned-model library and results table.
+* ``nemo_jax.export``: one configuration as packed integers (``.npz``) or ONNX QDQ.
 
 Top level: :func:`search` runs a search; :class:`QuantConfig` is the config pytree;
 :class:`Registries` carries user costs and species; ``docs/DESIGN.md`` in the

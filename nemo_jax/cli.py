@@ -159,6 +159,18 @@ def cmd_emomc_report(args) -> int:
   return 0
 
 
+def cmd_export(args) -> int:
+  from nemo_jax import export
+  info = export.export_member(args.run_dir, args.member, format=args.format, out=args.out)
+  sizes = info["sizes"]
+  print(json.dumps({"out": info["out"], "precision": info["out"] + ".json",
+                    "format": args.format, "member": args.member,
+                    "model_bits": sizes["model_bits"], "model_bytes": sizes["model_bytes"],
+                    "packed_weight_bytes": sizes["packed_weight_bytes"],
+                    "file_bytes": os.path.getsize(info["out"])}, indent=1))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="nemo-jax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="replace a previous run in --out (default: refuse)")
   s.add_argument("--quiet", action="store_true")
   s.set_defaults(func=cmd_search)
+
+  x = sub.add_parser("export", help="write one front member as packed integers (.npz) or "
+                     "an ONNX QDQ model, with its precision JSON")
+  x.add_argument("run_dir", help="a finished `nemo-jax search` directory")
+  x.add_argument("--member", type=int, required=True, help="index into RUN_DIR/front.json")
+  x.add_argument("--format", default="npz", help="npz (default) or onnx")
+  x.add_argument("--out", help="output file (default RUN_DIR/member_K.FORMAT); FILE.json "
+                 "gets the precision JSON")
+  x.set_defaults(func=cmd_export)
 
   r = sub.add_parser("report", help="redraw the plots of a search directory and print its front")
   r.add_argument("dir")

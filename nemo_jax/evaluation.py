@@ -13,7 +13,8 @@ from nemo_jax._src.calibration import (Calibration, calibrate, fingerprint, load
                                        load_or_calibrate, save_calibration)
 from nemo_jax._src.distributed import initialize, population_mesh
 from nemo_jax._src.evaluator import (ACTIVATION_FACTOR, STRATEGIES, EvalResult, Evaluator,
-                                     evaluate, member_bytes)
+                                     evaluate, member_apply_fn, member_bytes,
+                                     member_logits)
 from nemo_jax._src.schemes import QuantScheme, stack_variables
 from nemo_jax._src.schemes import library as library_scheme
 from nemo_jax._src.schemes import ptq as ptq_scheme
@@ -21,6 +22,6 @@ from nemo_jax._src.schemes import ptq as ptq_scheme
 __all__ = [
     "ACTIVATION_FACTOR", "Calibration", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
     "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
-    "load_or_calibrate", "member_bytes", "population_mesh", "ptq_scheme", "save_calibration",
-    "stack_variables",
+    "load_or_calibrate", "member_apply_fn", "member_bytes", "member_logits", "population_mesh",
+    "ptq_scheme", "save_calibration", "stack_variables",
 ]

@@ -3,10 +3,11 @@
 from nemo_jax._src.quant import (ACTIVATION_FORMATS, FLOAT_BITS, MAX_BITS, MIN_BITS,
                                  WEIGHT_MODES, affine_params, keep_count, magnitude_ranks,
                                  prune, quantize_affine, quantize_symmetric, quantize_weight,
-                                 round_fp16)
+                                 round_fp16, symmetric_step, weight_integers)
 
 __all__ = [
     "ACTIVATION_FORMATS", "FLOAT_BITS", "MAX_BITS", "MIN_BITS", "WEIGHT_MODES",
     "affine_params", "keep_count", "magnitude_ranks", "prune", "quantize_affine",
-    "quantize_symmetric", "quantize_weight", "round_fp16",
+    "quantize_symmetric", "quantize_weight", "round_fp16", "symmetric_step",
+    "weight_integers",
 ]

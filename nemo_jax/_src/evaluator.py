@@ -291,16 +291,7 @@ class Evaluator:
 
   def _member(self, data, config: QuantConfig):
     """Top-1, top-k, loss of one configuration (traced)."""
-    prepared = data["prepared"]
-    # The scheme quantizes every kernel once per configuration, not once per batch.
-    variables, kernels = self.scheme.member_weights(prepared, config)
-    quantize_input = self.scheme.member_inputs(prepared, config)
-
-    def apply_fn(x):
-      ctx = QContext(quantize_input=quantize_input, placement=self.scheme.placement,
-                     quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i))
-      return self.model.apply(variables, x, ctx, train=False)
-
+    apply_fn = member_apply_fn(self.model, self.scheme, data["prepared"], config)
     return _scan_images(apply_fn, data["images"], data["labels"], data["mask"], self.top_k)
 
   def _build(self, padded: int) -> Callable:
@@ -385,6 +376,54 @@ class Evaluator:
       result = self.run(fp32)
       self._float_result = EvalResult(*(v[0] for v in result))
     return self._float_result
+
+
+def member_apply_fn(model: nn.Module, scheme: QuantScheme, prepared, config: QuantConfig
+                    ) -> Callable:
+  """``x -> logits`` of ONE configuration: the fake-quantized forward pass (traced).
+
+  The scheme quantizes every kernel once per configuration here, not once per image
+  batch; the returned function runs the model with the scheme's activation quantizer.
+  This is the computation the :class:`Evaluator` scores (and ``export.py`` checks the
+  exported models against).
+
+  Args:
+    model: zoo model.
+    scheme: the quantization scheme.
+    prepared: ``scheme.prepare(model, variables, input_shape)``.
+    config: one member (``w_bits[L]``, ``a_bits[La]``, scalar ``keep``).
+  """
+  variables, kernels = scheme.member_weights(prepared, config)
+  quantize_input = scheme.member_inputs(prepared, config)
+
+  def apply_fn(x):
+    ctx = QContext(quantize_input=quantize_input, placement=scheme.placement,
+                   quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i))
+    return model.apply(variables, x, ctx, train=False)
+
+  return apply_fn
+
+
+def member_logits(model: nn.Module, variables, scheme: QuantScheme, config: QuantConfig,
+                  images, input_shape=None, prepared=None) -> np.ndarray:
+  """Logits of ONE configuration on ``images`` (preprocessed ``[N, H, W, C]``), host.
+
+  Args:
+    model, variables, scheme: as :class:`Evaluator`.
+    config: one member (validated by the caller).
+    images: preprocessed images.
+    input_shape: ``(H, W, C)`` (default: ``images.shape[1:]``).
+    prepared: ``scheme.prepare(model, variables, input_shape)`` if already computed.
+
+  Returns:
+    float32 ``[N, num_classes]``.
+  """
+  images = np.asarray(images, np.float32)
+  shape = tuple(images.shape[1:]) if input_shape is None else tuple(input_shape)
+  if prepared is None:
+    prepared = scheme.prepare(model, variables, shape)
+  fn = jax.jit(lambda p, c, x: member_apply_fn(model, scheme, p, c)(x))
+  return np.asarray(fn(prepared, config, jnp.asarray(images)))
 
 
 def _checked_kernel(kernels, kernel, i):

@@ -62,17 +62,28 @@ def quantize_symmetric(x, bits, reduce_axes=None):
     Fake-quantized ``x`` (same shape and dtype) with identity STE gradient.
   """
   bits = jnp.asarray(bits)
-  absx = jnp.abs(x)
-  amax = jnp.max(absx, axis=reduce_axes, keepdims=True)
+  step, qmax = symmetric_step(x, bits, reduce_axes)
+  xq = jnp.clip(jnp.round(x / step), -qmax, qmax) * step
+  binary = jnp.sign(x) * jnp.mean(jnp.abs(x), axis=reduce_axes, keepdims=True)
+  xq = jnp.where(bits <= 1, binary, xq)
+  xq = jnp.where(bits >= FLOAT_BITS, x, xq)
+  return _ste(x, xq.astype(x.dtype))
+
+
+def symmetric_step(x, bits, reduce_axes=None):
+  """Step and largest integer of :func:`quantize_symmetric` (``bits >= 2``).
+
+  Returns:
+    ``(step, qmax)``: ``step = max|x| / qmax`` (keepdims over ``reduce_axes``; 1 where
+    that is 0), ``qmax = max(2^(b-1) - 1, 1)``.
+  """
+  bits = jnp.asarray(bits)
+  amax = jnp.max(jnp.abs(x), axis=reduce_axes, keepdims=True)
   qmax = jnp.maximum(_levels(bits - 1) - 1.0, 1.0)
   step = amax / qmax
   # A tiny max|x| underflows to a flushed subnormal (0): treat it like an all-zero tensor.
   step = jnp.where(step > 0, step, 1.0)
-  xq = jnp.clip(jnp.round(x / step), -qmax, qmax) * step
-  binary = jnp.sign(x) * jnp.mean(absx, axis=reduce_axes, keepdims=True)
-  xq = jnp.where(bits <= 1, binary, xq)
-  xq = jnp.where(bits >= FLOAT_BITS, x, xq)
-  return _ste(x, xq.astype(x.dtype))
+  return step, qmax
 
 
 def affine_params(lo, hi, bits):
@@ -138,6 +149,44 @@ def quantize_weight(w, bits, mode="symmetric_per_channel"):
   lo = jnp.min(w, axis=axes, keepdims=True)
   hi = jnp.max(w, axis=axes, keepdims=True)
   return quantize_affine(w, bits, lo, hi, clipped_ste=False)
+
+
+def weight_integers(w, bits, mode="symmetric_per_channel"):
+  """The integer form of :func:`quantize_weight`: ``(q, scale, zero_point)``.
+
+  ``quantize_weight(w, bits, mode) == (q - zero_point) * scale`` exactly (float32), for
+  bit-widths 1..31 (the same operations as the fake quantizer):
+
+  * symmetric, ``b >= 2``: ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]``, ``zero_point = 0``;
+  * symmetric, ``b == 1`` (binary): ``q = sign(w)`` in ``{-1, 0, 1}``,
+    ``scale = mean|w|``, ``zero_point = 0``;
+  * asymmetric: ``q`` in ``[0, 2^b - 1]``, ``scale, zero_point`` from
+    :func:`affine_params` of the (per-channel) min / max.
+
+  Args:
+    w: kernel, output channels on the LAST axis.
+    bits: scalar bit-width (traced) in 1..31.
+    mode: one of ``WEIGHT_MODES``.
+
+  Returns:
+    float32 ``q`` (integer values, shape of ``w``) and ``scale``, ``zero_point`` with
+    keepdims shape (``[1, .., 1, C]`` per channel, all ones per tensor).
+  """
+  if mode not in WEIGHT_MODES:
+    raise ValueError(f"weight_quant mode {mode!r} is not one of {WEIGHT_MODES}")
+  bits = jnp.asarray(bits)
+  axes = tuple(range(w.ndim - 1)) if mode.endswith("per_channel") else None
+  if mode.startswith("symmetric"):
+    step, qmax = symmetric_step(w, bits, axes)
+    q = jnp.clip(jnp.round(w / step), -qmax, qmax)
+    binary = bits <= 1
+    scale = jnp.where(binary, jnp.mean(jnp.abs(w), axis=axes, keepdims=True), step)
+    q = jnp.where(binary, jnp.sign(w), q)
+    return q, scale, jnp.zeros_like(scale)
+  lo = jnp.min(w, axis=axes, keepdims=True)
+  hi = jnp.max(w, axis=axes, keepdims=True)
+  scale, zp, qmax = affine_params(lo, hi, bits)
+  return jnp.clip(jnp.round(w / scale) + zp, 0.0, qmax), scale, zp
 
 
 def round_fp16(x, bits=None):

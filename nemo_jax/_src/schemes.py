@@ -60,6 +60,11 @@ class QuantScheme(NamedTuple):
     allowed_keep: the keep ratios the scheme can evaluate (a library's), or None (any).
     placement: where activation quantizers sit (``layers.PLACEMENTS``); ``a_bits`` has
       one entry per activation quantizer of that placement.
+    member_pruned: ``(prepared, config) -> (variables, kernels)`` before weight
+      quantization (pruned / selected float kernels), or None; with ``weight_quant``
+      and ``activation_format`` it lets ``export.py`` write real integers.
+    weight_quant: the weight quantizer mode (``quant.WEIGHT_MODES``), or None.
+    activation_format: ``quant.ACTIVATION_FORMATS``, or None.
   """
   name: str
   prepare: Callable[[nn.Module, Any, tuple[int, int, int]], Any]
@@ -68,6 +73,9 @@ class QuantScheme(NamedTuple):
   variables_template: Callable[[Any], Any]
   allowed_keep: tuple[float, ...] | None = None
   placement: str = "conv_inputs"
+  member_pruned: Callable[[Any, QuantConfig], tuple[Any, list]] | None = None
+  weight_quant: str | None = None
+  activation_format: str | None = None
 
 
 # --------------------------------------------------------------------------- tracing
@@ -164,19 +172,24 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
     return PTQPrepared(variables=variables, kernels=kernels,
                        ranks=[quant.magnitude_ranks(k) for k in kernels], lo=lo, hi=hi)
 
-  def member_weights(prepared, config):
+  def member_pruned(prepared, config):
     kernels = []
     for i, k in enumerate(prepared.kernels):
-      bits, keep = _one_member(config, i)
-      k = quant.prune(k, keep, prepared.ranks[i])
-      kernels.append(quant.quantize_weight(k, bits, weight_quant))
+      _, keep = _one_member(config, i)
+      kernels.append(quant.prune(k, keep, prepared.ranks[i]))
     return prepared.variables, kernels
+
+  def member_weights(prepared, config):
+    variables, kernels = member_pruned(prepared, config)
+    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant)
+                       for i, k in enumerate(kernels)]
 
   def member_inputs(prepared, config):
     return _input_quantizer(activation_format, config.a_bits, prepared.lo, prepared.hi)
 
   return QuantScheme("ptq", prepare, member_weights, member_inputs,
-                     lambda prepared: _shapes(prepared.variables), None, placement)
+                     lambda prepared: _shapes(prepared.variables), None, placement,
+                     member_pruned, weight_quant, activation_format)
 
 
 def stack_variables(entries: Sequence[Any]):
@@ -218,19 +231,23 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     return LibraryPrepared(variables=stacked, ratios=jnp.asarray(ratios),
                            paths=kernel_paths(layers))
 
-  def member_weights(prepared, config):
+  def member_pruned(prepared, config):
     index = jnp.argmin(jnp.abs(prepared.ratios - jnp.asarray(config.keep).reshape(())))
     variables = jax.tree.map(lambda v: v[index], prepared.variables)
-    kernels = [quant.quantize_weight(get_path(variables, p), config.w_bits[i], weight_quant)
-               for i, p in enumerate(prepared.paths)]
-    return variables, kernels
+    return variables, [get_path(variables, p) for p in prepared.paths]
+
+  def member_weights(prepared, config):
+    variables, kernels = member_pruned(prepared, config)
+    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant)
+                       for i, k in enumerate(kernels)]
 
   def member_inputs(prepared, config):
     return _input_quantizer(activation_format, config.a_bits)
 
   return QuantScheme("library", prepare, member_weights, member_inputs,
                      lambda prepared: one(prepared.variables),
-                     tuple(float(r) for r in ratios), placement)
+                     tuple(float(r) for r in ratios), placement, member_pruned, weight_quant,
+                     activation_format)
 
 
 def _shapes(tree):
