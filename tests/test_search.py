@@ -332,6 +332,7 @@ def test_experiment_configs_validate():
   for model in ("mobilenet_v2", "resnet50", "resnext101_32x8d"):
     cfg = load_search_config(os.path.join(cfg_dir, f"paper_imagenet.py:{model}"))
     assert cfg.model == model and cfg.eval_per_class == 5 and "top5_error" in cfg.objectives
+    assert cfg.placement == "nncf"                        # the paper's quantizer placement
   with pytest.raises(ValueError, match="objectives"):
     load_search_config(SMOKE, objectives=["top1_error", "latency"])
   with pytest.raises(ValueError, match="population"):

@@ -34,6 +34,7 @@ def get_config(arg=None):
       "calib_batches": 10,
       "final_split": "validation",
       "final_max_images": 50000,
+      "placement": "nncf",          # one quantizer per tensor, as NNCF places them
       "objectives": ["top5_error", "model_ratio", "bops_ratio"],
       "bit_choices": [2, 3, 4, 5, 6, 7, 8],
       "population": 64,
