@@ -295,34 +295,6 @@ def test_nsga2_random_and_evosax_species_run(smoke_problem):
   assert set(sizes.values()) == {2}                       # resize=False keeps sizes
 
 
-def front_summary(front):
-  """The fields of a front pinned by the regression fixture (objectives to 6 decimals)."""
-  return [{"w_bits": list(m["w_bits"]), "a_bits": list(m["a_bits"]), "keep": round(m["keep"], 6),
-           "species": m["species"],
-           "objectives": {k: round(v, 6) for k, v in sorted(m["objectives"].items())}}
-          for m in front]
-
-
-LEGACY_QUANTIZERS = {"weight_quant": "symmetric_per_channel", "activation_format": "int",
-                     "placement": "conv_inputs"}
-
-
-def test_default_search_front_is_pinned():
-  # Regression pin of the whole pipeline (species protocol, NSGA-III priority, resizing,
-  # archive): 3 generations of the default config. Regenerate the fixture only for an
-  # intended change of results (see the commit that introduced it). The quantizer
-  # settings are given explicitly, so later changes of the DEFAULTS keep this pin.
-  result = run_lib.search(None, out_dir=None, generations=3, progress=False,
-                          final_split=None, **LEGACY_QUANTIZERS)
-  with open(os.path.join(REPO, "tests", "data", "default_front_g3.json")) as f:
-    expected = json.load(f)
-  got = front_summary(result.front)
-  assert [(m["species"], m["w_bits"], m["a_bits"], m["keep"]) for m in got] == [
-      (m["species"], m["w_bits"], m["a_bits"], m["keep"]) for m in expected]
-  for g, e in zip(got, expected):  # rounding can flip the 6th decimal on another machine
-    assert g["objectives"] == pytest.approx(e["objectives"], abs=2e-6)
-
-
 def test_experiment_configs_validate():
   cfg_dir = os.path.join(REPO, "experiments", "configs")
   names = [f for f in os.listdir(cfg_dir) if f.endswith(".py") and not f.startswith("train")]
