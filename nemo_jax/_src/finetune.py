@@ -372,8 +372,8 @@ def finetune_members(run_dir: str, members: Sequence[int], epochs: int | None = 
       cfg = FinetuneConfig.from_dict({**_saved_settings(run_dir, k), **asked})
       saved = entries.get(int(k))
       if saved is not None and saved.get("config") == dataclasses.asdict(cfg):
-        tqdm.write(f"finetune: member {k} already fine-tuned ({cfg.epochs} epochs); skipped") \
-            if progress else None
+        if progress:
+          tqdm.write(f"finetune: member {k} already fine-tuned ({cfg.epochs} epochs); skipped")
         out.append(saved)
         continue
       entries[int(k)] = finetune_member(run_dir, k, cfg, stop, progress, loaded[k])
