@@ -171,6 +171,21 @@ def cmd_export(args) -> int:
   return 0
 
 
+def cmd_finetune(args) -> int:
+  import nemo_jax
+  from nemo_jax._src.finetune import parse_members
+  members = parse_members(args.members)
+  settings = {"learning_rate": args.learning_rate, "batch_size": args.batch_size,
+              "optimizer": args.optimizer, "max_images": args.max_images}
+  entries = nemo_jax.finetune_members(args.run_dir, members, epochs=args.epochs,
+                                      config=settings, progress=not args.quiet)
+  print(json.dumps([{"member": e["member"], "epochs": e["epochs"],
+                     **{f"{split}_top1": [e[split]["before"]["top1"], e[split]["after"]["top1"]]
+                        for split in ("train", "fitness", "final") if split in e},
+                     "variables": e["variables"]} for e in entries], indent=1))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="nemo-jax", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--out", help="output file (default RUN_DIR/member_K.FORMAT); FILE.json "
                  "gets the precision JSON")
   x.set_defaults(func=cmd_export)
+
+  ft = sub.add_parser("finetune", help="quantization-aware fine-tuning of front members "
+                      "(writes RUN_DIR/finetuned.json, RUN_DIR/finetune/K/)")
+  ft.add_argument("run_dir", help="a finished `nemo-jax search` directory")
+  ft.add_argument("--members", required=True, help="indices into RUN_DIR/front.json, e.g. 0,3")
+  ft.add_argument("--epochs", type=int, help="epochs per member (default 1; a re-run "
+                  "continues a member's checkpoint with its saved settings)")
+  ft.add_argument("--learning-rate", type=float, help="default 1e-4")
+  ft.add_argument("--batch-size", type=int, help="default 64")
+  ft.add_argument("--optimizer", help="adam (default) or sgd (momentum 0.9)")
+  ft.add_argument("--max-images", type=int, help="a stratified subset of the training split")
+  ft.add_argument("--quiet", action="store_true")
+  ft.set_defaults(func=cmd_finetune)
 
   r = sub.add_parser("report", help="redraw the plots of a search directory and print its front")
   r.add_argument("dir")

@@ -20,3 +20,56 @@ import jax  # noqa: E402  (after the environment is set)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
+
+
+def write_run_dir(out, objectives=("model_ratio", "bops_ratio"), final_split=None,
+                  lowest=False, **overrides):
+  """A run directory as ``nemo-jax search`` writes it (config.json, front.json) from the
+  smoke config, with a uniform W8A8, a pruned mixed-precision and a uniform W4A4 member
+  (``lowest``: and a uniform member at the lowest bit-width, W2A2): the front entries
+  are the run module's own records of those configurations (no search needed).
+
+  Returns:
+    ``(out, problem, front)``.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+  from nemo_jax._src.problem import build_problem
+  from nemo_jax._src.search import report
+  from nemo_jax._src.search import run as run_lib
+  from nemo_jax._src.search.config import load_search_config
+
+  cfg = load_search_config(SMOKE, objectives=list(objectives), keep_choices=[0.6, 1.0],
+                           final_split=final_split, **overrides)
+  problem = build_problem(cfg, progress=False)
+  num_choices = len(cfg.bit_choices)
+  active = len(problem.space.active_nodes)
+  mixed = np.random.default_rng(0).integers(0, num_choices, active)
+  rows = [np.full(active, cfg.bit_choices.index(8)), mixed,
+          np.full(active, cfg.bit_choices.index(4))]
+  keeps = [1, 0, 1]
+  if lowest:
+    rows.append(np.full(active, int(np.argmin(cfg.bit_choices))))
+    keeps.append(1)
+  choice = np.stack(rows).astype(np.int32)
+  keep_idx = np.asarray(keeps, np.int32)
+  raw_names = run_lib.raw_names_for(problem)
+  _, _, raw = problem.objectives(problem.decode(jnp.asarray(choice), jnp.asarray(keep_idx)))
+  raw = np.stack([np.asarray(raw[n], np.float32) for n in raw_names], axis=-1)
+  front = run_lib._members(problem, choice, keep_idx, None, None, raw, raw_names, None)
+  report.write_json(os.path.join(out, report.CONFIG_FILE),
+                    {"config": cfg.to_dict(), "seed": cfg.seed})
+  report.write_json(os.path.join(out, report.FRONT_FILE), front)
+  return out, problem, front
+
+
+@pytest.fixture(scope="session")
+def make_run_dir():
+  """:func:`write_run_dir` for tests (``make_run_dir(out, **options)``)."""
+  return write_run_dir

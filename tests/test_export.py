@@ -24,15 +24,10 @@ from nemo_jax._src.config import QuantConfig, config_from_dict
 from nemo_jax._src.costs.registry import compute_costs
 from nemo_jax._src.costs.report import layer_costs_numpy
 from nemo_jax._src.evaluator import member_logits
-from nemo_jax._src.problem import build_problem, fitness_data
-from nemo_jax._src.search import report
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.problem import fitness_data
 
 ort = pytest.importorskip("onnxruntime")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
 
 # ONNX vs JAX tolerance (docs/DESIGN.md, "Export"). Both compute the same quantizers, but
 # convolutions / sums accumulate in another order (~1e-6 relative); an activation that
@@ -111,28 +106,9 @@ def test_weight_integers_reproduce_the_fake_quantizer(mode):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A run directory as ``nemo-jax search`` writes it (config.json, front.json), with a
-  uniform W8A8, a pruned mixed-precision and a uniform W4A4 member: the front entries are
-  the run module's own records of those configurations (no search needed)."""
-  out = str(tmp_path_factory.mktemp("run"))
-  cfg = load_search_config(SMOKE, objectives=["model_ratio", "bops_ratio"],
-                           keep_choices=[0.6, 1.0], final_split=None)
-  problem = build_problem(cfg, progress=False)
-  num_choices = len(cfg.bit_choices)
-  active = len(problem.space.active_nodes)
-  mixed = np.random.default_rng(0).integers(0, num_choices, active)
-  choice = np.stack([np.full(active, cfg.bit_choices.index(8)), mixed,
-                     np.full(active, cfg.bit_choices.index(4))]).astype(np.int32)
-  keep_idx = np.asarray([1, 0, 1], np.int32)
-  raw_names = run_lib.raw_names_for(problem)
-  _, _, raw = problem.objectives(problem.decode(jnp.asarray(choice), jnp.asarray(keep_idx)))
-  raw = np.stack([np.asarray(raw[n], np.float32) for n in raw_names], axis=-1)
-  front = run_lib._members(problem, choice, keep_idx, None, None, raw, raw_names, None)
-  report.write_json(os.path.join(out, report.CONFIG_FILE),
-                    {"config": cfg.to_dict(), "seed": cfg.seed})
-  report.write_json(os.path.join(out, report.FRONT_FILE), front)
-  return out, problem, front
+def run_dir(tmp_path_factory, make_run_dir):
+  """A run directory (``conftest.write_run_dir``): uniform W8A8, pruned mixed, W4A4."""
+  return make_run_dir(str(tmp_path_factory.mktemp("run")))
 
 
 def _member_config(problem, entry):

@@ -748,13 +748,14 @@ def save_onnx(path: str, model, member: ExportedMember, model_spec: Mapping | No
 # --------------------------------------------------------------------------- runs
 
 
-def load_run_member(run_dir: str, member: int, progress: bool = False):
+def load_run_member(run_dir: str, member: int, progress: bool = False, problem=None):
   """The problem and the validated configuration of front member ``member`` of a run.
 
   Args:
     run_dir: a ``nemo-jax search`` output directory (``config.json``, ``front.json``).
     member: index into ``front.json``.
     progress: show progress bars (library loading).
+    problem: the run's ``Problem`` if already built (another member of the same run).
 
   Returns:
     ``(problem, config, front_entry)``: the run's ``Problem`` (model, source, scheme,
@@ -788,8 +789,8 @@ def load_run_member(run_dir: str, member: int, progress: bool = False):
     raise ValueError(f"member={member!r} is invalid; allowed: an integer in "
                      f"0..{len(front) - 1} ({len(front)} front members in {run_dir})")
   entry = front[int(member)]
-  cfg = load_search_config(saved)
-  problem = build_problem(cfg, progress=progress)
+  if problem is None:
+    problem = build_problem(load_search_config(saved), progress=progress)
   configs = problem.configs([entry["keep"]], [entry["w_bits"]], [entry["a_bits"]])
   config = jax.tree.map(lambda x: x[0], configs)
   return problem, config, entry

@@ -57,8 +57,18 @@ def _num(v):
 
 
 def plot_front(out_dir: str, front: list[dict], objectives: Sequence[str],
-               uniform: list[dict] | None = None) -> str:
-  """2-D projections of the front (every objective pair), uniform W=A baselines overlaid."""
+               uniform: list[dict] | None = None, finetuned: list[dict] | None = None,
+               filename: str = "front.png") -> str:
+  """2-D projections of the front (every objective pair), uniform W=A baselines overlaid.
+
+  Args:
+    out_dir: where ``filename`` is written.
+    front, uniform: ``front.json`` / ``uniform.json`` entries.
+    objectives: the run's objective names.
+    finetuned: optional fine-tuned members (``{"member": K, "objectives": {...}}``),
+      drawn as stars joined to front member ``K``.
+    filename: the image's name in ``out_dir``.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -79,13 +89,18 @@ def plot_front(out_dir: str, front: list[dict], objectives: Sequence[str],
       for m in uniform:
         ax.annotate(str(m["bits"]), (m["objectives"][a], m["objectives"][b]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
+    for j, m in enumerate(finetuned or ()):
+      p, q = front[m["member"]]["objectives"], m["objectives"]
+      ax.plot([p[a], q[a]], [p[b], q[b]], "k-", lw=0.8, alpha=0.6)
+      ax.scatter([q[a]], [q[b]], s=70, marker="*", color="k", zorder=3,
+                 label="fine-tuned" if j == 0 else None)
     ax.set_xlabel(a)
     ax.set_ylabel(b)
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=8)
   fig.suptitle(f"Pareto front ({len(front)} configurations; all objectives minimised)")
   fig.tight_layout()
-  path = os.path.join(out_dir, "front.png")
+  path = os.path.join(out_dir, filename)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -125,13 +125,18 @@ def front_members(problem: Problem, archive, raw_names, labels) -> list[dict]:
                   a.generation[idx], a.raw[idx], raw_names, labels)
 
 
-def _final_evaluator(problem: Problem):
+def final_data(problem: Problem):
+  """``(images, labels)`` the final front is re-evaluated on (``final_split`` subset)."""
   cfg = problem.cfg
   images, labels = split_arrays(cfg, cfg.final_split, problem.data)
   classes = cfg.resolved_num_classes or problem.source.num_classes
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
-  return problem.make_evaluator(images[idx], labels[idx])
+  return images[idx], labels[idx]
+
+
+def _final_evaluator(problem: Problem):
+  return problem.make_evaluator(*final_data(problem))
 
 
 def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
@@ -458,10 +463,14 @@ def _save(manager, state, history):
   """Writes generation ``state.generation``; on failure the previous step stays intact."""
   if manager is None:
     return
-  step = int(state.generation)
+  save_checkpoint_step(manager, int(state.generation), ocp.args.Composite(
+      state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+
+
+def save_checkpoint_step(manager, step: int, args) -> None:
+  """Writes checkpoint ``step`` completely; on failure the previous step stays intact."""
   try:
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               history=ocp.args.JsonSave(history)))
+    manager.save(step, args=args)
     # Finished before the next generation starts: a stop or a failure never leaves a
     # half-written newest step, and write errors surface here, at their step.
     manager.wait_until_finished()
