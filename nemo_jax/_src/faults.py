@@ -123,6 +123,33 @@ def probe_writable(path: str, needed_bytes: int = 0, what: str = "out_dir") -> N
                      "allowed: a disk with more free space")
 
 
+def checkpoint_manager(directory: str, max_to_keep: int = 2):
+  """The orbax manager of a job's checkpoint directory (created if needed)."""
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True))
+
+
+def check_resume_settings(new: dict, saved: dict, allowed: Sequence[str], directory: str,
+                          how: str) -> None:
+  """A resumed job keeps its settings: any field outside ``allowed`` that differs is an error.
+
+  Args:
+    new, saved: the settings asked for now and those the job was made with.
+    allowed: fields a resume may change.
+    directory: the job's directory (for the message).
+    how: what the user can do instead (e.g. "start a new run in another directory").
+
+  Raises:
+    ValueError naming the first differing field and both values.
+  """
+  for k in sorted(new):
+    if k not in allowed and saved.get(k) != new[k]:
+      raise ValueError(f"resume: {k}={new[k]!r} differs from the run in {directory!r}, which "
+                       f"was made with {k}={saved.get(k)!r}; a resumed run keeps its settings "
+                       f"(allowed overrides: {', '.join(allowed)}); {how}")
+
+
 def restore_latest_good(steps: Sequence[int], restore: Callable[[int], Any],
                         directory: str) -> tuple[int, Any, list[str]]:
   """Restores the newest step that restores completely.

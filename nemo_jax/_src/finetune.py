@@ -177,21 +177,6 @@ def _train_data(problem, cfg: FinetuneConfig):
   return np.asarray(images, np.float32), np.asarray(labels, np.int32)
 
 
-def _manager(directory: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-
-
-def _check_resumable(saved: dict, cfg: FinetuneConfig, directory: str) -> None:
-  new = dataclasses.asdict(cfg)
-  for k in sorted(new):
-    if k not in RESUME_OVERRIDES and saved.get(k) != new[k]:
-      raise ValueError(f"resume: {k}={new[k]!r} differs from the fine-tuning in "
-                       f"{directory!r}, made with {k}={saved.get(k)!r}; allowed: the same "
-                       f"settings (only {', '.join(RESUME_OVERRIDES)} may change) or remove "
-                       "that directory to start over")
-
-
 def _read_finetuned(run_dir: str) -> dict:
   path = os.path.join(run_dir, FINETUNED_FILE)
   if not os.path.exists(path):
@@ -233,7 +218,7 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
   state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
            "opt_state": tx.init(variables["params"])}
   meta = {"config": dataclasses.asdict(cfg), "epoch_loss": []}
-  manager = _manager(directory)
+  manager = faults.checkpoint_manager(directory)
   if manager.all_steps():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
@@ -245,7 +230,9 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
       return r
 
     start, restored, _ = faults.restore_latest_good(manager.all_steps(), restore, directory)
-    _check_resumable(restored["meta"]["config"], cfg, directory)
+    faults.check_resume_settings(dataclasses.asdict(cfg), restored["meta"]["config"],
+                                 RESUME_OVERRIDES, directory,
+                                 "remove that directory to start over")
     state, meta = restored["state"], dict(restored["meta"])
     meta["config"] = dataclasses.asdict(cfg)
   else:

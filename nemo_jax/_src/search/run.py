@@ -375,9 +375,7 @@ def write_outputs(out_dir, cfg, front, uniform, history, labels):
 
 
 def _manager(out_dir) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(out_dir, CHECKPOINT_DIR)),
-      options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=True))
+  return faults.checkpoint_manager(os.path.join(out_dir, CHECKPOINT_DIR), MAX_TO_KEEP)
 
 
 def _checkpoint_bytes(template) -> int:
@@ -418,13 +416,8 @@ def _resumed_config(out_dir, config, registries, overrides) -> SearchConfig:
     given = load_search_config(config, registries, **asked).to_dict()
     asked = {k: x for k, x in given.items() if x != saved_cfg.to_dict()[k]} | asked
   cfg = load_search_config(saved, registries, **asked)
-  new, old = cfg.to_dict(), saved_cfg.to_dict()
-  for k in sorted(new):
-    if new[k] != old[k] and k not in RESUME_OVERRIDES:
-      raise ValueError(f"resume: {k}={new[k]!r} differs from the run in {out_dir!r}, which "
-                       f"was made with {k}={old[k]!r}; a resumed run keeps its config "
-                       f"(allowed overrides: {', '.join(RESUME_OVERRIDES)}); start a new run "
-                       "in another directory to change it")
+  faults.check_resume_settings(cfg.to_dict(), saved_cfg.to_dict(), RESUME_OVERRIDES, out_dir,
+                               "start a new run in another directory to change it")
   return cfg
 
 
