@@ -381,3 +381,17 @@ def test_soak_random_kill_9_points_then_resume_give_the_same_front(tmp_path):
   r = _cli(*args)
   assert r.returncode == 0, r.stderr
   assert _front(run) == _front(ref)
+
+
+def test_write_atomic_keeps_the_previous_file_when_a_write_fails(tmp_path):
+  path = str(tmp_path / "front.json")
+  faults.write_json(path, {"a": 1})
+
+  def broken(f):
+    f.write("{\"half")
+    raise OSError("No space left on device")
+
+  with pytest.raises(OSError, match="No space"):
+    faults.write_atomic(path, broken, mode="w")
+  assert json.load(open(path)) == {"a": 1}
+  assert os.listdir(tmp_path) == ["front.json"]  # no temporary file left behind

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import models
-from nemo_jax._src.faults import check_finite
+from nemo_jax._src.faults import check_finite, write_atomic
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
 DEFAULT_CHECKPOINT = os.path.join(ASSETS, "resnet20_fashion_mnist.msgpack")
@@ -52,10 +52,7 @@ def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
   """Writes variables (nested dicts of arrays) as msgpack, atomically."""
   plain = unflatten_dict({p: np.asarray(v) for p, v in flatten_dict(variables).items()})
   data = flax.serialization.msgpack_serialize(plain)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  write_atomic(path, lambda f: f.write(data))
 
 
 def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = True) -> dict:

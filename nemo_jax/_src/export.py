@@ -45,6 +45,7 @@ from jax.extend import core as jex_core
 
 from nemo_jax._src import quant
 from nemo_jax._src.config import QuantConfig, config_to_dict
+from nemo_jax._src.faults import write_atomic
 from nemo_jax._src.layers import ActInfo, LayerInfo, QContext
 from nemo_jax._src.models import trace_quantizers
 from nemo_jax._src.schemes import QuantScheme, kernel_paths
@@ -395,16 +396,9 @@ def save_npz(path: str, member: ExportedMember, model_spec: Mapping | None = Non
                                            for a in member.activations], np.int64)
   text = json.dumps(info, indent=1)
   arrays["precision_json"] = np.asarray(text)
-  _write_atomic(path, lambda f: np.savez(f, **arrays))
-  _write_atomic(path + ".json", lambda f: f.write(text.encode()))
+  write_atomic(path, lambda f: np.savez(f, **arrays))
+  write_atomic(path + ".json", lambda f: f.write(text.encode()))
   return info
-
-
-def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
 
 
 def load_npz_kernels(path: str) -> tuple[dict, list[np.ndarray]]:
@@ -740,8 +734,8 @@ def save_onnx(path: str, model, member: ExportedMember, model_spec: Mapping | No
   info = precision_dict(member, offsets, model_spec, extra)
   data = proto.SerializeToString()
   info["onnx_bytes"] = len(data)
-  _write_atomic(path, lambda f: f.write(data))
-  _write_atomic(path + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
+  write_atomic(path, lambda f: f.write(data))
+  write_atomic(path + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
   return info
 
 

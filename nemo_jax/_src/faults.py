@@ -18,6 +18,7 @@ Every long job (``search``, ``prune-library``, ``finetune``) follows the same ru
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -121,6 +122,32 @@ def probe_writable(path: str, needed_bytes: int = 0, what: str = "out_dir") -> N
     raise ValueError(f"{what}={path!r}: {free / 2**20:.1f} MiB free on its disk, the run "
                      f"needs about {needed_bytes / 2**20:.1f} MiB for its checkpoints; "
                      "allowed: a disk with more free space")
+
+
+def write_atomic(path: str, write: Callable[[Any], Any], mode: str = "wb") -> None:
+  """Writes a file through ``write(f)`` on a temporary sibling, then renames it.
+
+  An interrupted or failed write never leaves a half-written file: the previous one (if
+  any) stays until the rename, which is atomic on one file system.
+
+  Args:
+    path: the file to (re)write.
+    write: called once with the open temporary file.
+    mode: ``"wb"`` (bytes) or ``"w"`` (text).
+  """
+  tmp = f"{path}.tmp"
+  try:
+    with open(tmp, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path: str, obj, indent: int = 1) -> None:
+  """Writes ``obj`` as indented JSON, atomically (:func:`write_atomic`)."""
+  write_atomic(path, lambda f: json.dump(obj, f, indent=indent), mode="w")
 
 
 def checkpoint_manager(directory: str, max_to_keep: int = 2):

@@ -8,7 +8,6 @@ variables and metrics. The default checkpoint in ``nemo_jax/assets`` was produce
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Mapping
@@ -24,6 +23,7 @@ from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import models as models_lib
 from nemo_jax._src import validate as v
+from nemo_jax._src.faults import write_json
 
 
 
@@ -152,5 +152,4 @@ def save_trained(path: str, cfg: TrainConfig, variables, metrics) -> None:
   ckpt.save_variables(path, variables)
   info = {"config": dataclasses.asdict(cfg), "metrics": metrics,
           "versions": {"jax": jax.__version__}}
-  with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump(info, f, indent=2)
+  write_json(os.path.splitext(path)[0] + ".json", info, indent=2)

@@ -101,13 +101,6 @@ def save_entry(out_dir: str, keep: float, variables) -> str:
   return rel
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)  # atomic: an interrupted build never leaves half a library.json
-
-
 def read_library(library_dir: str) -> dict:
   """The parsed ``library.json`` of a library directory.
 

@@ -50,10 +50,11 @@ from nemo_jax._src import data as data_lib
 from nemo_jax._src import models as models_lib
 from nemo_jax._src import train as train_lib
 from nemo_jax._src import validate as v
-from nemo_jax._src.emomc.io import (DENSE_KEEP, LIBRARY_FILE, LIBRARY_FORMAT, _write_json,
+from nemo_jax._src.emomc.io import (DENSE_KEEP, LIBRARY_FILE, LIBRARY_FORMAT,
                                     check_keep_ratios, load_entry, parse_keep_range,
                                     ratio_id, ratio_key, read_library, save_entry)
-from nemo_jax._src.faults import CheckpointWriteError, GracefulStop, probe_writable
+from nemo_jax._src.faults import (CheckpointWriteError, GracefulStop, probe_writable,
+                                  write_json)
 from nemo_jax._src.emomc.masks import is_kernel_path, magnitude_masks, nonzero_counts
 
 SCHEDULES = ("independent", "chain")
@@ -301,7 +302,7 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
         "nonzero": int(sum(c[0] for c in counts.values())),
         "weights": int(sum(c[1] for c in counts.values())),
         "start_keep": start_keep, "seconds": round(seconds, 3)}
-    _write_json(lib_path, meta)
+    write_json(lib_path, meta)  # atomic: an interrupted build never leaves half a library.json
 
   tx = _optimizer(cfg.learning_rate, cfg.momentum, cfg.weight_decay)
   step_fn = _make_masked_step(model, tx)

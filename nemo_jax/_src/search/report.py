@@ -14,19 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
+from nemo_jax._src.faults import write_json  # noqa: F401  (the run's JSON writer)
 from nemo_jax._src.search.config import species_labels
 
 FRONT_FILE = "front.json"
 HISTORY_FILE = "history.csv"
 UNIFORM_FILE = "uniform.json"
 CONFIG_FILE = "config.json"
-
-
-def write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
 
 
 def write_history(path: str, rows: Sequence[dict]) -> None:
