@@ -258,7 +258,7 @@ def disjoint_stratified_subsets(labels: np.ndarray, per_class: Sequence[int], se
     a class with fewer examples left than a subset asks for.
   """
   labels, classes = _labels_and_classes(labels, num_classes)
-  per_class = [per_class] if isinstance(per_class, (int, np.integer)) else list(per_class)
+  per_class = list(per_class)
   names = [f"subset[{k}]" for k in range(len(per_class))] if names is None else list(names)
   if len(names) != len(per_class):
     raise ValueError(f"names: {len(names)} names for {len(per_class)} sizes; allowed: one "
