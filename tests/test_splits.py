@@ -138,3 +138,15 @@ def test_smoke_search_images_fitness_selection_calibration_are_disjoint(monkeypa
   assert evaluated[2].shape[0] == 40 and not {r.tobytes() for r in evaluated[2]} & set(row)
   for m in result.front + result.uniform:
     assert 0.0 <= m["selection_top1"] <= 1.0 and 0.0 <= m["final_top1"] <= 1.0
+
+
+def test_a_resume_may_change_the_selection_set_only(tmp_path):
+  # The selection set is drawn last and only used after the loop: a resumed run may
+  # change its size (fitness and calibration, hence the saved state, stay the same).
+  from nemo_jax._src.search import report
+  cfg = load_search_config(SMOKE)
+  report.write_json(str(tmp_path / report.CONFIG_FILE), {"config": cfg.to_dict()})
+  resumed = run_lib._resumed_config(str(tmp_path), None, None, {"selection_per_class": 1})
+  assert resumed.selection_per_class == 1 and resumed.eval_per_class == cfg.eval_per_class
+  with pytest.raises(ValueError, match="calib_per_class"):
+    run_lib._resumed_config(str(tmp_path), None, None, {"calib_per_class": 3})
