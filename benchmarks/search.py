@@ -28,7 +28,7 @@ def main(argv=None):
   p.add_argument("--generations", type=int, default=6)
   args = p.parse_args(argv)
   cfg = nemo_jax.load_search_config(args.config, generations=args.generations,
-                                    final_split=None)
+                                    final_split=None, selection_per_class=0)
   t0 = time.perf_counter()
   problem = nemo_jax.build_problem(cfg)
   build_s = time.perf_counter() - t0

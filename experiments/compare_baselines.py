@@ -44,7 +44,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   base = nemo_jax.load_search_config(args.config, generations=args.generations,
-                                     population=args.population, final_split=None)
+                                     population=args.population, final_split=None,
+                                     selection_per_class=0)   # hypervolume only
   problem = nemo_jax.build_problem(base)   # one fitness subset and calibration for every run
   results = {}
   for method in args.methods:

@@ -1,10 +1,11 @@
 """Datasets from local files only (no downloads): see ``nemo_jax._src.data``."""
 
-from nemo_jax._src.data import (DATASETS, DatasetSpec, augment, iterate_batches, load_embedded,
-                                load_split, open_split, preprocess, read_idx,
-                                stratified_subset, write_idx)
+from nemo_jax._src.data import (DATASETS, DatasetSpec, augment, disjoint_stratified_subsets,
+                                iterate_batches, load_embedded, load_split, open_split,
+                                preprocess, read_idx, stratified_subset, write_idx)
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "augment", "iterate_batches", "load_embedded", "load_split",
-    "open_split", "preprocess", "read_idx", "stratified_subset", "write_idx",
+    "DATASETS", "DatasetSpec", "augment", "disjoint_stratified_subsets", "iterate_batches",
+    "load_embedded", "load_split", "open_split", "preprocess", "read_idx", "stratified_subset",
+    "write_idx",
 ]

@@ -31,7 +31,7 @@ def test_default_search_front_is_pinned():
   # intended change of results (see the commit that introduced it). The quantizer
   # settings are given explicitly, so later changes of the DEFAULTS keep this pin.
   result = run_lib.search(None, out_dir=None, generations=3, progress=False,
-                          final_split=None, **LEGACY_QUANTIZERS)
+                          final_split=None, selection_per_class=0, **LEGACY_QUANTIZERS)
   with open(os.path.join(REPO, "tests", "data", "default_front_g3.json")) as f:
     expected = json.load(f)
   got = front_summary(result.front)

@@ -22,6 +22,7 @@ from nemo_jax._src import workload as workload_lib
 from nemo_jax._src.checkpoint import load_default_model
 from nemo_jax._src.emomc import report as report_lib
 from nemo_jax._src.layers import QContext
+from nemo_jax._src.problem import selection_data
 from nemo_jax._src.search import run as run_lib
 from nemo_jax._src.search.config import load_search_config
 
@@ -60,7 +61,7 @@ def _search_config(library_dir, **overrides):
        "objectives": ["top1_error", "energy:X|Y"], "constraints": {"size_kb:csr": 500.0},
        "eval_per_class": 2, "final_split": None, "population": 12, "generations": 1,
        "species": [{"kind": "direct_round"}], "selection": "nsga2", "resize": False,
-       "min_species_size": 2, "archive_size": 32}
+       "min_species_size": 2, "archive_size": 32, "selection_per_class": 2}
   d.update(overrides)
   return load_search_config(d)
 
@@ -340,6 +341,44 @@ def test_table_chooses_cheapest_member_within_the_loss():
   table = report_lib.build_table([row, None], 0.90, 0.005, "energy:X|Y", ["x", "y"])
   text = report_lib.format_table(table)
   assert "20.00x" in text and "no candidate" in text
+
+
+def test_choose_selects_on_the_selection_set_not_the_test_set():
+  ref = {n: 100.0 for n in report_lib.ENERGY_NAMES + report_lib.SIZE_NAMES}
+  # Test and selection disagree: the cheap member is admissible on the selection set
+  # only, the dear one on the test set only.
+  cands = [{"keep": 0.2, "top1": 0.80, "selection_top1": 0.899,
+            "costs": {**ref, "energy:X|Y": 1.0}},
+           {"keep": 0.5, "top1": 0.90, "selection_top1": 0.70,
+            "costs": {**ref, "energy:X|Y": 10.0}}]
+  assert report_lib.choose(cands, 0.90, 0.005, "energy:X|Y",
+                           key="selection_top1")["keep"] == 0.2
+  assert report_lib.choose(cands, 0.90, 0.005, "energy:X|Y", key="top1")["keep"] == 0.5
+
+
+def test_report_picks_members_by_selection_accuracy_and_reports_test(library, problem,
+                                                                      tmp_path):
+  # A hand-built front whose recorded accuracies make test and selection disagree:
+  # member 0 is perfect on the selection set and useless on the test set, member 1 the
+  # reverse. Choosing on the selection set must take member 0 and report its test top-1.
+  cfg = _search_config(library[0], final_split="test", final_max_images=20)
+  L = problem.workload.num_layers
+  front = [{"keep": 0.4, "w_bits": [4] * L, "selection_top1": 1.0, "final_top1": 0.0},
+           {"keep": 0.7, "w_bits": [8] * L, "selection_top1": 0.0, "final_top1": 1.0}]
+  (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
+  (tmp_path / "front.json").write_text(json.dumps(front))
+  table = report_lib.emomc_report(str(tmp_path), max_loss=0.005, problem=problem)
+  row = table["rows"][0]
+  assert table["selected_on"] == "selection"
+  assert row["keep"] == pytest.approx(0.4) and row["w_bits"] == [4] * L
+  assert row["selection_top1"] == 1.0 and row["top1"] == 0.0
+  assert row["accuracy_loss"] == pytest.approx(table["fp32_top1"])
+  assert row["selection_loss"] == pytest.approx(table["fp32_selection_top1"] - 1.0)
+  # The FP32 references are the evaluator's on the two sets (test: final_split subset).
+  x_sel, y_sel = selection_data(cfg)
+  assert table["fp32_selection_top1"] == pytest.approx(
+      float(problem.make_evaluator(x_sel, y_sel).evaluate_float().top1))
+  assert "sel" in report_lib.format_table(table)
 
 
 # --------------------------------------------------------------------------- CLI

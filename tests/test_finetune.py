@@ -3,6 +3,7 @@ run's own record; after: the evaluator on the saved variables), resume, stop, CL
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,10 +15,11 @@ import pytest
 import nemo_jax
 from nemo_jax import cli
 from nemo_jax._src import checkpoint as ckpt
+from nemo_jax._src import data as data_lib
 from nemo_jax._src import faults
 from nemo_jax._src import finetune as ft
 from nemo_jax._src.evaluator import Evaluator
-from nemo_jax._src.problem import fitness_data
+from nemo_jax._src.problem import fitness_data, image_sets, selection_data
 
 # Tiny: 320 training images, 10 steps of 32, a large-ish lr so one epoch moves W2A2.
 SETTINGS = {"max_images": 320, "batch_size": 32, "learning_rate": 1e-3}
@@ -59,6 +61,11 @@ def test_accuracies_are_the_evaluators_before_and_after(tuned):
   top1 = float(np.asarray(evaluator.run(jax.tree.map(lambda x: x[None],
                                                      _config(problem, entry))).top1)[0])
   assert entry["fitness"]["after"]["top1"] == pytest.approx(top1, abs=1e-6)
+  # Before, on the selection set: the PTQ member through the run's own evaluator.
+  selection = problem.make_evaluator(*selection_data(problem.cfg))
+  top1 = float(np.asarray(selection.run(jax.tree.map(lambda x: x[None],
+                                                     _config(problem, entry))).top1)[0])
+  assert entry["selection"]["before"]["top1"] == pytest.approx(top1, abs=1e-6)
 
 
 def test_finetuned_json_and_plot(tuned):
@@ -71,7 +78,9 @@ def test_finetuned_json_and_plot(tuned):
   assert tuned_obj["model_ratio"] == front[k]["objectives"]["model_ratio"]
   assert tuned_obj["top1_error"] == pytest.approx(1 - entry["fitness"]["after"]["top1"])
   assert entry["final"]["images"] == 40 and set(entry["final"]) == {"images", "before", "after"}
-  for split in ("train", "fitness", "final"):
+  assert entry["selection"]["images"] == 40   # smoke: 4 per class, held out of training
+  assert set(entry["selection"]) == {"images", "before", "after"}
+  for split in ("train", "fitness", "selection", "final"):
     for when in ("before", "after"):
       assert 0.0 <= entry[split][when]["top1"] <= entry[split][when]["top5"] <= 1.0
   assert os.path.getsize(os.path.join(out, ft.FINETUNED_PLOT)) > 0
@@ -124,6 +133,23 @@ def test_cli_missing_run_dir_exits_2(tmp_path, capsys):
   assert cli.main(["finetune", str(tmp_path / "nope"), "--members", "0"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "run_dir" in err
+
+
+def test_training_images_leave_the_selection_images_out(tuned):
+  _, problem, _, _, _ = tuned
+  cfg = problem.cfg
+  _, labels = data_lib.load_split(cfg.dataset, cfg.eval_split)
+  selection = image_sets(cfg, labels)["selection"]
+  for max_images in (None, 320):
+    settings = ft.FinetuneConfig.from_dict({"max_images": max_images})
+    idx = ft.train_indices(cfg, settings, labels)
+    assert np.intersect1d(idx, selection).size == 0
+    assert len(idx) == (len(labels) - len(selection) if max_images is None else 320)
+  # Another split than eval_split: all of it; the run's test split: refused.
+  other = dataclasses.replace(cfg, eval_split="test", final_split=None)
+  assert len(ft.train_indices(other, ft.FinetuneConfig(), labels)) == len(labels)
+  with pytest.raises(ValueError, match="train_split='test' is the run's final_split"):
+    ft.train_indices(cfg, ft.FinetuneConfig.from_dict({"train_split": "test"}), labels)
 
 
 def test_config_rejects_bad_fields():

@@ -301,7 +301,7 @@ class TinyCNN(nn.Module):
 
 
 SEARCH = {"eval_per_class": 2, "calib_per_class": 2, "calib_batches": 2,
-          "final_max_images": 20, "population": 8, "generations": 1,
+          "selection_per_class": 2, "final_max_images": 20, "population": 8, "generations": 1,
           "species": [{"kind": "direct_round"}, {"kind": "gcn", "hidden": 8}],
           "edges": "dataflow", "min_species_size": 2, "archive_size": 32, "seed": 0}
 DIRECT = [{"kind": "direct_round"}, {"kind": "direct_floor"}]   # no GNN to compile
@@ -316,7 +316,7 @@ def _fashion(split, per_class):
 def test_search_with_a_user_model_and_in_memory_data():
   module = TinyCNN()
   variables = module.init(jax.random.key(0), _images(1))
-  data = {"train": _fashion("train", 3), "test": _fashion("test", 2)}
+  data = {"train": _fashion("train", 6), "test": _fashion("test", 2)}   # 2+2+2 train sets
   cfg = nemo_jax.load_search_config(dict(SEARCH, model="custom", dataset="arrays",
                                          input_shape=SHAPE, num_classes=10))
   problem = nemo_jax.build_problem(cfg, model=module, variables=variables, data=data,
@@ -336,6 +336,7 @@ def test_search_with_a_user_model_and_in_memory_data():
   assert result.config.model == "custom" and result.config.dataset == "arrays"
   assert result.config.final_split is None and result.config.num_classes == 10
   assert result.front and "final_top1" not in result.front[0]
+  assert "selection_top1" in result.front[0]          # held-out train images
   with pytest.raises(ValueError, match="split 'val' is invalid"):
     nemo_jax.search(SEARCH, model=module, variables=variables, data={"val": data["test"]})
   with pytest.raises(ValueError, match="pass model= and variables="):

@@ -231,12 +231,15 @@ def test_cli_search_report_and_bad_config(tmp_path):
   front = json.loads((out / "front.json").read_text())
   assert front and {"w_bits", "a_bits", "keep", "species", "objectives"} <= set(front[0])
   assert set(front[0]["objectives"]) == {"top1_error", "model_ratio", "bops_ratio"}
+  uniform = json.loads((out / "uniform.json").read_text())
+  for m in front + uniform:   # the selection set (held-out train images) and the test set
+    assert 0 <= m["selection_top1"] <= 1 and 0 <= m["final_top1"] <= 1
   history = (out / "history.csv").read_text().splitlines()
   assert len(history) == 1 + 3                      # header + generations 0..2
   os.remove(out / "front.png")
   r = _cli("report", str(out))
   assert r.returncode == 0 and (out / "front.png").exists()
-  assert "top1_error" in r.stdout
+  assert "top1_error" in r.stdout and "selection_top1" in r.stdout
 
   bad = tmp_path / "bad.json"
   bad.write_text(json.dumps({"population": 8, "generations": 1, "colour": "red"}))

@@ -83,6 +83,7 @@ def get_config(arg=None):
       "library": v["library"],
       "eval_split": "train",
       "eval_per_class": 25,
+      "selection_per_class": 100,    # picks the table's members (emomc/report.py)
       "final_split": "test",
       "final_max_images": 2000,
       "objectives": objectives,

@@ -85,6 +85,7 @@ def get_config(arg=None):
       "library": v["library"],
       "eval_split": "train",
       "eval_per_class": 100,
+      "selection_per_class": 200,    # picks the table's members (emomc/report.py)
       "final_split": "test",
       "final_max_images": 10000,
       "objectives": objectives,

@@ -32,6 +32,7 @@ def get_config(arg=None):
       "eval_per_class": 5,
       "calib_per_class": 1,
       "calib_batches": 10,
+      "selection_per_class": 10,     # 10,000 held-out training images
       "final_split": "validation",
       "final_max_images": 50000,
       "placement": "nncf",          # one quantizer per tensor, as NNCF places them

@@ -9,6 +9,7 @@ def get_config():
       "eval_per_class": 2,
       "calib_per_class": 2,
       "calib_batches": 2,
+      "selection_per_class": 4,
       "final_split": "test",
       "final_max_images": 40,
       "objectives": ["top1_error", "model_ratio", "bops_ratio"],

@@ -9,8 +9,9 @@ gradients), BatchNorm statistics updated in train mode, and writes
 * ``RUN_DIR/finetune/K/``: an orbax checkpoint per epoch (a re-run resumes; a finished
   member is skipped) and the fine-tuned ``variables.msgpack``;
 * ``RUN_DIR/finetuned.json``: per member, loss / top-1 before and after on the training
-  images used, the run's fitness images and its final-phase split, and the member's cost
-  objectives (unchanged: the bits do not change);
+  images used, the run's fitness images, its selection images (``selection``: held out
+  of the training images) and its final-phase split (``final``: the test set), and the
+  member's cost objectives (unchanged: the bits do not change);
 * ``RUN_DIR/front_finetuned.png``: the front with the fine-tuned points beside the PTQ
   ones.
 
@@ -60,7 +61,8 @@ class FinetuneConfig:
     learning_rate: constant learning rate (small: the weights start trained).
     optimizer: ``"adam"`` or ``"sgd"`` (with ``momentum``).
     momentum: SGD momentum.
-    train_split: the dataset split trained on.
+    train_split: the dataset split trained on (without the run's selection images
+      when it is the run's ``eval_split``; never the run's ``final_split``).
     max_images: a stratified subset of that many training images (None: all).
     eval_batch_size: batch size of the loss / accuracy passes.
     seed: shuffling seed.
@@ -163,14 +165,39 @@ def scores(apply, variables, images, labels, batch_size: int) -> dict:
   return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
+def train_indices(search_cfg, cfg: FinetuneConfig, labels) -> np.ndarray:
+  """Indices of the training images among ``cfg.train_split``'s labels ``[N]``.
+
+  When ``train_split`` is the run's ``eval_split``, the run's selection images are left
+  out (they stay held out for the before / after comparison; ``docs/DESIGN.md``,
+  "Image sets"); then a stratified ``max_images`` subset of the rest, if asked for.
+
+  Raises:
+    ValueError: ``train_split`` is the run's ``final_split`` (the test set is only
+      reported, never trained on).
+  """
+  from nemo_jax._src.problem import image_sets
+  if cfg.train_split == search_cfg.final_split:
+    raise ValueError(f"train_split={cfg.train_split!r} is the run's final_split (the test "
+                     "set, only reported); allowed: another split, e.g. the run's "
+                     f"eval_split {search_cfg.eval_split!r}")
+  labels = np.asarray(labels)
+  idx = np.arange(len(labels))
+  if cfg.train_split == search_cfg.eval_split:
+    idx = np.setdiff1d(idx, image_sets(search_cfg, labels)["selection"])
+  if cfg.max_images is not None and cfg.max_images < len(idx):
+    sub = labels[idx]
+    classes = int(sub.max()) + 1
+    per_class = max(1, min(cfg.max_images // classes, int(np.bincount(sub).min())))
+    idx = idx[data_lib.stratified_subset(sub, per_class, seed=cfg.seed)]
+  return idx
+
+
 def _train_data(problem, cfg: FinetuneConfig):
   from nemo_jax._src.problem import split_arrays
   images, labels = split_arrays(problem.cfg, cfg.train_split, problem.data)
-  if cfg.max_images is not None and cfg.max_images < len(images):
-    classes = int(labels.max()) + 1
-    per_class = max(1, min(cfg.max_images // classes, int(np.bincount(labels).min())))
-    idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
-    images, labels = images[idx], labels[idx]
+  idx = train_indices(problem.cfg, cfg, labels)
+  images, labels = images[idx], labels[idx]
   if len(images) < cfg.batch_size:
     raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(images)} training "
                      "images; allowed: at most the number of training images")
@@ -280,8 +307,11 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
   evals = {"train": (x_train, y_train)}
   x_fit, y_fit, _ = fitness_data(problem.cfg, problem.data)
   evals["fitness"] = (x_fit, y_fit)
-  if problem.cfg.final_split is not None:
-    evals["final"] = run_lib.final_data(problem)
+  # The held-out sets: selection (eval_split images never trained on) and test.
+  held_out = run_lib.report_sets(problem)
+  for name, key in (("selection", "selection_top1"), ("final", "final_top1")):
+    if key in held_out:
+      evals[name] = held_out[key]
   result = {"member": int(member), "w_bits": entry["w_bits"], "a_bits": entry["a_bits"],
             "keep": entry["keep"], "species": entry.get("species"),
             "objectives": dict(entry["objectives"]), "epochs": cfg.epochs,

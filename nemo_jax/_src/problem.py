@@ -260,16 +260,67 @@ def split_arrays(cfg: SearchConfig, split: str, data: Mapping | None = None):
   return data[split]
 
 
-def fitness_data(cfg: SearchConfig, data: Mapping | None = None):
-  """``(x_fitness, y_fitness, x_calibration)``: stratified subsets of ``eval_split``."""
+IMAGE_SETS = ("fitness", "calibration", "selection")
+"""The image sets a search draws from ``eval_split``, in drawing order (disjoint)."""
+IMAGE_SET_FIELDS = ("eval_per_class", "calib_per_class", "selection_per_class")
+"""The config field giving each set's images per class."""
+
+
+def image_sets(cfg: SearchConfig, labels) -> dict[str, np.ndarray]:
+  """Indices of the fitness, calibration and selection images among ``eval_split``'s.
+
+  Pure: ``data.disjoint_stratified_subsets`` of the labels, with the sizes of
+  ``IMAGE_SET_FIELDS`` and the config's seed (fitness ``seed``, calibration ``seed + 1``,
+  selection ``seed + 2``, each from the images the sets before it left), so no image is
+  in two sets and the fitness and calibration images do not depend on
+  ``selection_per_class`` (``docs/DESIGN.md``, "Image sets").
+
+  Args:
+    cfg: the search config.
+    labels: the labels of ``eval_split`` ``[N]``.
+
+  Returns:
+    ``{name: sorted int64 indices}`` for every name of ``IMAGE_SETS``.
+
+  Raises:
+    ValueError naming the field and the numbers: a class of ``eval_split`` with fewer
+    images than the sets ask for.
+  """
+  try:
+    idx = data_lib.disjoint_stratified_subsets(
+        labels, [getattr(cfg, f) for f in IMAGE_SET_FIELDS], cfg.seed, names=IMAGE_SET_FIELDS)
+  except ValueError as e:
+    raise ValueError(f"{e} (images of eval_split={cfg.eval_split!r})") from None
+  return dict(zip(IMAGE_SETS, idx))
+
+
+def eval_split_sets(cfg: SearchConfig, data: Mapping | None = None,
+                    names: Sequence[str] = IMAGE_SETS) -> dict:
+  """``{name: (images preprocessed, labels)}`` of the image sets ``names`` (``image_sets``).
+
+  Every set's size is checked (a class too small is an error even if its set is not
+  asked for); only the sets named are preprocessed.
+  """
   if cfg.dataset != IN_MEMORY_DATASET:
     images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split, source_dir=cfg.data_dir)
     pre = lambda x: data_lib.preprocess(cfg.dataset, x)
   else:
     (images, labels), pre = split_arrays(cfg, cfg.eval_split, data), lambda x: x
-  eval_idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=cfg.seed)
-  calib_idx = data_lib.stratified_subset(labels, cfg.calib_per_class, seed=cfg.seed + 1)
-  return pre(images[eval_idx]), labels[eval_idx], pre(images[calib_idx])
+  idx = image_sets(cfg, labels)
+  return {n: (pre(images[idx[n]]), labels[idx[n]]) for n in names}
+
+
+def fitness_data(cfg: SearchConfig, data: Mapping | None = None):
+  """``(x_fitness, y_fitness, x_calibration)``: disjoint stratified subsets of ``eval_split``."""
+  sets = eval_split_sets(cfg, data, ("fitness", "calibration"))
+  return (*sets["fitness"], sets["calibration"][0])
+
+
+def selection_data(cfg: SearchConfig, data: Mapping | None = None):
+  """``(images, labels)`` of the selection set, or None with ``selection_per_class=0``."""
+  if cfg.selection_per_class == 0:
+    return None
+  return eval_split_sets(cfg, data, ("selection",))["selection"]
 
 
 # --------------------------------------------------------------------------- problem

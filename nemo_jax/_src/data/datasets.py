@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -220,19 +220,89 @@ def stratified_subset(labels: np.ndarray, per_class: int, seed: int,
   Raises:
     ValueError: a class has fewer than `per_class` examples.
   """
+  labels, classes = _labels_and_classes(labels, num_classes)
+  _check_per_class("per_class", per_class)
+  available = np.ones(labels.shape, bool)
+
+  def fail(cls, count):
+    raise ValueError(f"class {cls} has {count} examples, fewer than per_class={per_class}")
+
+  return _draw(labels, available, classes, per_class, np.random.default_rng(seed), fail)
+
+
+def disjoint_stratified_subsets(labels: np.ndarray, per_class: Sequence[int], seed: int,
+                                names: Optional[Sequence[str]] = None,
+                                num_classes: Optional[int] = None) -> list[np.ndarray]:
+  """Disjoint stratified subsets, drawn one after the other from what is left.
+
+  Subset ``k`` holds ``per_class[k]`` examples of every class, drawn with the numpy seed
+  ``seed + k`` from the examples no earlier subset took; subset 0 is exactly
+  ``stratified_subset(labels, per_class[0], seed)``. So a subset never depends on the
+  sizes of the subsets drawn after it (the search's fitness and calibration images do
+  not change with the size of the selection set; ``docs/DESIGN.md``, "Image sets").
+
+  Args:
+    labels: int labels [N].
+    per_class: examples per class of each subset (0: an empty subset).
+    seed: base numpy seed; the same arguments always give the same indices.
+    names: the field each size comes from (error messages; default ``subset[k]``).
+    num_classes: if given, the classes are 0..num_classes-1; otherwise those occurring
+      in `labels`.
+
+  Returns:
+    One int64 index array into `labels` per subset, each sorted ascending, with
+    ``per_class[k]`` indices per class; no index is in two subsets.
+
+  Raises:
+    ValueError naming the field and the numbers: a size that is not an integer >= 0, or
+    a class with fewer examples left than a subset asks for.
+  """
+  labels, classes = _labels_and_classes(labels, num_classes)
+  per_class = list(per_class)
+  names = [f"subset[{k}]" for k in range(len(per_class))] if names is None else list(names)
+  if len(names) != len(per_class):
+    raise ValueError(f"names: {len(names)} names for {len(per_class)} sizes; allowed: one "
+                     "name per size")
+  for name, k in zip(names, per_class):
+    _check_per_class(name, k)
+  available = np.ones(labels.shape, bool)
+  out = []
+  for k, (name, size) in enumerate(zip(names, per_class)):
+
+    def fail(cls, count, k=k, name=name, size=size):
+      before = ", ".join(f"{n}={c}" for n, c in zip(names[:k], per_class[:k]))
+      taken = f" left after {before}" if k else ""
+      total = int(np.sum(labels == cls))
+      raise ValueError(f"{name}={size}: class {cls} has {count} examples{taken} "
+                       f"({total} in all); allowed: {name} <= {count}")
+
+    chosen = _draw(labels, available, classes, size, np.random.default_rng(seed + k), fail)
+    available[chosen] = False
+    out.append(chosen)
+  return out
+
+
+def _labels_and_classes(labels, num_classes):
   labels = np.asarray(labels)
   if labels.ndim != 1:
     raise ValueError(f"labels shape={labels.shape}, allowed: [N]")
-  if not isinstance(per_class, (int, np.integer)) or per_class < 0:
-    raise ValueError(f"per_class={per_class!r}, allowed: an integer >= 0")
   classes = np.unique(labels) if num_classes is None else np.arange(num_classes)
-  rng = np.random.default_rng(seed)
+  return labels, classes
+
+
+def _check_per_class(name: str, per_class) -> None:
+  if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) \
+      or per_class < 0:
+    raise ValueError(f"{name}={per_class!r}, allowed: an integer >= 0")
+
+
+def _draw(labels, available, classes, per_class, rng, fail) -> np.ndarray:
+  """``per_class`` random available examples of every class (sorted int64 indices)."""
   chosen = []
   for cls in classes:
-    members = np.flatnonzero(labels == cls)
+    members = np.flatnonzero((labels == cls) & available)
     if members.size < per_class:
-      raise ValueError(f"class {cls} has {members.size} examples, fewer than "
-                       f"per_class={per_class}")
+      fail(cls, members.size)
     chosen.append(rng.choice(members, size=per_class, replace=False))
   if not chosen:
     return np.zeros((0,), dtype=np.int64)

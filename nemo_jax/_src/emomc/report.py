@@ -4,15 +4,23 @@ For a finished EMOMC search (``nemo-jax search`` with a library) the table lists
 the uncompressed FP32 model (dense, float32 weights, ``energy`` and ``size`` with
 32-bit weights and keep 1):
 
-* ``EMOMC``: the chosen front member: among the members whose top-1 on the final split
-  is at most ``max_loss`` (default 0.5 percentage points) below the FP32 model's, the
-  one with the smallest ``criterion`` (default: the search's first cost objective);
+* ``EMOMC``: the chosen front member: among the members whose top-1 on the selection
+  set is at most ``max_loss`` (default 0.5 percentage points) below the FP32 model's on
+  the same images, the one with the smallest ``criterion`` (default: the search's first
+  cost objective);
 * ``pruning only``: the library models (every searched keep ratio) with float32
   weights, chosen the same way;
 * ``quantization only (uniform)``: the dense model (p = 1) with every weight at the same
   bit-width, for each ``bit_choices`` value, chosen the same way;
 * ``quantization only (searched)``: optionally, the front of a second search on the same
   library with ``keep_choices=[1.0]``, chosen the same way.
+
+The selection set is the run's held-out ``eval_split`` images (``selection_per_class``,
+disjoint from the fitness images; ``docs/DESIGN.md``, "Image sets"), so the choice is
+made out of sample; the final split (the test set) is only reported: each row's
+``top1`` / ``accuracy_loss`` are test figures, ``selection_top1`` / ``selection_loss``
+the ones it was chosen on. A run without a selection set (``selection_per_class=0``)
+chooses on the test set, and the table says so (``selected_on``).
 
 Each row gives the energy improvement ``E_FP32 / E`` (x) per dataflow (X|Y, IC|OC,
 Fx|Fy, X|Fx) and the size compression ``S_FP32 / S`` (x) per coding (normal, CSR, COO),
@@ -35,7 +43,7 @@ from nemo_jax._src import costs as costs_lib
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import quant
 from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.problem import build_problem
+from nemo_jax._src.problem import build_problem, selection_data
 from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, load_search_config
 
 DEFAULT_MAX_LOSS = 0.005
@@ -43,6 +51,8 @@ TABLE_JSON = "emomc_table.json"
 TABLE_CSV = "emomc_table.csv"
 ENERGY_NAMES = tuple(f"energy:{d}" for d in costs_lib.DATAFLOWS)
 SIZE_NAMES = tuple(f"size_kb:{c}" for c in costs_lib.CODINGS)
+SELECTION_KEY = "selection_top1"
+"""The accuracy a row is chosen on (a front member's top-1 on the selection set)."""
 
 
 def all_costs(workload, keep: Sequence[float], w_bits, act_bits: int = 16) -> list[dict]:
@@ -73,41 +83,67 @@ def fp32_costs(workload) -> dict:
 
 
 def table_row(method: str, costs: dict, reference: dict, top1: float | None,
-              fp32_top1: float, keep: float | None = None, w_bits=None) -> dict:
-  """One table row: improvements (x) over ``reference`` and the accuracy loss."""
+              fp32_top1: float, keep: float | None = None, w_bits=None,
+              selection_top1: float | None = None,
+              fp32_selection_top1: float | None = None) -> dict:
+  """One table row: improvements (x) over ``reference`` and the accuracy losses.
+
+  ``top1`` / ``fp32_top1`` are on the test set (reported), ``selection_top1`` /
+  ``fp32_selection_top1`` on the selection set (what the row was chosen on; optional).
+  """
+  selection_loss = (None if selection_top1 is None or fp32_selection_top1 is None
+                    else fp32_selection_top1 - selection_top1)
   return {
       "method": method, "keep": keep,
       "w_bits": None if w_bits is None else [int(b) for b in w_bits],
       "top1": top1, "accuracy_loss": None if top1 is None else fp32_top1 - top1,
+      "selection_top1": selection_top1, "selection_loss": selection_loss,
       "energy_x": {n.split(":", 1)[1]: reference[n] / costs[n] for n in ENERGY_NAMES},
       "size_x": {n.split(":", 1)[1]: reference[n] / costs[n] for n in SIZE_NAMES},
       "costs": dict(costs)}
 
 
 def choose(candidates: Sequence[dict], fp32_top1: float, max_loss: float,
-           criterion: str) -> dict | None:
+           criterion: str, key: str = "top1") -> dict | None:
   """The candidate with the smallest ``criterion`` cost among those within ``max_loss``.
 
-  Candidates are dicts with ``top1`` and ``costs``; ties go to the higher accuracy.
+  Args:
+    candidates: dicts with ``costs`` and the accuracy ``key``.
+    fp32_top1: the FP32 model's accuracy on the images ``key`` was measured on.
+    max_loss: the largest admissible ``fp32_top1 - c[key]``.
+    criterion: the cost minimised.
+    key: the accuracy chosen on (the report: ``selection_top1``, the selection set).
+
+  Returns:
+    The chosen candidate (ties go to the higher ``key`` accuracy), or None.
   """
-  ok = [c for c in candidates if c["top1"] is not None and np.isfinite(c["top1"])
-        and c["top1"] >= fp32_top1 - max_loss - 1e-12]
+  ok = [c for c in candidates if c.get(key) is not None and np.isfinite(c[key])
+        and c[key] >= fp32_top1 - max_loss - 1e-12]
   if not ok:
     return None
-  return min(ok, key=lambda c: (c["costs"][criterion], -c["top1"]))
+  return min(ok, key=lambda c: (c["costs"][criterion], -c[key]))
 
 
 def build_table(rows: Sequence[dict | None], fp32_top1: float, max_loss: float,
-                criterion: str, labels: Sequence[str]) -> dict:
-  """Assembles the table dict (rows that found no candidate are reported as such)."""
+                criterion: str, labels: Sequence[str],
+                fp32_selection_top1: float | None = None,
+                selected_on: str = "selection") -> dict:
+  """Assembles the table dict (rows that found no candidate are reported as such).
+
+  ``fp32_top1`` is the FP32 model's test top-1, ``fp32_selection_top1`` its top-1 on
+  the images the rows were chosen on (``selected_on``).
+  """
   out_rows = []
   for label, row in zip(labels, rows):
     out_rows.append(row if row is not None else {"method": label, "keep": None,
                                                  "w_bits": None, "top1": None,
-                                                 "accuracy_loss": None, "energy_x": None,
+                                                 "accuracy_loss": None,
+                                                 "selection_top1": None,
+                                                 "selection_loss": None, "energy_x": None,
                                                  "size_x": None, "costs": None,
                                                  "note": f"no candidate within {max_loss:.2%}"})
-  return {"fp32_top1": fp32_top1, "max_loss": max_loss, "criterion": criterion,
+  return {"fp32_top1": fp32_top1, "fp32_selection_top1": fp32_selection_top1,
+          "selected_on": selected_on, "max_loss": max_loss, "criterion": criterion,
           "rows": out_rows}
 
 
@@ -115,18 +151,24 @@ def format_table(table: dict) -> str:
   """Text version of the table (improvements as ``12.3x``)."""
   dfs = list(costs_lib.DATAFLOWS)
   cds = list(costs_lib.CODINGS)
-  head = (f"{'method':<30} {'keep':>5} {'top1':>7} {'loss':>6} | "
+  head = (f"{'method':<30} {'keep':>5} {'sel':>7} {'top1':>7} {'loss':>6} | "
           + " ".join(f"{'E ' + d:>9}" for d in dfs) + " | "
           + " ".join(f"{'S ' + c:>8}" for c in cds))
-  lines = [f"EMOMC table: FP32 top-1 {100 * table['fp32_top1']:.2f}%, max loss "
-           f"{100 * table['max_loss']:.2f}%, chosen by min {table['criterion']}", head,
+  sel_fp32 = table.get("fp32_selection_top1")
+  on = table.get("selected_on", "test")
+  lines = [f"EMOMC table: FP32 top-1 {100 * table['fp32_top1']:.2f}% (test)"
+           + (f", {100 * sel_fp32:.2f}% ({on})" if sel_fp32 is not None else "")
+           + f", max loss {100 * table['max_loss']:.2f}% on {on}, chosen by min "
+           f"{table['criterion']}; sel = top-1 on {on}, top1 / loss on test", head,
            "-" * len(head)]
   for r in table["rows"]:
     if r.get("energy_x") is None:
       lines.append(f"{r['method']:<30} {r.get('note', '')}")
       continue
     keep = f"{r['keep']:.2f}" if r["keep"] is not None else "-"
-    lines.append(f"{r['method']:<30} {keep:>5} {100 * r['top1']:>6.2f}% "
+    sel = (f"{100 * r['selection_top1']:>6.2f}%" if r.get("selection_top1") is not None
+           else f"{'-':>7}")
+    lines.append(f"{r['method']:<30} {keep:>5} {sel} {100 * r['top1']:>6.2f}% "
                  f"{100 * r['accuracy_loss']:>5.2f}% | "
                  + " ".join(f"{r['energy_x'][d]:>8.2f}x" for d in dfs) + " | "
                  + " ".join(f"{r['size_x'][c]:>7.2f}x" for c in cds))
@@ -139,7 +181,7 @@ def write_table(table: dict, out_dir: str) -> tuple[str, str]:
   jpath, cpath = os.path.join(out_dir, TABLE_JSON), os.path.join(out_dir, TABLE_CSV)
   with open(jpath, "w") as f:
     json.dump(table, f, indent=1)
-  cols = (["method", "keep", "top1", "accuracy_loss"]
+  cols = (["method", "keep", "selection_top1", "selection_loss", "top1", "accuracy_loss"]
           + [f"energy_x:{d}" for d in costs_lib.DATAFLOWS]
           + [f"size_x:{c}" for c in costs_lib.CODINGS] + ["w_bits"])
   with open(cpath, "w", newline="") as f:
@@ -147,7 +189,8 @@ def write_table(table: dict, out_dir: str) -> tuple[str, str]:
     w.writerow(cols)
     for r in table["rows"]:
       ex, sx = r.get("energy_x") or {}, r.get("size_x") or {}
-      w.writerow([r["method"], r["keep"], r["top1"], r["accuracy_loss"]]
+      w.writerow([r["method"], r["keep"], r.get("selection_top1"), r.get("selection_loss"),
+                  r["top1"], r["accuracy_loss"]]
                  + [ex.get(d) for d in costs_lib.DATAFLOWS]
                  + [sx.get(c) for c in costs_lib.CODINGS]
                  + [" ".join(map(str, r["w_bits"])) if r["w_bits"] else ""])
@@ -169,23 +212,27 @@ def _evaluate_top1(problem, evaluator, keep, w_bits) -> np.ndarray:
   return np.concatenate(out) if out else np.zeros((0,))
 
 
-def _front_candidates(problem, evaluator, front: list[dict]) -> list[dict]:
-  missing = [m for m in front if "final_top1" not in m]
-  if missing:
-    top1 = _evaluate_top1(problem, evaluator, [m["keep"] for m in missing],
-                          [m["w_bits"] for m in missing])
-    for m, t in zip(missing, top1):
-      m["final_top1"] = float(t)
-  costs = all_costs(problem.workload, [m["keep"] for m in front], [m["w_bits"] for m in front])
-  return [{"keep": m["keep"], "w_bits": m["w_bits"], "top1": m["final_top1"], "costs": c}
-          for m, c in zip(front, costs)]
+def _candidates(problem, evaluators: dict, members: list[dict]) -> list[dict]:
+  """``{keep, w_bits, top1 (test), selection_top1, costs}`` of members (``front.json``
+  entries or ``{keep, w_bits}``); accuracies a member lacks are measured (in place)."""
+  for key, evaluator in evaluators.items():
+    missing = [m for m in members if key not in m]
+    if missing:
+      top1 = _evaluate_top1(problem, evaluator, [m["keep"] for m in missing],
+                            [m["w_bits"] for m in missing])
+      for m, t in zip(missing, top1):
+        m[key] = float(t)
+  costs = all_costs(problem.workload, [m["keep"] for m in members],
+                    [m["w_bits"] for m in members])
+  return [{"keep": m["keep"], "w_bits": list(m["w_bits"]), "top1": m["final_top1"],
+           "selection_top1": m[SELECTION_KEY], "costs": c} for m, c in zip(members, costs)]
 
 
-def _row(label, cand, reference, fp32_top1):
+def _row(label, cand, reference, fp32):
   if cand is None:
     return None
-  return table_row(label, cand["costs"], reference, cand["top1"], fp32_top1, cand["keep"],
-                   cand["w_bits"])
+  return table_row(label, cand["costs"], reference, cand["top1"], fp32["final_top1"],
+                   cand["keep"], cand["w_bits"], cand["selection_top1"], fp32[SELECTION_KEY])
 
 
 def emomc_report(run_dir: str, quant_run: str | None = None,
@@ -205,7 +252,9 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
     progress: progress bars while loading.
 
   Returns:
-    The table dict (``fp32_top1``, ``max_loss``, ``criterion``, ``rows``).
+    The table dict (``fp32_top1`` on the test set, ``fp32_selection_top1`` on the
+    images the rows were chosen on, ``selected_on``, ``max_loss``, ``criterion``,
+    ``rows``).
   """
   if not 0 <= max_loss <= 1:
     raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1]")
@@ -231,36 +280,32 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
   x, y = data_lib.preprocess(cfg.dataset, images[idx]), labels[idx]
-  evaluator = problem.make_evaluator(x, y)
-  fp32_top1 = float(evaluator.evaluate_float().top1)
+  evaluators = {"final_top1": problem.make_evaluator(x, y)}
+  selection = selection_data(cfg)
+  if selection is None:   # no selection set: choose on the test set (and say so)
+    evaluators[SELECTION_KEY], selected_on = evaluators["final_top1"], split
+  else:
+    evaluators[SELECTION_KEY], selected_on = problem.make_evaluator(*selection), "selection"
+  fp32 = {k: float(e.evaluate_float().top1) for k, e in evaluators.items()}
   reference = fp32_costs(problem.workload)
   L = problem.workload.num_layers
 
+  def chosen(members):
+    return choose(_candidates(problem, evaluators, members), fp32[SELECTION_KEY], max_loss,
+                  criterion, key=SELECTION_KEY)
+
   with open(front_path) as f:
     front = json.load(f)
-  emomc = choose(_front_candidates(problem, evaluator, front), fp32_top1, max_loss, criterion)
-
+  emomc = chosen(front)
   keeps = [float(p) for p in cfg.keep_choices]
-  prune_w = np.full((len(keeps), L), quant.FLOAT_BITS)
-  prune_top1 = _evaluate_top1(problem, evaluator, keeps, prune_w)
-  prune_costs = all_costs(problem.workload, keeps, prune_w)
-  pruning = choose([{"keep": p, "w_bits": list(w), "top1": float(t), "costs": c}
-                    for p, w, t, c in zip(keeps, prune_w, prune_top1, prune_costs)],
-                   fp32_top1, max_loss, criterion)
-
-  bits = list(cfg.bit_choices)
-  uni_w = np.tile(np.asarray(bits)[:, None], (1, L))
-  uni_top1 = _evaluate_top1(problem, evaluator, [1.0] * len(bits), uni_w)
-  uni_costs = all_costs(problem.workload, [1.0] * len(bits), uni_w)
-  uniform = choose([{"keep": 1.0, "w_bits": list(w), "top1": float(t), "costs": c}
-                    for w, t, c in zip(uni_w, uni_top1, uni_costs)],
-                   fp32_top1, max_loss, criterion)
+  pruning = chosen([{"keep": p, "w_bits": [quant.FLOAT_BITS] * L} for p in keeps])
+  uniform = chosen([{"keep": 1.0, "w_bits": [int(b)] * L} for b in cfg.bit_choices])
 
   labels_ = ["EMOMC (pruning + quantization)", "pruning only (FP32 weights)",
              "quantization only (uniform)"]
-  rows = [_row(labels_[0], emomc, reference, fp32_top1),
-          _row(labels_[1], pruning, reference, fp32_top1),
-          _row(labels_[2], uniform, reference, fp32_top1)]
+  rows = [_row(labels_[0], emomc, reference, fp32),
+          _row(labels_[1], pruning, reference, fp32),
+          _row(labels_[2], uniform, reference, fp32)]
   if quant_run is not None:
     qpath = os.path.join(quant_run, "front.json")
     if not os.path.exists(qpath):
@@ -271,11 +316,10 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
     if bad:
       raise ValueError(f"quant_run={quant_run!r}: keep ratios {bad} found; allowed: a "
                        "quantization-only run (keep_choices=[1.0])")
-    searched = choose(_front_candidates(problem, evaluator, qfront), fp32_top1, max_loss,
-                      criterion)
     labels_.append("quantization only (searched)")
-    rows.append(_row(labels_[-1], searched, reference, fp32_top1))
-  table = build_table(rows, fp32_top1, max_loss, criterion, labels_)
+    rows.append(_row(labels_[-1], chosen(qfront), reference, fp32))
+  table = build_table(rows, fp32["final_top1"], max_loss, criterion, labels_,
+                      fp32[SELECTION_KEY], selected_on)
   table["fp32_costs"] = reference
   table["run_dir"] = run_dir
   write_table(table, out_dir or run_dir)

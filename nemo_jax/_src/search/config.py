@@ -113,6 +113,10 @@ class SearchConfig:
     eval_split, eval_per_class: the fitness subset (NEMO: 5 images per class of the
       TRAINING split).
     calib_per_class, calib_batches: calibration subset and number of batches.
+    selection_per_class: the selection set, held-out images per class of
+      ``eval_split`` (disjoint from the fitness and calibration images), on which every
+      front member and uniform baseline gets ``selection_top1``; reports pick members
+      by it (0: no selection set). The three sets: ``docs/DESIGN.md``, "Image sets".
     final_split, final_max_images: the split (and cap) on which the final front is
       re-evaluated for the report (None: skip).
     objectives: any of ``top1_error``, ``top5_error`` and the registered costs
@@ -167,6 +171,7 @@ class SearchConfig:
   eval_per_class: int = 25
   calib_per_class: int = 10
   calib_batches: int = 4
+  selection_per_class: int = 50
   final_split: str | None = "test"
   final_max_images: int = 2000
   objectives: tuple[str, ...] = ("top1_error", "model_ratio", "bops_ratio")
@@ -317,6 +322,7 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
   for f in ("eval_per_class", "calib_per_class", "calib_batches", "final_max_images",
             "r2_partitions", "eval_batch_size"):
     v.integer(f, getattr(cfg, f), 1)
+  v.integer("selection_per_class", cfg.selection_per_class, 0)
   allowed_obj = ACCURACY_OBJECTIVES + tuple(registries.costs)
   if len(cfg.objectives) < 2:
     v.fail("objectives", list(cfg.objectives), "at least two of " + str(allowed_obj))

@@ -128,7 +128,7 @@ def plot_species(out_dir: str, history: list[dict], species: Sequence[str]) -> s
 
 def front_table(front: list[dict], objectives: Sequence[str], max_rows: int = 40) -> str:
   """A plain-text table of the front (sorted by the first objective)."""
-  extra = [k for k in ("final_top1",) if front and k in front[0]]
+  extra = [k for k in ("selection_top1", "final_top1") if front and k in front[0]]
   head = ["#", "species", "keep", "mean w", "mean a"] + list(objectives) + extra
   rows = []
   for i, m in enumerate(front[:max_rows]):

@@ -33,14 +33,15 @@ from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET,
                                          SearchConfig, load_search_config,
                                          search_registries, species_labels)
 from nemo_jax._src.search.engine import Engine
-from nemo_jax._src.problem import Problem, build_problem, data_splits, split_arrays
+from nemo_jax._src.problem import (Problem, build_problem, data_splits, selection_data,
+                                   split_arrays)
 from nemo_jax._src.registries import Registries
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
 MAX_TO_KEEP = 2
 
-RESUME_OVERRIDES = ("generations", "final_split", "final_max_images")
+RESUME_OVERRIDES = ("generations", "final_split", "final_max_images", "selection_per_class")
 """Fields a resumed run may change: they decide how long it runs and what is reported
 after the loop, never the shape or content of the saved state."""
 
@@ -135,12 +136,23 @@ def final_data(problem: Problem):
   return images[idx], labels[idx]
 
 
-def _final_evaluator(problem: Problem):
-  return problem.make_evaluator(*final_data(problem))
+def report_sets(problem: Problem) -> dict:
+  """``{member key: (images, labels)}``: the sets every front member and uniform baseline
+  is re-evaluated on after the search (``docs/DESIGN.md``, "Image sets"):
+  ``selection_top1`` on the selection set (held-out ``eval_split`` images; reports pick
+  members by it) and ``final_top1`` on the ``final_split`` subset (the test set, only
+  reported); each only when configured."""
+  cfg, sets = problem.cfg, {}
+  if cfg.selection_per_class > 0:
+    sets["selection_top1"] = selection_data(cfg, problem.data)
+  if cfg.final_split is not None:
+    sets["final_top1"] = final_data(problem)
+  return sets
 
 
-def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
-  """Adds ``final_top1`` (fraction, on ``final_split``) to every member, in place."""
+def _final_accuracy(problem: Problem, evaluator, members: list[dict],
+                    key: str = "final_top1") -> None:
+  """Adds ``key`` (top-1 fraction on ``evaluator``'s images) to every member, in place."""
   if not members:
     return
   p = problem.cfg.population
@@ -150,7 +162,7 @@ def _final_accuracy(problem: Problem, evaluator, members: list[dict]) -> None:
                               [m["a_bits"] for m in chunk])
     top1 = np.asarray(evaluator.run(configs).top1)
     for m, t in zip(chunk, top1):
-      m["final_top1"] = float(t)
+      m[key] = float(t)
 
 
 def uniform_baselines(problem: Problem, raw_names) -> list[dict]:
@@ -245,8 +257,9 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       quantized by interception; ``docs/DESIGN.md``, "Your own model"); the config's
       ``model`` becomes ``"custom"``. Pass them again on resume.
     data: in-memory data instead of a named dataset (used as given, preprocessed):
-      ``(images [N, H, W, C], labels [N])``, the split ``"train"`` (fitness subset and
-      calibration; the final re-evaluation is then skipped, ``final_split=None``), or
+      ``(images [N, H, W, C], labels [N])``, the split ``"train"`` (fitness,
+      calibration and selection images; the test re-evaluation is then skipped,
+      ``final_split=None``), or
       ``{"train": (x, y), "test": (x, y)}`` (the front is re-evaluated on ``"test"``).
       The config's ``dataset`` becomes ``"arrays"``, ``input_shape`` the images' and
       ``num_classes`` (if unset) ``max(label) + 1``. Pass it again on resume.
@@ -355,10 +368,10 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
 
   front = front_members(problem, state.archive, raw_names, labels)
   uniform = uniform_baselines(problem, raw_names)
-  if cfg.final_split is not None:
-    final_eval = _final_evaluator(problem)
-    _final_accuracy(problem, final_eval, front)
-    _final_accuracy(problem, final_eval, uniform)
+  for key, (images, labels_) in report_sets(problem).items():
+    evaluator = problem.make_evaluator(images, labels_)
+    for members in (front, uniform):
+      _final_accuracy(problem, evaluator, members, key)
   if out_dir is not None:
     write_outputs(out_dir, cfg, front, uniform, history, labels)
   return SearchResult(front=front, archive=jax.tree.map(np.asarray, state.archive.to_dict()),
