@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import faults
+from nemo_jax._src.data.files import ImageFiles
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET, USER_MODEL,
@@ -135,13 +136,16 @@ def final_source(problem: Problem):
   classes = cfg.resolved_num_classes or problem.source.num_classes
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
+  if isinstance(images, ImageFiles):  # lazy file list: decoded block by block
+    return images.subset(idx), labels[idx], None
   return images[idx], labels[idx], None
 
 
 def final_data(problem: Problem):
   """``(images preprocessed, labels)`` the final front is re-evaluated on (in memory)."""
   images, labels, pre = final_source(problem)
-  return (np.asarray(images if pre is None else pre(images[:len(labels)])), labels)
+  images = np.asarray(images)
+  return (images if pre is None else pre(images)), labels
 
 
 FINAL_PAD = 8
