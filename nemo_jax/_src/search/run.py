@@ -380,6 +380,8 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
   state, history = None, []
   if resume and manager is not None and manager.all_steps():
     state, history = _restore(manager, out_dir, engine, cfg)
+    for row in history:  # a run saved before the column existed
+      row.setdefault("compile_seconds", 0.0)
 
   hint = (f"resume with: nemo-jax search --resume {out_dir}" if out_dir is not None
           else "nothing was saved (out_dir=None)")
