@@ -93,6 +93,8 @@ def test_search_compiles_each_generation_function_once_and_records_timing(tmp_pa
   assert engine.select._cache_size() == 1
   # Generations and the final phase: the generation's size (8) and at most one more.
   assert len(smoke_problem.evaluator.compiled_sizes()) <= 2
+  # ... each traced once: generations' batches and the streamed final blocks share it.
+  assert all(fn._cache_size() == 1 for fn in smoke_problem.evaluator._compiled.values())
   assert all("compile_seconds" in r for r in res.history)
   timing = json.load(open(os.path.join(tmp_path, report.CONFIG_FILE)))["timing"]
   assert {"search_seconds", "final_seconds", "final_compile_seconds",

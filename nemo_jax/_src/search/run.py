@@ -426,10 +426,13 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
 
   t0, c0 = time.perf_counter(), compile_seconds()
   front = front_members(problem, state.archive, raw_names, labels)
-  size = None
+  size = uniform_size = None
   if cfg.final_split is not None:
     size = final_size(problem, len(front) + len(cfg.bit_choices))
-  uniform = uniform_baselines(problem, raw_names, pad_to=size)
+    # The baselines' fitness call: the smaller of the two compiled sizes that holds them.
+    generation_size = problem.evaluator.padded_size(cfg.population)
+    uniform_size = min(s for s in (size, generation_size) if s >= len(cfg.bit_choices))
+  uniform = uniform_baselines(problem, raw_names, pad_to=uniform_size)
   if cfg.final_split is not None:
     _final_accuracy(problem, final_source(problem), front + uniform, pad_to=size)
   timing = {"search_seconds": round(sum(r["seconds"] for r in history), 4),
