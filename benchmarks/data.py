@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nemo_jax._src.data import datasets, files, stratified_subset  # noqa: E402
+from nemo_jax import data  # noqa: E402
 
 
 def write_tree(root: str, classes: int, per_class: int, seed: int = 0) -> int:
@@ -65,20 +65,20 @@ def main(argv=None) -> None:
     rss_before = peak_rss_mb()
 
     t0 = time.perf_counter()
-    images, labels = datasets.open_image_files("train", data_dir=os.path.join(tmp, "cache"),
+    images, labels = data.open_image_files("train", data_dir=os.path.join(tmp, "cache"),
                                                source_dir=tmp)
     list_s = time.perf_counter() - t0
-    idx = stratified_subset(labels, args.subset, seed=0)
+    idx = data.stratified_subset(labels, args.subset, seed=0)
     chosen = images.subset(idx)
 
-    threads = files.decode_threads()
+    threads = data.decode_threads()
     paths = chosen.paths
     baseline_n = min(len(paths), 500)  # the baseline: one thread, the same files
     t0 = time.perf_counter()
-    files.decode_files(paths[:baseline_n], threads=1)
+    data.decode_files(paths[:baseline_n], threads=1)
     single_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    files.decode_files(paths, threads=threads)
+    data.decode_files(paths, threads=threads)
     decode_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
