@@ -420,3 +420,52 @@ def test_augment_brute_force(name, size, channels):
     assert 0 < sum(flips) < len(flips)
   with pytest.raises(ValueError, match="has no augmentation"):
     augment("imagenet2012", images, 0)
+
+
+# ------------------------------------------------------- subset-first ImageNet files
+
+
+def test_imagenet_files_decode_only_what_is_indexed(tmp_path, monkeypatch):
+  from nemo_jax._src.data import files  # pylint: disable=import-outside-toplevel
+  source = str(tmp_path / "imagenet")
+  _write_imagenet_layout(source)
+  decoded = []
+  original = files.decode_image
+  monkeypatch.setattr(files, "decode_image", lambda p: decoded.append(p) or original(p))
+  images, labels = load_split("imagenet2012", "val", data_dir=str(tmp_path / "c"),
+                              source_dir=source)
+  assert isinstance(images, files.ImageFiles) and images.shape == (3, 224, 224, 3)
+  assert decoded == []                      # listing opens no image
+  pre = preprocess("imagenet2012", images)  # lazy too
+  assert decoded == [] and pre.dtype == np.float32
+  stack = images[np.array([2, 0])]
+  assert sorted(os.path.basename(p) for p in decoded) == ["v1.JPEG", "v3.JPEG"]
+  np.testing.assert_array_equal(stack[0], builders_crop(images.paths[2]))
+  np.testing.assert_array_equal(pre[np.array([2, 0])], preprocess("imagenet2012", stack))
+  decoded.clear()
+  images[np.array([2, 0])]                  # cached stack: no decode
+  assert decoded == []
+  view = images.subset(np.array([1]))
+  assert decoded == [] and len(view) == 1
+  np.testing.assert_array_equal(np.asarray(view)[0], images[1])
+
+
+def builders_crop(path):
+  from nemo_jax._src.data import builders  # pylint: disable=import-outside-toplevel
+  return builders.imagenet_eval_crop(path)
+
+
+def test_corrupt_jpeg_and_empty_class_directory_are_named(tmp_path):
+  source = tmp_path / "imagenet"
+  _write_imagenet_layout(str(source))
+  bad = source / "val" / "n01443537" / "v9.JPEG"
+  bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  images, _ = load_split("imagenet2012", "val", data_dir=str(tmp_path / "c"),
+                         source_dir=str(source))
+  index = images.paths.index(os.path.realpath(bad))
+  images[0]                                 # other files still decode
+  with pytest.raises(ValueError, match=r"cannot decode image file .*n01443537/v9\.JPEG"):
+    images[index]
+  os.makedirs(source / "train" / "n09999999")
+  with pytest.raises(ValueError, match=r"class directory .*train/n09999999 has no image"):
+    load_split("imagenet2012", "train", data_dir=str(tmp_path / "c"), source_dir=str(source))

@@ -50,7 +50,9 @@ strategy above; results are gathered to every host. P is padded with copies of m
 
 from __future__ import annotations
 
+import collections
 import math
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, NamedTuple
 
@@ -122,6 +124,11 @@ def _batch_stats(logits, labels, mask, k: int):
           bad.astype(jnp.int32))
 
 
+def _add_stats(total, stats):
+  """Sums host stats tuples (None is the empty sum)."""
+  return stats if total is None else tuple(a + b for a, b in zip(total, stats))
+
+
 def _scan_images(apply_fn: Callable, images, labels, mask, k: int):
   """Runs ``apply_fn(x)`` over the image batches.
 
@@ -139,11 +146,20 @@ def _scan_images(apply_fn: Callable, images, labels, mask, k: int):
   return acc
 
 
-def _finalize(stats, num_images: int, population: int | None = None) -> EvalResult:
-  """Host side: counts -> fractions (float64 division, then float32); NaN if non-finite."""
-  c1, ck, loss, bad = (distributed.to_host(s) for s in stats)
+def _host_stats(stats, population: int | None = None):
+  """Device ``(top1, topk, loss, bad)`` per member -> host int64 / float64 ``[P]``."""
+  out = [np.asarray(distributed.to_host(s)) for s in stats]
   if population is not None:
-    c1, ck, loss, bad = c1[:population], ck[:population], loss[:population], bad[:population]
+    out = [v[:population] for v in out]
+  c1, ck, loss, bad = out
+  return (c1.astype(np.int64), ck.astype(np.int64), loss.astype(np.float64),
+          bad.astype(np.int64))
+
+
+def _finalize(stats, num_images: int, population: int | None = None,
+              on_host: bool = False) -> EvalResult:
+  """Host side: counts -> fractions (float64 division, then float32); NaN if non-finite."""
+  c1, ck, loss, bad = stats if on_host else _host_stats(stats, population)
   invalid = bad > 0
   def frac(v):
     return np.where(invalid, np.nan, np.asarray(v, np.float64) / num_images).astype(np.float32)
@@ -248,6 +264,7 @@ class Evaluator:
     labels = np.concatenate([labels.astype(np.int32), np.zeros((pad,), np.int32)])
     mask = np.arange(total) < self.num_images
     shape = (num_batches, self.batch_size)
+    self._num_batches = num_batches
 
     self.num_weights = sum(info.weights for info in self.layers)
     self.peak_activation = max(
@@ -336,14 +353,25 @@ class Evaluator:
         allowed_keep=self.scheme.allowed_keep, num_act_quantizers=self.num_act_quantizers,
         act_names=[a.name for a in self.activations]))
 
-  def run(self, configs: QuantConfig) -> EvalResult:
-    """Evaluates an already validated population ``[P]`` (device arrays stay there).
+  @property
+  def block_images(self) -> int:
+    """Images per streamed block in :meth:`run_images` (the resident set's padded size)."""
+    return self._num_batches * self.batch_size
 
-    Members are padded with copies of member 0 to :meth:`padded_size` (results sliced
-    off), so one compilation serves many population sizes.
-    """
+  def compiled_sizes(self) -> tuple[int, ...]:
+    """Padded population sizes compiled so far (one compilation each)."""
+    return tuple(sorted(self._compiled))
+
+  def _prepare_configs(self, configs: QuantConfig, pad_to: int | None):
+    """Pads ``configs`` to its compiled size; returns ``(fn, sharded configs, P)``."""
     population = int(np.shape(configs.w_bits)[0])
-    padded = self.padded_size(population)
+    if pad_to is None:
+      padded = self.padded_size(population)
+    else:
+      if pad_to < population or pad_to % self.num_devices:
+        raise ValueError(f"pad_to={pad_to!r} is invalid; allowed: a multiple of the "
+                         f"{self.num_devices} device(s) >= the {population} members")
+      padded = int(pad_to)
     configs = QuantConfig(w_bits=jnp.asarray(configs.w_bits, jnp.int32),
                           a_bits=jnp.asarray(configs.a_bits, jnp.int32),
                           keep=jnp.broadcast_to(jnp.asarray(configs.keep, jnp.float32),
@@ -356,7 +384,102 @@ class Evaluator:
     if fn is None:
       fn = self._compiled[padded] = self._build(padded)
     configs = distributed.put_global(configs, distributed.population_sharding(self.mesh))
+    return fn, configs, population
+
+  def run(self, configs: QuantConfig, pad_to: int | None = None) -> EvalResult:
+    """Evaluates an already validated population ``[P]`` (device arrays stay there).
+
+    Members are padded with copies of member 0 to :meth:`padded_size` (results sliced
+    off), so one compilation serves many population sizes.
+
+    Args:
+      configs: the population.
+      pad_to: evaluate as exactly this many members (a compiled size shared with
+        another call, e.g. :meth:`run_images`); None: :meth:`padded_size`.
+    """
+    fn, configs, population = self._prepare_configs(configs, pad_to)
     return _finalize(fn(self._data, configs), self.num_images, population)
+
+  def run_images(self, configs: QuantConfig, images, labels,
+                 preprocess: Callable | None = None, pad_to: int | None = None,
+                 prefetch: int = 1) -> EvalResult:
+    """Evaluates a population on OTHER images, streamed in blocks of this evaluator's shape.
+
+    The images are cut into blocks of :attr:`block_images` (the resident set's
+    ``[num_batches, batch]``; the last block zero-padded and masked), so every block
+    runs the SAME compiled function as :meth:`run` for the padded population size: a
+    split of any size adds no compilation. Blocks are read (``images[a:b]``, e.g. a
+    lazy file-backed source that decodes on access), preprocessed and moved to the
+    device by a background thread ``prefetch`` blocks ahead while the device computes;
+    at most two blocks are on the device at a time. Memory (``docs/DESIGN.md``,
+    "Streaming evaluation")::
+
+      host   <= (prefetch + 2) * block_images * H * W * C * 4  bytes (float32 blocks)
+      device <= 2 * block_images * H * W * C * 4  bytes  (+ the resident set)
+
+    Counts are summed over blocks on the host (exact); the loss sums the per-block
+    float32 sums in float64.
+
+    Args:
+      configs: validated population ``[P]``.
+      images: ``[N, H, W, C]`` array or any object with ``len()`` and ``[a:b]`` slicing
+        returning such an array.
+      labels: int ``[N]``.
+      preprocess: applied to each block (e.g. ``partial(data.preprocess, name)``).
+      pad_to: as :meth:`run`.
+      prefetch: blocks prepared ahead on the host (>= 1).
+
+    Returns:
+      :class:`EvalResult` over the N images.
+    """
+    labels = np.asarray(labels).astype(np.int32)
+    n = len(labels)
+    if len(images) != n or n < 1:
+      raise ValueError(f"images: {len(images)} images for {n} labels; allowed: one label "
+                       "per image, N >= 1")
+    if labels.min() < 0 or labels.max() >= self.num_classes:
+      raise ValueError(f"labels: values in [{labels.min()}, {labels.max()}]; allowed: "
+                       f"0..{self.num_classes - 1}")
+    if not isinstance(prefetch, int) or prefetch < 1:
+      raise ValueError(f"prefetch={prefetch!r} is invalid; allowed: an integer >= 1")
+    fn, configs, population = self._prepare_configs(configs, pad_to)
+    block = self.block_images
+    shape = (self._num_batches, self.batch_size)
+    replicated = distributed.replicated_sharding(self.mesh)
+
+    def host_block(start):
+      x = images[start:start + block]
+      if preprocess is not None:
+        x = preprocess(x)
+      x = np.asarray(x, np.float32)
+      if tuple(x.shape[1:]) != self.input_shape:
+        raise ValueError(f"images: block shape {x.shape}; allowed: [N, "
+                         f"{', '.join(map(str, self.input_shape))}] (the evaluator's)")
+      count = len(x)
+      pad = block - count
+      x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), np.float32)])
+      y = np.concatenate([labels[start:start + count], np.zeros((pad,), np.int32)])
+      m = np.arange(block) < count
+      return {"images": x.reshape(*shape, *x.shape[1:]), "labels": y.reshape(shape),
+              "mask": m.reshape(shape)}
+
+    starts = list(range(0, n, block))
+    totals = None
+    in_flight = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+      pending = collections.deque(pool.submit(host_block, s) for s in starts[:prefetch])
+      for i in range(len(starts)):
+        host = pending.popleft().result()
+        if i + prefetch < len(starts):
+          pending.append(pool.submit(host_block, starts[i + prefetch]))
+        data = dict(distributed.put_global(host, replicated), prepared=self._data["prepared"])
+        del host
+        in_flight.append(fn(data, configs))
+        if len(in_flight) == 2:  # bound the device: wait for the older block
+          totals = _add_stats(totals, _host_stats(in_flight.pop(0), population))
+      for stats in in_flight:
+        totals = _add_stats(totals, _host_stats(stats, population))
+    return _finalize(totals, n, population, on_host=True)
 
   def evaluate_float(self, cached: bool = True) -> EvalResult:
     """Top-1, top-5 and loss (float32 scalars) of the FP32 configuration.

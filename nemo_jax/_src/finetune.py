@@ -311,7 +311,7 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
   held_out = run_lib.report_sets(problem)
   for name, key in (("selection", "selection_top1"), ("final", "final_top1")):
     if key in held_out:
-      evals[name] = held_out[key]
+      evals[name] = run_lib.materialise(held_out[key])
   result = {"member": int(member), "w_bits": entry["w_bits"], "a_bits": entry["a_bits"],
             "keep": entry["keep"], "species": entry.get("species"),
             "objectives": dict(entry["objectives"]), "epochs": cfg.epochs,

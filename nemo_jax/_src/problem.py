@@ -410,22 +410,27 @@ class Problem:
                      batch_size=cfg.eval_batch_size, population_pad=population_pad(cfg),
                      strategy=cfg.eval_strategy)
 
-  def accuracy(self, configs: QuantConfig, evaluator: Evaluator | None = None):
-    """Top-1 / top-5 error ``[P]`` (float64, host) on the fitness subset (or ``evaluator``'s)."""
-    result = (evaluator or self.evaluator).run(configs)
+  def accuracy(self, configs: QuantConfig, evaluator: Evaluator | None = None,
+               pad_to: int | None = None):
+    """Top-1 / top-5 error ``[P]`` (float64, host) on the fitness subset (or ``evaluator``'s).
+
+    ``pad_to``: evaluate as that many members (``Evaluator.run``).
+    """
+    result = (evaluator or self.evaluator).run(configs, pad_to=pad_to)
     return {"top1_error": 1.0 - np.asarray(result.top1, np.float64),
             "top5_error": 1.0 - np.asarray(result.top5, np.float64)}
 
-  def objectives(self, configs: QuantConfig, timed: bool = False):
+  def objectives(self, configs: QuantConfig, timed: bool = False, pad_to: int | None = None):
     """``(F [P, M] normalised, violation [P], raw {name: [P]})``; see module doc.
 
-    With ``timed=True`` a fourth value gives the seconds spent in the accuracy call.
+    With ``timed=True`` a fourth value gives the seconds spent in the accuracy call;
+    ``pad_to`` is passed to the evaluator (``Evaluator.run``).
     """
     raw = {k: np.asarray(x, np.float64) for k, x in self.costs(configs).items()}
     acc_seconds = 0.0
     if self.needs_accuracy:
       t0 = time.perf_counter()
-      raw.update(self.accuracy(configs))
+      raw.update(self.accuracy(configs, pad_to=pad_to))
       acc_seconds = time.perf_counter() - t0
     F = np.stack([self.normalise(n, raw[n]) for n in self.cfg.objectives], axis=-1)
     violation = np.zeros(F.shape[0])

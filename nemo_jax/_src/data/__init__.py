@@ -14,20 +14,26 @@ from nemo_jax._src.data.datasets import (
     iterate_batches,
     load_embedded,
     load_split,
+    open_image_files,
     open_split,
     preprocess,
     stratified_subset,
 )
+from nemo_jax._src.data.files import ImageFiles, decode_files, decode_threads
 from nemo_jax._src.data.idx import read_idx, read_idx_pair, write_idx
 
 __all__ = [
     "DATASETS",
     "DatasetSpec",
+    "ImageFiles",
     "augment",
+    "decode_files",
+    "decode_threads",
     "disjoint_stratified_subsets",
     "iterate_batches",
     "load_embedded",
     "load_split",
+    "open_image_files",
     "open_split",
     "preprocess",
     "read_idx",

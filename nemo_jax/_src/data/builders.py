@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import os
 import pickle
 from typing import Iterator, Optional, Sequence
@@ -41,32 +40,20 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from nemo_jax._src.data import idx
+from nemo_jax._src.data.files import (IMAGENET_CROP, IMAGENET_LAYOUT, IMAGENET_RESIZE,
+                                      _IMAGENET_DIRS, _require_dir, cache_dir_for,
+                                      imagenet_class_names,
+                                      imagenet_eval_crop, imagenet_split_files)
 
 # ------------------------------------------------------------------ layouts
 
 MNIST_LAYOUT = "<source_dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
 CIFAR10_LAYOUT = "<source_dir>/[cifar-10-batches-py/]{data_batch_1..data_batch_5,test_batch}"
-IMAGENET_LAYOUT = "<source_dir>/train/<wnid>/*.JPEG and <source_dir>/val/<wnid>/*.JPEG"
 
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck")
-_IMAGENET_DIRS = {"train": "train", "validation": "val"}
-_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-IMAGENET_RESIZE = 256
-IMAGENET_CROP = 224
-
-
-def _require_dir(name: str, source_dir: Optional[str], layout: str) -> str:
-  """Checks that `source_dir` is an existing directory; returns its real path."""
-  if source_dir is None:
-    raise ValueError(f"source_dir=None for dataset {name!r}: pass the directory holding {layout}")
-  if not os.path.isdir(source_dir):
-    raise ValueError(f"source_dir={str(source_dir)!r} for dataset {name!r} is not a directory; "
-                     f"expected layout {layout}")
-  return os.path.realpath(source_dir)
 
 
 def idx_split_files(name: str, source_dir: Optional[str], split: str) -> tuple[str, str]:
@@ -147,111 +134,6 @@ def read_cifar10_split(source_dir: Optional[str], split: str) -> tuple[np.ndarra
     images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     labels.append(np.asarray(batch_labels, dtype=np.int32))
   return np.concatenate(images), np.concatenate(labels)
-
-
-def _is_image_file(file_name: str) -> bool:
-  return file_name.lower().endswith(_IMAGE_EXTENSIONS) and not file_name.startswith(".")
-
-
-def imagenet_class_names(source_dir: Optional[str]) -> list[str]:
-  """Sorted wnids of `train/` (of `val/` when there is no `train/`).
-
-  Class index i is the i-th entry, as in torchvision's ImageFolder.
-
-  Raises:
-    ValueError: neither `train/` nor `val/` holds class directories.
-  """
-  source_dir = _require_dir("imagenet2012", source_dir, IMAGENET_LAYOUT)
-  for sub in ("train", "val"):
-    directory = os.path.join(source_dir, sub)
-    if os.path.isdir(directory):
-      wnids = sorted(entry.name for entry in os.scandir(directory)
-                     if entry.is_dir() and not entry.name.startswith("."))
-      if wnids:
-        return wnids
-  raise ValueError(f"dataset 'imagenet2012': missing directory {os.path.join(source_dir, 'train')}"
-                   f" (or {os.path.join(source_dir, 'val')}) with <wnid> sub-directories in "
-                   f"source_dir={source_dir!r}; expected layout {IMAGENET_LAYOUT}")
-
-
-def imagenet_split_files(source_dir: Optional[str], split: str) -> tuple[list[str], np.ndarray]:
-  """Lists the image files of one ImageNet split with their class indices.
-
-  Args:
-    source_dir: the ImageNet root (see module docstring for the layout).
-    split: "train" or "validation" (directory `val/`).
-
-  Returns:
-    (paths sorted by (wnid, file name), labels int32).
-
-  Raises:
-    ValueError: missing split directory, a class directory without images, or
-      a `val/` wnid that is not a training class.
-  """
-  if split not in _IMAGENET_DIRS:
-    raise ValueError(f"split={split!r} for dataset 'imagenet2012', allowed: "
-                     f"{sorted(_IMAGENET_DIRS)}")
-  wnids = imagenet_class_names(source_dir)
-  source_dir = os.path.realpath(source_dir)
-  split_dir = os.path.join(source_dir, _IMAGENET_DIRS[split])
-  if not os.path.isdir(split_dir):
-    raise ValueError(f"dataset 'imagenet2012': missing directory {split_dir} for split "
-                     f"{split!r}; expected layout {IMAGENET_LAYOUT}")
-  class_index = {wnid: i for i, wnid in enumerate(wnids)}
-  split_wnids = sorted(entry.name for entry in os.scandir(split_dir)
-                       if entry.is_dir() and not entry.name.startswith("."))
-  if not split_wnids:
-    raise ValueError(f"dataset 'imagenet2012': directory {split_dir} has no <wnid> "
-                     f"sub-directories; expected layout {IMAGENET_LAYOUT}")
-  paths, labels = [], []
-  for wnid in split_wnids:
-    if wnid not in class_index:
-      raise ValueError(f"dataset 'imagenet2012': class directory {os.path.join(split_dir, wnid)} "
-                       f"is not among the {len(wnids)} training classes")
-    class_dir = os.path.join(split_dir, wnid)
-    files = sorted(f for f in os.listdir(class_dir) if _is_image_file(f))
-    if not files:
-      raise ValueError(f"dataset 'imagenet2012': class directory {class_dir} has no image files "
-                       f"(*.JPEG); expected layout {IMAGENET_LAYOUT}")
-    paths.extend(os.path.join(class_dir, f) for f in files)
-    labels.extend([class_index[wnid]] * len(files))
-  return paths, np.asarray(labels, dtype=np.int32)
-
-
-def imagenet_eval_crop(image, resize: int = IMAGENET_RESIZE, crop: int = IMAGENET_CROP) -> np.ndarray:
-  """torchvision's evaluation geometry: Resize(256) then CenterCrop(224), as uint8.
-
-  Mirrors `torchvision.transforms.Resize(resize)` on a PIL image (shorter side
-  to `resize`, longer side `int(resize * long / short)`, PIL bilinear) and
-  `CenterCrop(crop)` (offsets `int(round((size - crop) / 2))`). Scaling to
-  [0, 1] and normalising is left to `preprocess`.
-
-  Args:
-    image: a path or a PIL image (converted to RGB, as ImageFolder's loader does).
-    resize: target shorter side.
-    crop: side of the square center crop.
-
-  Returns:
-    uint8 [crop, crop, 3].
-  """
-  from PIL import Image  # Imported here: PIL is only needed for ImageNet.
-
-  if not isinstance(image, Image.Image):
-    with Image.open(image) as opened:
-      image = opened.convert("RGB")
-  else:
-    image = image.convert("RGB")
-  width, height = image.size
-  short, long = (width, height) if width <= height else (height, width)
-  new_short, new_long = resize, int(resize * long / short)
-  new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
-  image = image.resize((new_width, new_height), Image.BILINEAR)
-  top = int(round((new_height - crop) / 2.0))
-  left = int(round((new_width - crop) / 2.0))
-  if top < 0 or left < 0:
-    raise ValueError(f"resize={resize} is smaller than crop={crop}")
-  array = np.asarray(image, dtype=np.uint8)
-  return np.ascontiguousarray(array[top:top + crop, left:left + crop])
 
 
 # ----------------------------------------------------------------- builders
@@ -438,17 +320,6 @@ def check_layout(name: str, source_dir: Optional[str], split: str) -> None:
     imagenet_class_names(source_dir)
   else:
     raise ValueError(f"name={name!r} has no tfds builder, allowed: {sorted(BUILDERS)}")
-
-
-def cache_dir_for(data_dir: str, source_dir: str) -> str:
-  """The tfds data_dir for one source directory: `<data_dir>/<sha1 of its real path>`.
-
-  Keying the cache by source keeps two different source trees built with the
-  same `data_dir` apart. Files changed in place are not detected: delete the
-  cache directory to rebuild.
-  """
-  digest = hashlib.sha1(os.path.realpath(source_dir).encode()).hexdigest()[:16]
-  return os.path.join(os.path.expanduser(data_dir), digest)
 
 
 def prepare_and_open(name: str, split: str, source_dir: str, data_dir: str):

@@ -163,7 +163,10 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
       defaults to Debian's /usr/share/datasets/fashion-mnist when present.
 
   Returns:
-    (images uint8 [N, H, W, C], labels int32 [N]), in source-file order.
+    (images uint8 [N, H, W, C], labels int32 [N]), in source-file order. For
+    "imagenet2012" (no slice) images are a lazy
+    :class:`~nemo_jax._src.data.files.ImageFiles` (:func:`open_image_files`):
+    indexing decodes only the selected files, ``np.asarray`` decodes all.
 
   Raises:
     ValueError: unknown name or split (listing allowed values), or a missing /
@@ -172,8 +175,33 @@ def load_split(name: str, split: str, data_dir: Optional[str] = None,
   spec = _spec(name)
   if name == "fashion_mnist_embedded":
     return load_embedded(split)
+  base, full_split = _parse_split(name, split)
+  if name == "imagenet2012" and base == full_split:
+    return open_image_files(split, data_dir=data_dir, source_dir=source_dir)
   source = open_split(name, split, data_dir=data_dir, source_dir=source_dir)
   return _read_all(source, spec)
+
+
+def open_image_files(split: str, data_dir: Optional[str] = None,
+                     source_dir: Optional[str] = None):
+  """An ImageNet-layout split as a lazy file list: ``(ImageFiles, labels int32 [N])``.
+
+  Lists ``<source_dir>/{train,val}/<wnid>/*`` (no image is opened); indexing the
+  returned :class:`~nemo_jax._src.data.files.ImageFiles` decodes only the chosen files
+  (threads; stacks up to ``files.CACHE_MAX_IMAGES`` cached under
+  ``<data_dir>/<hash of source_dir>/decoded/``). A search therefore decodes its
+  stratified subsets only, and the final split is streamed block by block.
+
+  Raises:
+    ValueError: a missing split directory or an empty class directory (naming it).
+  """
+  from nemo_jax._src.data import files  # pylint: disable=import-outside-toplevel
+  base, _ = _parse_split("imagenet2012", split)
+  paths, labels = files.imagenet_split_files(source_dir, base)
+  if data_dir is None:
+    data_dir = os.environ.get("NEMO_JAX_DATA_DIR", DEFAULT_DATA_DIR)
+  cache = os.path.join(files.cache_dir_for(data_dir, source_dir), "decoded")
+  return files.ImageFiles(paths, cache_dir=cache), labels
 
 
 def preprocess(name: str, images: np.ndarray) -> np.ndarray:
@@ -192,6 +220,9 @@ def preprocess(name: str, images: np.ndarray) -> np.ndarray:
     float32 [N, H, W, C].
   """
   spec = _spec(name)
+  from nemo_jax._src.data.files import ImageFiles  # pylint: disable=import-outside-toplevel
+  if isinstance(images, ImageFiles):  # lazy: each decoded stack is preprocessed
+    return images.map(lambda x: preprocess(name, x))
   images = np.asarray(images)
   if images.dtype != np.uint8:
     raise ValueError(f"images dtype={images.dtype}, allowed: uint8")

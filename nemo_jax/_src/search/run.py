@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import faults
+from nemo_jax._src.data.files import ImageFiles
 from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.search import report
 from nemo_jax._src.search.config import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET, USER_MODEL,
@@ -126,53 +127,95 @@ def front_members(problem: Problem, archive, raw_names, labels) -> list[dict]:
                   a.generation[idx], a.raw[idx], raw_names, labels)
 
 
-def final_data(problem: Problem):
-  """``(images, labels)`` the final front is re-evaluated on (``final_split`` subset)."""
+def final_source(problem: Problem):
+  """``(images, labels, preprocess)`` of the final re-evaluation (``final_split`` subset).
+
+  ``preprocess`` is None when ``images`` are already preprocessed.
+  """
   cfg = problem.cfg
   images, labels = split_arrays(cfg, cfg.final_split, problem.data)
   classes = cfg.resolved_num_classes or problem.source.num_classes
   per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
   idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
-  return images[idx], labels[idx]
+  if isinstance(images, ImageFiles):  # lazy file list: decoded block by block
+    return images.subset(idx), labels[idx], None
+  return images[idx], labels[idx], None
+
+
+def materialise(source) -> tuple[np.ndarray, np.ndarray]:
+  """``(images preprocessed, labels)`` in memory from an ``(images, labels, preprocess)``
+  source (``final_source``, ``report_sets``)."""
+  images, labels, pre = source
+  images = np.asarray(images)
+  return (images if pre is None else pre(images)), labels
+
+
+def final_data(problem: Problem):
+  """``(images preprocessed, labels)`` the final front is re-evaluated on (in memory)."""
+  return materialise(final_source(problem))
 
 
 def report_sets(problem: Problem) -> dict:
-  """``{member key: (images, labels)}``: the sets every front member and uniform baseline
-  is re-evaluated on after the search (``docs/DESIGN.md``, "Image sets"):
-  ``selection_top1`` on the selection set (held-out ``eval_split`` images; reports pick
-  members by it) and ``final_top1`` on the ``final_split`` subset (the test set, only
-  reported); each only when configured."""
+  """``{member key: (images, labels, preprocess)}``: the sets every front member and
+  uniform baseline is re-evaluated on after the search (``docs/DESIGN.md``, "Image
+  sets"): ``selection_top1`` on the selection set (held-out ``eval_split`` images;
+  reports pick members by it) and ``final_top1`` on the ``final_split`` subset (the test
+  set, only reported, streamed from files when they are large); each only when
+  configured."""
   cfg, sets = problem.cfg, {}
   if cfg.selection_per_class > 0:
-    sets["selection_top1"] = selection_data(cfg, problem.data)
+    sets["selection_top1"] = (*selection_data(cfg, problem.data), None)
   if cfg.final_split is not None:
-    sets["final_top1"] = final_data(problem)
+    sets["final_top1"] = final_source(problem)
   return sets
 
 
-def _final_accuracy(problem: Problem, evaluator, members: list[dict],
-                    key: str = "final_top1") -> None:
-  """Adds ``key`` (top-1 fraction on ``evaluator``'s images) to every member, in place."""
+FINAL_PAD = 8
+"""Final-phase members per device are padded to a multiple of this (``final_size``)."""
+
+
+def final_size(problem: Problem, members: int) -> int:
+  """The one population size of the final phase (uniform baselines + final re-evaluation).
+
+  ``members`` padded to a multiple of ``FINAL_PAD`` per device: fewer than
+  ``FINAL_PAD`` wasted slots per device, and when that equals the generation's padded
+  size (``problem.evaluator``'s) the final phase compiles nothing.
+  """
+  unit = FINAL_PAD * problem.evaluator.num_devices
+  return max(unit, -(-members // unit) * unit)
+
+
+def _final_accuracy(problem: Problem, data, members: list[dict],
+                    pad_to: int | None = None, key: str = "final_top1") -> None:
+  """Adds ``key`` (top-1 fraction on the images of ``data``, an ``(images, labels,
+  preprocess)`` source) to every member, in place.
+
+  All members in ONE call of the fitness evaluator's compiled function, the images
+  streamed through it in blocks of its shape (``Evaluator.run_images``).
+  """
   if not members:
     return
-  p = problem.cfg.population
-  for s in range(0, len(members), p):
-    chunk = members[s:s + p]
-    configs = problem.configs([m["keep"] for m in chunk], [m["w_bits"] for m in chunk],
-                              [m["a_bits"] for m in chunk])
-    top1 = np.asarray(evaluator.run(configs).top1)
-    for m, t in zip(chunk, top1):
-      m[key] = float(t)
+  images, labels, pre = data
+  configs = problem.configs([m["keep"] for m in members], [m["w_bits"] for m in members],
+                            [m["a_bits"] for m in members])
+  top1 = np.asarray(problem.evaluator.run_images(configs, images, labels, preprocess=pre,
+                                                 pad_to=pad_to).top1)
+  for m, t in zip(members, top1):
+    m[key] = float(t)
 
 
-def uniform_baselines(problem: Problem, raw_names) -> list[dict]:
-  """Uniform precision W = A = b for every bit choice (keep = largest keep choice)."""
+def uniform_baselines(problem: Problem, raw_names, pad_to: int | None = None) -> list[dict]:
+  """Uniform precision W = A = b for every bit choice (keep = largest keep choice).
+
+  ``pad_to``: the population size to evaluate them as (``final_size``; None: the
+  generation's).
+  """
   cfg = problem.cfg
   k = len(cfg.bit_choices)
   choice = jnp.tile(jnp.arange(k, dtype=jnp.int32)[:, None], (1, len(problem.space.active_nodes)))
   keep_idx = jnp.full((k,), len(cfg.keep_choices) - 1, jnp.int32)
   configs = problem.decode(choice, keep_idx)
-  _, _, raw = problem.objectives(configs)
+  _, _, raw = problem.objectives(configs, pad_to=pad_to)
   members = _members(problem, choice, keep_idx, None, None, _raw_matrix(raw, raw_names),
                      raw_names, None)
   for m, b in zip(members, cfg.bit_choices):
@@ -211,7 +254,8 @@ def check_feasibility(problem: Problem, archive, raw_names, labels) -> str | Non
   return msg
 
 
-def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds):
+def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds,
+                 compile_s=0.0):
   row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state.evals))),
          "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state.archive.valid)))}
   for i, l in enumerate(labels):
@@ -222,7 +266,42 @@ def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds):
     row[f"front:{l}"] = int(np.asarray(metrics.front_counts)[i]) if metrics else 0
   row["seconds"] = round(seconds, 4)
   row["accuracy_seconds"] = round(acc_seconds, 4)
+  row["compile_seconds"] = round(compile_s, 4)
   return row
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_total = [0.0]
+_listening = [False]
+
+
+def compile_seconds() -> float:
+  """Seconds this process spent tracing, lowering and compiling (jax.monitoring).
+
+  A persistent-cache hit skips the backend compile, so a warm second run reports only
+  tracing and lowering. The listener is registered on the first call.
+  """
+  if not _listening[0]:
+    def listener(event, duration, **_):
+      if event in _COMPILE_EVENTS:
+        _compile_total[0] += duration
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _listening[0] = True
+  return _compile_total[0]
+
+
+def _record_timing(out_dir, timing: dict) -> None:
+  """Adds the run's ``timing`` (search / final seconds, compile seconds) to config.json."""
+  path = os.path.join(out_dir, report.CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return
+  saved["timing"] = timing
+  report.write_json(path, saved)
 
 
 def _canonical(tree):
@@ -325,18 +404,21 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
   state, history = None, []
   if resume and manager is not None and manager.all_steps():
     state, history = _restore(manager, out_dir, engine, cfg)
+    for row in history:  # a run saved before the column existed
+      row.setdefault("compile_seconds", 0.0)
 
   hint = (f"resume with: nemo-jax search --resume {out_dir}" if out_dir is not None
           else "nothing was saved (out_dir=None)")
   bar = tqdm(total=cfg.generations + 1, disable=not progress, desc="search", unit="gen")
   with faults.GracefulStop(hint) as stop:
     if state is None:
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), compile_seconds()
       state, batch = engine.init_state(jax.random.key(cfg.seed))
       F, viol, raw, acc_s = _score(problem, batch, raw_names)
       state = _canonical(engine.finish_init(state, batch, F, viol, raw))
       hv = hv_fn(state.archive, hv_ref)
-      history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s))
+      history.append(_history_row(0, state, None, hv, labels, time.perf_counter() - t0, acc_s,
+                                  compile_seconds() - c0))
       _save(manager, state, history)
       check_feasibility(problem, state.archive, raw_names, labels)
     else:
@@ -351,13 +433,13 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
         stop.check()
       if int(state.generation) >= cfg.generations:
         break
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), compile_seconds()
       proposal, batch = engine.propose(state)
       F, viol, raw, acc_s = _score(problem, batch, raw_names)
       state, metrics = engine.select(state, proposal, batch, F, viol, raw)
       hv = hv_fn(state.archive, hv_ref)
       row = _history_row(int(state.generation), state, metrics, hv, labels,
-                         time.perf_counter() - t0, acc_s)
+                         time.perf_counter() - t0, acc_s, compile_seconds() - c0)
       history.append(row)
       _save(manager, state, history)
       if callback is not None:
@@ -366,14 +448,27 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       _postfix(bar, row, labels)
   bar.close()
 
+  t0, c0 = time.perf_counter(), compile_seconds()
   front = front_members(problem, state.archive, raw_names, labels)
-  uniform = uniform_baselines(problem, raw_names)
-  for key, (images, labels_) in report_sets(problem).items():
-    evaluator = problem.make_evaluator(images, labels_)
-    for members in (front, uniform):
-      _final_accuracy(problem, evaluator, members, key)
+  sets = report_sets(problem)
+  size = uniform_size = None
+  if sets:
+    size = final_size(problem, len(front) + len(cfg.bit_choices))
+    # The baselines' fitness call: the smaller of the two compiled sizes that holds them.
+    generation_size = problem.evaluator.padded_size(cfg.population)
+    uniform_size = min(s for s in (size, generation_size) if s >= len(cfg.bit_choices))
+  uniform = uniform_baselines(problem, raw_names, pad_to=uniform_size)
+  for key, data in sets.items():
+    _final_accuracy(problem, data, front + uniform, pad_to=size, key=key)
+  timing = {"search_seconds": round(sum(r["seconds"] for r in history), 4),
+            "search_compile_seconds": round(sum(r.get("compile_seconds", 0.0)
+                                                for r in history), 4),
+            "final_seconds": round(time.perf_counter() - t0, 4),
+            "final_compile_seconds": round(compile_seconds() - c0, 4),
+            "final_population": size}
   if out_dir is not None:
     write_outputs(out_dir, cfg, front, uniform, history, labels)
+    _record_timing(out_dir, timing)
   return SearchResult(front=front, archive=jax.tree.map(np.asarray, state.archive.to_dict()),
                       history=history, config=cfg, out_dir=out_dir, uniform=uniform)
 

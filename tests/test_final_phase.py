@@ -1,0 +1,103 @@
+"""The final phase and compiles: streamed evaluation through the generation's compiled
+shape, one final-phase compile at most, warm generations (nemo_jax/_src/evaluator.py,
+nemo_jax/_src/search/run.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nemo_jax._src.search import report
+from nemo_jax._src.search import run as run_lib
+from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.problem import build_problem
+from tests.conftest import SMOKE
+
+
+@pytest.fixture(scope="module")
+def smoke_problem():
+  return build_problem(load_search_config(SMOKE), progress=False)
+
+
+def _random_configs(problem, count, seed):
+  rng = np.random.default_rng(seed)
+  choice = rng.integers(0, len(problem.cfg.bit_choices),
+                        (count, len(problem.space.active_nodes))).astype(np.int32)
+  keep_idx = rng.integers(0, len(problem.cfg.keep_choices), (count,)).astype(np.int32)
+  return problem.decode(np.asarray(choice), np.asarray(keep_idx))
+
+
+def test_streamed_blocks_equal_a_resident_evaluator_and_compile_nothing_new(smoke_problem):
+  p = smoke_problem
+  ev = p.evaluator
+  x, y = run_lib.final_data(p)   # 40 test images; the fitness block holds 20
+  assert len(y) % ev.block_images != 0 or len(y) > ev.block_images
+  x, y = x[:37], y[:37]          # a short last block (padded and masked)
+  configs = _random_configs(p, 5, seed=1)
+  size = p.evaluator.padded_size(p.cfg.population)
+  ev.run(configs, pad_to=size)   # the generation's compiled shape
+  before = ev.compiled_sizes()
+  streamed = ev.run_images(configs, x, y, pad_to=size)
+  assert ev.compiled_sizes() == before
+  resident = p.make_evaluator(x, y).run(configs)   # the whole set in one block
+  np.testing.assert_array_equal(streamed.top1, resident.top1)
+  np.testing.assert_array_equal(streamed.top5, resident.top5)
+  np.testing.assert_allclose(streamed.loss, resident.loss, rtol=1e-5)
+  # A lazy source (slicing only) with per-block preprocessing gives the same.
+  class Lazy:
+    def __len__(self):
+      return len(y)
+    def __getitem__(self, s):
+      return x[s] * 2.0
+  lazy = ev.run_images(configs, Lazy(), y, preprocess=lambda b: b / 2.0, pad_to=size,
+                       prefetch=2)
+  np.testing.assert_array_equal(lazy.top1, streamed.top1)
+  with pytest.raises(ValueError, match="labels"):
+    ev.run_images(configs, x, np.full(len(y), 99), pad_to=size)
+  with pytest.raises(ValueError, match="pad_to"):
+    ev.run(configs, pad_to=3)
+
+
+def test_final_size_pads_to_a_small_multiple():
+  class P:
+    class evaluator:
+      num_devices = 1
+  assert [run_lib.final_size(P, m) for m in (1, 7, 8, 9, 27, 45)] == [8, 8, 8, 16, 32, 48]
+  P.evaluator.num_devices = 2
+  assert run_lib.final_size(P, 17) == 32
+
+
+def test_search_compiles_each_generation_function_once_and_records_timing(tmp_path,
+                                                                          smoke_problem):
+  # Generations 1..3 run the same propose / select executables: generation 0's state
+  # and generation 1's have identical shapes and dtypes (one trace each).
+  from nemo_jax._src.search import engine as engine_lib
+  engines = []
+  original = engine_lib.Engine.__init__
+
+  def spy(self, *a, **k):
+    original(self, *a, **k)
+    engines.append(self)
+
+  engine_lib.Engine.__init__ = spy
+  try:
+    res = run_lib.search(SMOKE, out_dir=str(tmp_path), progress=False,
+                         problem=smoke_problem, generations=3)
+  finally:
+    engine_lib.Engine.__init__ = original
+  (engine,) = engines
+  assert engine.propose._cache_size() == 1
+  assert engine.select._cache_size() == 1
+  # Generations and the final phase: the generation's size (8) and at most one more.
+  assert len(smoke_problem.evaluator.compiled_sizes()) <= 2
+  # ... each traced once: generations' batches and the streamed final blocks share it.
+  assert all(fn._cache_size() == 1 for fn in smoke_problem.evaluator._compiled.values())
+  assert all("compile_seconds" in r for r in res.history)
+  timing = json.load(open(os.path.join(tmp_path, report.CONFIG_FILE)))["timing"]
+  assert {"search_seconds", "final_seconds", "final_compile_seconds",
+          "search_compile_seconds", "final_population"} <= set(timing)
+  assert timing["final_population"] % run_lib.FINAL_PAD == 0
+  assert all(0.0 <= m["final_top1"] <= 1.0 for m in res.front + res.uniform)
