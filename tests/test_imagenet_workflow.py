@@ -19,6 +19,8 @@ from PIL import Image
 
 from nemo_jax._src.data import files as files_lib
 from nemo_jax._src.data import stratified_subset
+from nemo_jax._src.problem import image_sets
+from nemo_jax._src.search.config import load_search_config
 from tests.conftest import REPO
 
 CLASSES = 10
@@ -64,7 +66,7 @@ def test_paper_workflow_tiny(tmp_path, monkeypatch):
   cfg = load_config_file(os.path.join(REPO, "experiments", "configs", "paper_imagenet.py:"
                                       f"resnet50,checkpoint={ckpt},data_dir={root}"))
   cfg.update(model="resnet18", num_classes=CLASSES, eval_per_class=1, calib_per_class=1,
-             calib_batches=1, final_max_images=CLASSES, population=4, generations=1,
+             selection_per_class=1, calib_batches=1, final_max_images=CLASSES, population=4, generations=1,
              species=["direct_round", "direct_floor"], min_species_size=2,
              eval_batch_size=10)
   config = str(tmp_path / "tiny_imagenet.json")
@@ -83,17 +85,16 @@ def test_paper_workflow_tiny(tmp_path, monkeypatch):
   out = str(tmp_path / "run")
   assert cli.main(["search", "--config", config, "--out", out, "--quiet"]) == 0
 
-  # Only the stratified subsets were decoded: fitness (1 per class, seed 0) and
-  # calibration (1 per class, seed 1) of train, 1 per class of val.
+  # Only the stratified subsets were decoded: the disjoint fitness, calibration and
+  # selection images of train (1 per class each) and 1 per class of val.
   train_paths, train_labels = files_lib.imagenet_split_files(root, "train")
   val_paths, val_labels = files_lib.imagenet_split_files(root, "validation")
   rel = lambda paths, idx: {os.path.relpath(paths[i], os.path.realpath(root)) for i in idx}
-  expected = (rel(train_paths, stratified_subset(train_labels, 1, seed=0))
-              | rel(train_paths, stratified_subset(train_labels, 1, seed=1))
-              | rel(val_paths, stratified_subset(val_labels, 1, seed=0)))
+  sets = image_sets(load_search_config(config), train_labels)
+  expected = set().union(*(rel(train_paths, idx) for idx in sets.values()))
+  expected |= rel(val_paths, stratified_subset(val_labels, 1, seed=0))
   assert sorted(set(decoded)) == sorted(expected)
-  assert len(decoded) <= 3 * CLASSES     # each subset's files once (a file in both
-                                         # train subsets: twice)
+  assert len(decoded) == 4 * CLASSES     # each chosen file decoded once (then cached)
   assert len(expected) < CLASSES * (TRAIN_PER_CLASS + VAL_PER_CLASS) / 2
 
   front = json.load(open(os.path.join(out, "front.json")))

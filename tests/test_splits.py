@@ -107,6 +107,11 @@ def test_smoke_search_images_fitness_selection_calibration_are_disjoint(monkeypa
       evaluated.append(np.asarray(images))
       super().__init__(model, variables, scheme, images, labels, **kw)
 
+    def run_images(self, configs, images, labels, preprocess=None, **kw):
+      # The final phase streams the selection and test images through this evaluator.
+      evaluated.append(np.asarray(images if preprocess is None else preprocess(images)))
+      return super().run_images(configs, images, labels, preprocess=preprocess, **kw)
+
   original = calib_lib.load_or_calibrate
 
   def recording_calibrate(path, model, variables, images, **kw):
