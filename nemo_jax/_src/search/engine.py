@@ -12,11 +12,14 @@ A generation (NEMO's Algorithm 1, with static shapes throughout):
    (``pareto.nsga3_priority`` / ``nsga2_priority``: constraint domination, then
    NSGA-III reference-direction niching for ``population`` survivors, continued
    over every candidate, or NSGA-II crowding) ->
-   utility per species (R2 against the utopian point, or the number of members on
-   the joint front) -> UCB allocation of the next sizes (minimum size per species,
-   growth at most x2 so every slot is filled by an evaluated candidate) -> each
-   species keeps its best-ranked candidates (every group's ``tell``) -> the archive of
-   every non-dominated configuration seen (deduplicated) is updated.
+   utility per species (R2 against the utopian point, the number of members on the
+   joint front, or the species' exclusive hypervolume contribution), normalised by
+   the best species' (:func:`normalise_utility`) -> UCB allocation of the next sizes
+   (minimum size per species; optionally a growth cap ``max_growth``) -> each species
+   keeps its best-ranked candidates (every group's ``tell``); slots beyond its
+   evaluated candidates get random offspring, evaluated in the next generation
+   (:func:`fill_counts`) -> the archive of every non-dominated configuration seen
+   (deduplicated) is updated.
 
 Every species group follows one evosax-style protocol (``species.SpeciesGroup``:
 ``init`` / ``ask`` / ``tell`` / ``decode``), so the engine never asks which optimiser
