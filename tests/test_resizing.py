@@ -212,3 +212,35 @@ def test_resizing_config_validation():
     load_search_config(SMOKE, max_growth=0.5)
   cfg = load_search_config(SMOKE, max_growth=3, utility="hv_contribution")
   assert cfg.max_growth == 3 and cfg.to_dict()["utility"] == "hv_contribution"
+
+
+def _engine(**overrides):
+  cfg = load_search_config(SMOKE, objectives=["top1_error", "model_ratio"], population=12,
+                           min_species_size=2, species=["direct_round"] * 3, **overrides)
+  space = species_lib.SearchSpace(num_nodes=4, active_nodes=tuple(range(4)), num_choices=K,
+                                  num_keep=1)
+  return engine_lib.Engine(cfg, space, None, 1, ("top1_error", "model_ratio"))
+
+
+def test_utilities_hand_computed():
+  # Species A: (0.2, 0.6); B: (0.6, 0.2); C: (0.7, 0.7), dominated; ref (1, 1).
+  # HV(all) = 0.8 * 0.4 + 0.4 * 0.8 - 0.4 * 0.4 = 0.48; without A (or B): 0.32 -> 0.16
+  # each; without C: 0.48 -> 0. A second, invalid slot per species holds a better point
+  # that must be ignored.
+  F = jnp.asarray([[[0.2, 0.6], [0.0, 0.0]], [[0.6, 0.2], [0.0, 0.0]],
+                   [[0.7, 0.7], [0.0, 0.0]]], jnp.float32)
+  valid = jnp.asarray([[True, False]] * 3)
+  rank = jnp.asarray([[0, 0], [0, 0], [1, 0]])
+  violation = jnp.zeros((3, 2))
+  value, raw = _engine(utility="hv_contribution")._utilities(F, valid, rank, violation)
+  np.testing.assert_allclose(np.asarray(raw), [0.16, 0.16, 0.0], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(value), [1.0, 1.0, 0.0], atol=1e-5)
+  value, raw = _engine(utility="front_count")._utilities(F, valid, rank, violation)
+  np.testing.assert_array_equal(np.asarray(raw), [1, 1, 0])
+  # R2 with weights on the simplex: the numpy reference of the Tchebycheff form.
+  eng = _engine(utility="r2", utility_temperature=1.0)
+  value, raw = eng._utilities(F, valid, rank, violation)
+  w = np.asarray(eng.ref_dirs)
+  want = [np.mean(np.max(w * np.asarray(F[s, 0]), axis=1)) for s in range(3)]
+  np.testing.assert_allclose(np.asarray(raw), want, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(value), min(want) / np.asarray(want), rtol=1e-5)

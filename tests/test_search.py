@@ -53,6 +53,11 @@ def test_allocation_sums_to_population_and_respects_bounds(data):
   assert sizes.sum() == total
   assert (sizes >= min_size).all()
   assert (sizes <= np.minimum(2 * old, capacity)).all()
+  uncapped = np.asarray(engine_lib.allocate_sizes(jnp.asarray(value), jnp.asarray(evals),
+                                                  jnp.asarray(old, jnp.int32), total, min_size,
+                                                  capacity, 0.5, None))
+  assert uncapped.sum() == total and (uncapped >= min_size).all()
+  assert (uncapped <= capacity).all()
 
 
 def test_allocation_favours_the_better_species():
