@@ -53,28 +53,27 @@ import numpy as np
 
 import nemo_jax
 from nemo_jax import evolution, pareto
-from nemo_jax._src.graph import FEATURE_NAMES
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import species_labels
+from nemo_jax.costs import FEATURE_NAMES
 
 IMAGE_SETS = ("fitness", "selection", "test")
 ACCURACY_KEY = {"test": "final_top1", "selection": "selection_top1"}
 REFERENCE_POINTS = ((8, 8), (4, 4), (3, 8))  # (weight bits, activation bits)
 SWEEP = "uniform_sweep"
+REFERENCE = "reference_points"
 
 
 def method_overrides(base) -> dict[str, dict]:
   """Every method's config overrides (the uniform sweep is handled apart)."""
   other_edges = "dataflow" if base.edges == "sequential" else "sequential"
-  species = [dataclasses.asdict(s) for s in base.species]
-  labels = species_labels(base.species)
   methods = {
       "nemo": {},
       "nemo_fixed_sizes": {"resize": False},
       "nemo_legacy_resize": {"utility_norm": "minmax", "max_growth": 2.0},
   }
-  for label, s in zip(labels, species):
-    methods[f"alone:{label}"] = {"species": [s], "resize": False}
+  for i, s in enumerate(base.species):
+    name = f"alone:{s.label}"
+    methods[name if name not in methods else f"{name}-{i}"] = {
+        "species": [dataclasses.asdict(s)], "resize": False}
   methods["nsga2"] = {"species": ["direct_round"], "selection": "nsga2", "resize": False}
   methods["random"] = {"species": ["random"], "resize": False}
   methods["nemo_type_features"] = {
@@ -83,29 +82,73 @@ def method_overrides(base) -> dict[str, dict]:
   return methods
 
 
-def sweep_species(space, specs, species_indices, capacity, graph, feature_dim):
-  """Member ``j`` is the ``j``-th uniform (weight, activation) bit pair (a species group).
+def pair_species(pairs, family):
+  """A species whose member ``j`` is the uniform config ``pairs[j % len(pairs)]``.
 
-  Node ``2i`` of the workload is layer ``i``'s activation quantizer, ``2i + 1`` its
-  weights (docs/DESIGN.md, "Contracts"); without searched activations only the weight
-  choice varies.
+  ``pairs`` are (weight, activation) choice indices. Node ``2i`` of the workload is layer
+  ``i``'s activation quantizer, ``2i + 1`` its weights (docs/DESIGN.md, "Contracts").
   """
-  k = space.num_choices
-  is_act = jnp.asarray([n % 2 == 0 for n in space.active_nodes])
-  pairs = k * k if bool(np.any(np.asarray(is_act))) else k
+  table = jnp.asarray(pairs, jnp.int32)
 
-  def init(key):
-    del key
-    return jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.float32)[None, :, None] % pairs,
-                            (len(specs), capacity, 1))
+  def builder(space, specs, species_indices, capacity, graph, feature_dim):
+    is_act = jnp.asarray([n % 2 == 0 for n in space.active_nodes])
 
-  def decode(genomes):
-    j = genomes[..., 0].astype(jnp.int32)
-    w, a = (j // k, j % k) if pairs == k * k else (j, j)
-    choice = jnp.where(is_act, a[..., None], w[..., None]).astype(jnp.int32)
-    return choice, jnp.full(j.shape, space.num_keep - 1, jnp.int32)
+    def init(key):
+      del key
+      j = jnp.arange(capacity, dtype=jnp.float32) % len(pairs)
+      return jnp.broadcast_to(j[None, :, None], (len(specs), capacity, 1))
 
-  return evolution.ga_group(SWEEP, species_indices, init, lambda key, p, pr, s: p, decode)
+    def decode(genomes):
+      wa = table[genomes[..., 0].astype(jnp.int32)]
+      choice = jnp.where(is_act, wa[..., 1:2], wa[..., 0:1]).astype(jnp.int32)
+      return choice, jnp.full(genomes.shape[:2], space.num_keep - 1, jnp.int32)
+
+    return evolution.ga_group(family, species_indices, init, lambda key, p, pr, s: p, decode)
+
+  return builder
+
+
+def sweep_pairs(cfg):
+  """Every uniform (weight, activation) choice pair (weights only without searched
+  activations)."""
+  k = len(cfg.bit_choices)
+  if not cfg.quantize_activations:
+    return [(w, w) for w in range(k)]
+  return [(w, a) for w in range(k) for a in range(k)]
+
+
+def _spread_bits(workload, configs):
+  """A cost that falls as the bits rise: with it no uniform point dominates another."""
+  bits = jnp.mean(configs.w_bits.astype(jnp.float32), -1) + 0.01 * jnp.mean(
+      configs.a_bits.astype(jnp.float32), -1)
+  return 1.0 / (1.0 + bits)
+
+
+def reference_members(base) -> dict[str, dict]:
+  """The uniform W8A8 / W4A4 / W3A8 points scored like front members (same final phase:
+  ``final_top1`` and, when the config has one, ``selection_top1``).
+
+  One search of generation 0 evaluates them; an extra objective that falls as the bits
+  rise keeps all of them on its front.
+  """
+  points = [(w, a) for w, a in REFERENCE_POINTS if w in base.bit_choices
+            and (a in base.bit_choices or not base.quantize_activations)]
+  if not points:
+    return {}
+  index = {b: i for i, b in enumerate(base.bit_choices)}
+  pairs = [(index[w], index.get(a, index[w])) for w, a in points]
+  registries = (nemo_jax.Registries().with_species(REFERENCE, pair_species(pairs, REFERENCE))
+                .with_cost("spread_bits", _spread_bits))
+  res = nemo_jax.search(base, out_dir=None, progress=False, registries=registries,
+                        objectives=list(base.objectives) + ["spread_bits"],
+                        species=[REFERENCE], resize=False, generations=0, population=4,
+                        min_species_size=2)
+  members = {}
+  for m in res.front:
+    w, a = m["w_bits"][0], m["a_bits"][0] if m["a_bits"] else m["w_bits"][0]
+    members[f"W{w}A{a}"] = m
+  return {f"W{w}A{a}": members[f"W{w}A{a}"] for w, a in points
+          if f"W{w}A{a}" in members}
 
 
 def accuracy_hv(front, cfg, images: str) -> float:
@@ -140,29 +183,6 @@ def dominates_point(front_F, point) -> bool:
   le = np.all(front_F <= point[None] + 1e-12, axis=1)
   lt = np.any(front_F < point[None] - 1e-12, axis=1)
   return bool(np.any(le & lt))
-
-
-def reference_members(problem, raw_names) -> dict[str, dict]:
-  """The uniform WxAy reference points as front-like member dicts (fitness objectives,
-  ``final_top1`` on the final split when the config has one)."""
-  cfg = problem.cfg
-  n_layers = problem.workload.num_layers
-  points = [(w, a) for w, a in REFERENCE_POINTS if w in cfg.bit_choices
-            and (a in cfg.bit_choices or not cfg.quantize_activations)]
-  if not points:
-    return {}
-  keep = max(cfg.keep_choices)
-  configs = problem.configs([keep] * len(points), [[w] * n_layers for w, _ in points],
-                            [[a] * n_layers for _, a in points])
-  _, _, raw = problem.objectives(configs)
-  members = {}
-  for i, (w, a) in enumerate(points):
-    metrics = {n: float(np.asarray(raw[n])[i]) for n in raw_names}
-    members[f"W{w}A{a}"] = {"keep": keep, "w_bits": [w] * n_layers, "a_bits": [a] * n_layers,
-                            "objectives": {n: metrics[n] for n in problem.objective_names}}
-  if cfg.final_split is not None:
-    run_lib._final_accuracy(problem, run_lib._final_evaluator(problem), list(members.values()))
-  return members
 
 
 def run_method(name, base, problem, seed, overrides, registries):
@@ -207,11 +227,11 @@ def main(argv=None):
     p.error(f"--methods: unknown {unknown}; allowed: {list(methods)}")
   os.makedirs(args.out, exist_ok=True)
   seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-  registries = nemo_jax.Registries().with_species(SWEEP, sweep_species)
+  pairs = sweep_pairs(base)
+  registries = nemo_jax.Registries().with_species(SWEEP, pair_species(pairs, SWEEP))
   problem = nemo_jax.build_problem(base)   # one fitness subset and calibration for all
   problems = {}
-  raw_names = run_lib.raw_names_for(problem)
-  refs = reference_members(problem, raw_names)
+  refs = reference_members(base)
   ref_F = {k: _front_objectives([m], base, args.images) for k, m in refs.items()}
   ref_F = {k: (None if f is None else f[0]) for k, f in ref_F.items()}
 
@@ -219,10 +239,9 @@ def main(argv=None):
   for name in chosen:
     overrides = methods[name]
     if overrides is None:  # the uniform sweep: one deterministic run
-      pairs = len(base.bit_choices) ** (2 if base.quantize_activations else 1)
       overrides = {"species": [SWEEP], "resize": False, "generations": 0,
-                   "population": max(pairs, 4), "min_species_size": 2,
-                   "archive_size": max(base.archive_size, pairs)}
+                   "population": max(len(pairs), 4), "min_species_size": 2,
+                   "archive_size": max(base.archive_size, len(pairs))}
       run_seeds = seeds[:1]
     else:
       run_seeds = seeds
