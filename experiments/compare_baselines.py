@@ -8,6 +8,7 @@ configurations:
 * ``nemo``: the config's species, NSGA-III joint ranking, UCB resizing;
 * ``nemo_fixed_sizes``: the same species at fixed equal sizes (ablation: no resizing);
 * ``nemo_legacy_resize``: resizing as before issue 15 (min-max utilities, 2x growth cap);
+* ``nemo_seed_uniform``: the direct species start from uniform-precision configs;
 * ``alone:<species>``: each of the config's species alone with the whole population;
 * ``nsga2``: one ``direct_round`` species with NSGA-II selection (SBX + polynomial
   mutation: NSGA-II);
@@ -70,6 +71,10 @@ def method_overrides(base) -> dict[str, dict]:
       "nemo_fixed_sizes": {"resize": False},
       "nemo_legacy_resize": {"utility_norm": "minmax", "max_growth": 2.0},
   }
+  seeded = [dict(dataclasses.asdict(s), seed_uniform=s.kind in ("direct_round", "direct_floor")
+                 and s.optimizer == "ga") for s in base.species]
+  if any(s["seed_uniform"] for s in seeded):
+    methods["nemo_seed_uniform"] = {"species": seeded}
   for i, s in enumerate(base.species):
     name = f"alone:{s.label}"
     methods[name if name not in methods else f"{name}-{i}"] = {
