@@ -148,7 +148,8 @@ class GenerationMetrics:
   """Per-species numbers of one generation (``S`` species).
 
   Attributes:
-    utility: float32 ``[S]`` raw utility (R2, lower is better; or front count).
+    utility: float32 ``[S]`` raw utility (R2, lower is better; front count or
+      hypervolume contribution, higher is better).
     value: float32 ``[S]`` utility mapped to [0, 1], higher is better (UCB input).
     sizes: int32 ``[S]`` the next generation's sizes.
     front_counts: int32 ``[S]`` candidates of each species on the joint first front.
@@ -202,6 +203,9 @@ def normalise_utility(raw, higher_is_better: bool, norm: str = "ratio",
 
   Returns:
     float32 ``[S]`` values in [0, 1].
+
+  Raises:
+    ValueError: ``norm`` is not one of ``("ratio", "minmax")``.
   """
   raw = jnp.asarray(raw, jnp.float32)
   finite = jnp.isfinite(raw)
