@@ -53,6 +53,11 @@ def test_allocation_sums_to_population_and_respects_bounds(data):
   assert sizes.sum() == total
   assert (sizes >= min_size).all()
   assert (sizes <= np.minimum(2 * old, capacity)).all()
+  uncapped = np.asarray(engine_lib.allocate_sizes(jnp.asarray(value), jnp.asarray(evals),
+                                                  jnp.asarray(old, jnp.int32), total, min_size,
+                                                  capacity, 0.5, None))
+  assert uncapped.sum() == total and (uncapped >= min_size).all()
+  assert (uncapped <= capacity).all()
 
 
 def test_allocation_favours_the_better_species():
@@ -316,3 +321,76 @@ def test_experiment_configs_validate():
     load_search_config(SMOKE, node_features=["in_channels", "colour"])
   cfg = load_search_config(SMOKE, node_features=["in_channels", "stride"], edges="dataflow")
   assert cfg.node_features == ("in_channels", "stride")
+
+
+# --------------------------------------------------------------------------- species options
+
+def _tiny_graph(n=6, features=3):
+  import jraph
+  rng = np.random.default_rng(0)
+  return jraph.GraphsTuple(nodes=rng.normal(size=(n, features)).astype(np.float32), edges=None,
+                           globals=None, senders=np.arange(n - 1, dtype=np.int32),
+                           receivers=np.arange(1, n, dtype=np.int32),
+                           n_node=np.array([n], np.int32), n_edge=np.array([n - 1], np.int32))
+
+
+def test_species_options_validate():
+  bad = [({"kind": "direct_round", "heads": 2}, r"species\[0\]\.heads.*GNN species only"),
+         ({"kind": "gcn", "depth": 2}, r"species\[0\]\.depth.*graph_unet only"),
+         ({"kind": "graph_unet", "pool_ratio": 1.5}, r"species\[0\]\.pool_ratio"),
+         ({"kind": "graph_unet", "heads": 0}, r"species\[0\]\.heads"),
+         ({"kind": "gcn", "output_selu": "yes"}, r"species\[0\]\.output_selu"),
+         ({"kind": "gcn", "seed_uniform": True}, r"species\[0\]\.seed_uniform"),
+         ({"kind": "direct_round", "seed_uniform": True, "optimizer": "evosax:CMA_ES"},
+          r"species\[0\]\.seed_uniform")]
+  for spec, match in bad:
+    with pytest.raises(ValueError, match=match):
+      load_search_config(SMOKE, species=[spec])
+  cfg = load_search_config(SMOKE, species=[
+      {"kind": "graph_unet", "depth": 2, "heads": 2, "pool_ratio": 0.6, "output_selu": True},
+      {"kind": "direct_floor", "seed_uniform": True}])
+  s = cfg.to_dict()["species"][0]
+  assert (s["depth"], s["heads"], s["pool_ratio"], s["output_selu"]) == (2, 2, 0.6, True)
+
+
+def test_gnn_species_options_reach_the_policy():
+  from nemo_jax._src.search import policies
+  graph = _tiny_graph()
+  cfg = load_search_config(SMOKE, population=8, min_species_size=2, species=[
+      {"kind": "graph_unet", "hidden": 4, "depth": 2, "heads": 2, "pool_ratio": 0.6,
+       "output_selu": True},
+      {"kind": "graph_unet", "hidden": 4},
+      {"kind": "gcn", "hidden": 4, "heads": 3}])
+  space = species_lib.SearchSpace(num_nodes=6, active_nodes=tuple(range(6)), num_choices=7,
+                                  num_keep=1)
+  groups = species_lib.build_groups(cfg, space, 4, graph, 3)
+  assert [g.species for g in groups] == [(0,), (1,), (2,)]   # different structures
+  _, genomes = groups[0].init(jax.random.key(0))
+  params = jax.tree.map(lambda x: x[0, 1], genomes["policy"])
+  assert "unet_down_2" in params and params["gat"]["a_src"].shape == (2, 4)
+  reference = policies.graph_unet_policy(hidden=4, n_choices=7, depth=2, pool_ratio=0.6,
+                                         heads=2, output_selu=True)
+  logits = reference.apply(params, graph)
+  choice, _ = groups[0].decode(genomes)
+  np.testing.assert_array_equal(np.asarray(choice[0, 1]), np.argmax(np.asarray(logits), -1))
+  _, genomes = groups[2].init(jax.random.key(0))
+  assert genomes["policy"]["gat"]["a_src"].shape[2:] == (3, 4)
+
+
+def test_seed_uniform_direct_species_starts_with_uniform_configs():
+  cfg = load_search_config(SMOKE, population=16, min_species_size=2, species=[
+      {"kind": "direct_round", "seed_uniform": True}, {"kind": "direct_floor"},
+      {"kind": "direct_floor", "seed_uniform": True}, "direct_round"])
+  space = species_lib.SearchSpace(num_nodes=10, active_nodes=tuple(range(10)), num_choices=7,
+                                  num_keep=1)
+  init_sizes = engine_lib.initial_sizes(cfg)               # 4 each
+  (group,) = species_lib.build_groups(cfg, space, 10, None, 1, init_sizes=init_sizes)
+  _, genomes = group.init(jax.random.key(0))
+  choice = np.asarray(group.decode(genomes)[0])             # [4 species, 10 slots, 10]
+  for s in (0, 2):                                          # 4 seeds spread over 7 choices
+    np.testing.assert_array_equal(choice[s, :4], np.repeat([[0], [2], [4], [6]], 10, 1))
+    assert all(len(set(row)) > 1 for row in choice[s, 4:])  # the rest random
+  for s in (1, 3):
+    assert all(len(set(row)) > 1 for row in choice[s])
+  fresh = np.asarray(group.decode(group.fresh(jax.random.key(1)))[0])
+  assert all(len(set(row)) > 1 for row in fresh[0])         # random fill is random

@@ -28,7 +28,8 @@ SPECIES_KINDS = ("direct_round", "direct_floor", "gcn", "graph_unet", "random")
 GA_OPTIMIZER = "ga"
 EVOSAX_OPTIMIZERS = ("Open_ES", "CMA_ES", "Sep_CMA_ES", "SNES", "SimpleGA")
 SELECTIONS = ("nsga3", "nsga2")
-UTILITIES = ("r2", "front_count")
+UTILITIES = ("r2", "front_count", "hv_contribution")
+UTILITY_NORMS = ("ratio", "minmax")
 EDGE_SETS = ("sequential", "dataflow")
 ACCURACY_OBJECTIVES = ("top1_error", "top5_error")
 INFEASIBLE_ACTIONS = ("warn", "error")
@@ -63,6 +64,15 @@ class SpeciesConfig:
       then driven by that evosax strategy on a scalarised fitness).
     name: label in reports (default: kind).
     hidden: GNN hidden width.
+    heads: GAT attention heads of a GNN species (concatenated).
+    depth: pooling levels of a ``graph_unet`` species.
+    pool_ratio: fraction of nodes each gPool of a ``graph_unet`` species keeps, (0, 1].
+    output_selu: end a GNN species in ``Linear -> SELU`` (the paper's literal form;
+      default plain Linear, ``policies.py``).
+    seed_uniform: a ``direct_round`` / ``direct_floor`` species starts with
+      ``min(len(bit_choices), size)`` uniform-precision members (every searched
+      quantizer at the same bit choice, spread from the lowest to the highest; largest
+      keep ratio), the rest random.
     sbx_eta, sbx_prob, pm_eta: direct-encoding operator parameters (pm_prob = 1/genes).
     crossover_prob, mutation_prob, mutation_strength: SSNE parameters (GNN species).
     sigma_init: initial step size of an evosax strategy.
@@ -71,6 +81,11 @@ class SpeciesConfig:
   optimizer: str = GA_OPTIMIZER
   name: str | None = None
   hidden: int = 32
+  heads: int = 1
+  depth: int = 1
+  pool_ratio: float = 0.5
+  output_selu: bool = False
+  seed_uniform: bool = False
   sbx_eta: float = 15.0
   sbx_prob: float = 0.9
   pm_eta: float = 20.0
@@ -142,7 +157,17 @@ class SearchConfig:
     species: tuple of SpeciesConfig.
     selection: ``nsga3`` (NEMO's joint ranking) or ``nsga2``.
     resize: resize species by UCB on their utility (False: fixed equal sizes).
-    utility: ``r2`` (R2 indicator, NEMO paper) or ``front_count`` (patent variant).
+    utility: ``r2`` (R2 indicator, NEMO paper), ``front_count`` (members on the joint
+      front, patent variant) or ``hv_contribution`` (exclusive hypervolume share of the
+      species' candidates, reference ``hv_ref``).
+    utility_norm, utility_temperature: how utilities become UCB values in [0, 1]:
+      ``ratio`` (score / best score, to the power ``1 / temperature``; continuous under
+      fitness noise; the default 0.25 maps an R2 10% worse than the best to 0.68 and
+      twice as bad to 0.06) or ``minmax`` (worst species 0, best 1; the earlier
+      behaviour).
+    max_growth: a species grows by at most this factor per generation (2.0: every slot
+      is filled by an evaluated candidate); ``None`` (NEMO's Algorithm 1): no growth
+      cap, slots beyond a species' evaluated candidates get random offspring.
     min_species_size, ucb_c, r2_partitions: species sizing parameters.
     edges: ``sequential`` (NEMO) or ``dataflow`` graph edges for the GNN species.
     node_features: names of the node feature columns the GNN species see (None: all of
@@ -189,6 +214,9 @@ class SearchConfig:
   selection: str = "nsga3"
   resize: bool = True
   utility: str = "r2"
+  utility_norm: str = "ratio"
+  utility_temperature: float = 0.25
+  max_growth: float | None = None
   min_species_size: int = 4
   ucb_c: float = 0.5
   r2_partitions: int = 12
@@ -247,6 +275,26 @@ def _species_from(d: Any, i: int, kinds: tuple[str, ...]) -> SpeciesConfig:
   if s.kind == "random" and s.optimizer != GA_OPTIMIZER:
     v.fail(f"species[{i}].optimizer", s.optimizer, "'ga' for the random species")
   v.integer(f"species[{i}].hidden", s.hidden, 1)
+  v.integer(f"species[{i}].heads", s.heads, 1)
+  v.integer(f"species[{i}].depth", s.depth, 1)
+  v.number(f"species[{i}].pool_ratio", s.pool_ratio, 0.0, 1.0, open_lo=True)
+  v.boolean(f"species[{i}].output_selu", s.output_selu)
+  v.boolean(f"species[{i}].seed_uniform", s.seed_uniform)
+  defaults = SpeciesConfig(s.kind)
+  if s.kind not in ("gcn", "graph_unet"):
+    for f in ("heads", "output_selu"):
+      if getattr(s, f) != getattr(defaults, f):
+        v.fail(f"species[{i}].{f}", getattr(s, f),
+               f"the default {getattr(defaults, f)!r} for kind {s.kind!r} (GNN species only)")
+  if s.kind != "graph_unet":
+    for f in ("depth", "pool_ratio"):
+      if getattr(s, f) != getattr(defaults, f):
+        v.fail(f"species[{i}].{f}", getattr(s, f),
+               f"the default {getattr(defaults, f)!r} for kind {s.kind!r} (graph_unet only)")
+  if s.seed_uniform and (s.kind not in ("direct_round", "direct_floor")
+                         or s.optimizer != GA_OPTIMIZER):
+    v.fail(f"species[{i}].seed_uniform", True,
+           "False unless kind is 'direct_round' / 'direct_floor' with optimizer 'ga'")
   for f in ("sbx_eta", "pm_eta", "mutation_strength", "sigma_init"):
     v.number(f"species[{i}].{f}", getattr(s, f), 0.0, open_lo=True)
   for f in ("sbx_prob", "crossover_prob", "mutation_prob"):
@@ -362,6 +410,15 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
            f"at least len(species) * min_species_size = {n_species * cfg.min_species_size}")
   v.choice("selection", cfg.selection, SELECTIONS)
   v.choice("utility", cfg.utility, UTILITIES)
+  v.choice("utility_norm", cfg.utility_norm, UTILITY_NORMS)
+  v.number("utility_temperature", cfg.utility_temperature, 0.0, open_lo=True)
+  if (cfg.utility_temperature != SearchConfig.utility_temperature
+      and cfg.utility_norm != "ratio"):
+    v.fail("utility_temperature", cfg.utility_temperature,
+           f"the default {SearchConfig.utility_temperature} unless utility_norm='ratio' "
+           "(minmax has no temperature)")
+  if cfg.max_growth is not None:
+    v.number("max_growth", cfg.max_growth, 1.0)
   v.choice("edges", cfg.edges, EDGE_SETS)
   v.boolean("resize", cfg.resize)
   if cfg.node_features is not None:

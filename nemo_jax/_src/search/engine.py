@@ -12,11 +12,14 @@ A generation (NEMO's Algorithm 1, with static shapes throughout):
    (``pareto.nsga3_priority`` / ``nsga2_priority``: constraint domination, then
    NSGA-III reference-direction niching for ``population`` survivors, continued
    over every candidate, or NSGA-II crowding) ->
-   utility per species (R2 against the utopian point, or the number of members on
-   the joint front) -> UCB allocation of the next sizes (minimum size per species,
-   growth at most x2 so every slot is filled by an evaluated candidate) -> each
-   species keeps its best-ranked candidates (every group's ``tell``) -> the archive of
-   every non-dominated configuration seen (deduplicated) is updated.
+   utility per species (R2 against the utopian point, the number of members on the
+   joint front, or the species' exclusive hypervolume contribution), normalised by
+   the best species' (:func:`normalise_utility`) -> UCB allocation of the next sizes
+   (minimum size per species; optionally a growth cap ``max_growth``) -> each species
+   keeps its best-ranked candidates (every group's ``tell``); slots beyond its
+   evaluated candidates get random offspring, evaluated in the next generation
+   (:func:`fill_counts`) -> the archive of every non-dominated configuration seen
+   (deduplicated) is updated.
 
 Every species group follows one evosax-style protocol (``species.SpeciesGroup``:
 ``init`` / ``ask`` / ``tell`` / ``decode``), so the engine never asks which optimiser
@@ -145,7 +148,8 @@ class GenerationMetrics:
   """Per-species numbers of one generation (``S`` species).
 
   Attributes:
-    utility: float32 ``[S]`` raw utility (R2, lower is better; or front count).
+    utility: float32 ``[S]`` raw utility (R2, lower is better; front count or
+      hypervolume contribution, higher is better).
     value: float32 ``[S]`` utility mapped to [0, 1], higher is better (UCB input).
     sizes: int32 ``[S]`` the next generation's sizes.
     front_counts: int32 ``[S]`` candidates of each species on the joint first front.
@@ -168,15 +172,73 @@ def initial_sizes(cfg: SearchConfig) -> np.ndarray:
   return sizes
 
 
+UTILITY_HIGHER_IS_BETTER = {"r2": False, "front_count": True, "hv_contribution": True}
+"""Direction of each raw utility (R2 is a distance to the utopian point: lower is better)."""
+
+INT_MAX = np.iinfo(np.int32).max
+"""Priority of a slot that holds no evaluated member."""
+
+
+def normalise_utility(raw, higher_is_better: bool, norm: str = "ratio",
+                      temperature: float = 1.0):
+  """Maps raw species utilities to values in [0, 1], higher is better (UCB input).
+
+  ``norm="ratio"`` (default): every utility is turned into a non-negative score ``q``
+  (``q = u`` for front count / hypervolume contribution, ``q = 1 / u`` for R2) and
+  ``value = (q / max q) ** (1 / temperature)``. The best species gets 1 and the others
+  the fraction of its score they reach: scale-free, continuous in the utilities (close
+  utilities give close values, so fitness noise moves the sizes a little), and
+  ``temperature`` sharpens (< 1) or flattens (> 1) the contrast; it is a softmax over
+  ``log q`` normalised by its maximum instead of its sum. ``norm="minmax"`` is the
+  earlier ``(u - worst) / (best - worst)``: the worst species always gets 0 and the
+  best 1 however close they are (degenerate under noise; kept for comparison).
+  Non-finite utilities (a species with no evaluated member) get 0; if no species has a
+  positive score every value is 1.
+
+  Args:
+    raw: float ``[S]`` raw utilities.
+    higher_is_better: direction of ``raw``.
+    norm: ``"ratio"`` or ``"minmax"``.
+    temperature: > 0, only for ``"ratio"``.
+
+  Returns:
+    float32 ``[S]`` values in [0, 1].
+
+  Raises:
+    ValueError: ``norm`` is not one of ``("ratio", "minmax")``.
+  """
+  raw = jnp.asarray(raw, jnp.float32)
+  finite = jnp.isfinite(raw)
+  if norm == "minmax":
+    u = raw if higher_is_better else -raw
+    lo = jnp.min(jnp.where(finite, u, jnp.inf))
+    hi = jnp.max(jnp.where(finite, u, -jnp.inf))
+    value = jnp.where(hi - lo > 1e-12, (u - lo) / jnp.maximum(hi - lo, 1e-12), 1.0)
+    return jnp.where(finite, value, 0.0)
+  if norm != "ratio":
+    raise ValueError(f"norm must be one of ('ratio', 'minmax'), got {norm!r}")
+  if higher_is_better:
+    q = jnp.maximum(raw, 0.0)
+  else:
+    q = 1.0 / jnp.maximum(raw, 1e-12)
+  q = jnp.where(finite, q, 0.0)
+  best = jnp.max(q)
+  ratio = jnp.where(best > 0, q / jnp.where(best > 0, best, 1.0), 1.0)
+  return jnp.where(finite | (best <= 0), ratio ** (1.0 / temperature), 0.0)
+
+
 def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity: int,
-                   ucb_c: float):
+                   ucb_c: float, max_growth: float | None = 2.0):
   """UCB1 allocation of ``total`` slots to species (jit-compatible).
 
   ``a_s = value_s + c * sqrt(ln(sum_y) / y_s)`` with ``value`` in [0, 1] (higher is
   better) and ``y_s`` the species' evaluation count. Every species gets
   ``min_size``; the remaining slots go one by one to the species with the largest
   ``a_s / (extra_s + 1)`` (D'Hondt apportionment, exact integer sum) among those
-  still below their cap ``min(2 * old_size, capacity)``.
+  still below their cap: ``capacity``, and with ``max_growth`` also
+  ``floor(max_growth * old_size)`` (``None``: no growth cap, NEMO's Algorithm 1; slots
+  beyond a species' evaluated candidates are filled with random offspring, see
+  :func:`fill_counts`).
 
   Returns:
     int32 sizes ``[S]`` summing to ``total``.
@@ -184,7 +246,10 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
   evals = jnp.maximum(evals.astype(jnp.float32), 1.0)
   score = value + ucb_c * jnp.sqrt(jnp.log(jnp.sum(evals)) / evals)
   score = jnp.maximum(score, 1e-6)
-  cap = jnp.minimum(2 * old_sizes, capacity)
+  cap = jnp.full_like(old_sizes, capacity)
+  if max_growth is not None:
+    grown = jnp.floor(max_growth * old_sizes.astype(jnp.float32)).astype(old_sizes.dtype)
+    cap = jnp.minimum(cap, jnp.maximum(grown, min_size))
   sizes = jnp.full_like(old_sizes, min_size)
 
   def seat(_, sizes):
@@ -192,6 +257,43 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
     return sizes.at[jnp.argmax(quotient)].add(1)
 
   return jax.lax.fori_loop(0, total - min_size * old_sizes.shape[0], seat, sizes)
+
+
+def fill_counts(sizes, num_candidates):
+  """How many of each species' slots its evaluated candidates fill (the rest: random).
+
+  A species of next size ``sizes[s]`` keeps its ``min(sizes[s], num_candidates[s])``
+  best-ranked evaluated candidates (parents + offspring); its remaining slots get
+  random offspring, evaluated in the next generation (NEMO's Algorithm 1).
+
+  Args:
+    sizes: int32 ``[S]`` next sizes.
+    num_candidates: int ``[S]`` evaluated candidates per species.
+
+  Returns:
+    int32 ``[S]`` slots filled by kept members.
+  """
+  return jnp.minimum(sizes, num_candidates.astype(sizes.dtype))
+
+
+def random_fill(offspring, fresh, num_parents, species_axis_size: int):
+  """Offspring slots ``j >= num_parents[s]`` of species ``s`` replaced by ``fresh`` genomes.
+
+  Args:
+    offspring: pytree of ``[S_g, C, ...]`` genomes (a GA group's ``ask`` output).
+    fresh: pytree like ``offspring`` (random genomes, the group's ``fresh``).
+    num_parents: int32 ``[S_g]`` evaluated parents per species.
+    species_axis_size: ``C``.
+
+  Returns:
+    pytree like ``offspring``.
+  """
+  replace = jnp.arange(species_axis_size)[None, :] >= num_parents[:, None]
+
+  def pick(o, f):
+    return jnp.where(replace.reshape(replace.shape + (1,) * (o.ndim - 2)), f, o)
+
+  return jax.tree.map(pick, offspring, fresh)
 
 
 def _dedup(keys, valid):
@@ -272,7 +374,8 @@ class Engine:
     self.num_species = len(cfg.species)
     self.capacity = species_capacity(cfg)
     self.groups = species_lib.build_groups(cfg, self.space, self.capacity, self.graph,
-                                           self.feature_dim, self.custom_species)
+                                           self.feature_dim, self.custom_species,
+                                           init_sizes=initial_sizes(cfg))
     order = [i for g in self.groups for i in g.species]
     self._species_perm = np.argsort(np.asarray(order))
     m = len(cfg.objectives)
@@ -420,13 +523,26 @@ class Engine:
 
   # ---------------------------------------------------------------- generations >= 1
   def _propose(self, state: SearchState) -> tuple[Proposal, Batch]:
-    """Every group's ``ask``: offspring of every species and the dense batch of live ones."""
+    """Every group's ``ask``: offspring of every species and the dense batch of live ones.
+
+    A group varies its evaluated parents (``ask`` sees their number as the sizes); the
+    slots of a species beyond them (grown past its evaluated candidates) get random
+    offspring from the group's ``fresh`` (groups without one: more offspring of the
+    parents; evosax groups sample every slot from their own distribution).
+    """
     key = jax.random.wrap_key_data(state.key)
     key, *gkeys = jax.random.split(key, len(self.groups) + 1)
+    num_parents = jnp.sum(self._alive(state.sizes) & (state.priority < INT_MAX), axis=1)
+    num_parents = jnp.maximum(num_parents, 1).astype(jnp.int32)
     offspring, asked = [], []
     for g, k, st in zip(self.groups, gkeys, state.species):
       idx = np.asarray(g.species)
-      x, st = g.ask(k, st, state.priority[idx], state.sizes[idx])
+      x, st = g.ask(k, st, state.priority[idx], num_parents[idx])
+      if g.fresh is not None:
+        x = jax.lax.cond(jnp.any(num_parents[idx] < state.sizes[idx]),
+                         lambda x: random_fill(x, g.fresh(jax.random.fold_in(k, 7)),
+                                               num_parents[idx], self.capacity),
+                         lambda x: x, x)
       offspring.append(x)
       asked.append(st)
     choice, keep_idx = self._decode_all(offspring)
@@ -435,19 +551,35 @@ class Engine:
                         key=jax.random.key_data(key))
     return proposal, self._batch(choice, keep_idx, live, offspring)
 
-  def _utilities(self, F, valid, rank):
-    """Per-species value in [0, 1] (higher is better) and the raw utility."""
-    if self.cfg.utility == "front_count":
+  def _utilities(self, F, valid, rank, violation):
+    """Per-species value in [0, 1] (higher is better) and the raw utility.
+
+    ``r2``: R2 of the species' candidates against the utopian point (lower is better);
+    ``front_count``: its candidates on the joint first front; ``hv_contribution``: the
+    hypervolume of all feasible candidates minus that without the species' (its
+    exclusive share; overlapping regions count for nobody). Values by
+    :func:`normalise_utility` (``utility_norm``, ``utility_temperature``).
+    """
+    cfg = self.cfg
+    if cfg.utility == "front_count":
       raw = jnp.sum(valid & (rank == 0), axis=1).astype(jnp.float32)
-      value = raw / jnp.maximum(jnp.max(raw), 1.0)
-      return value, raw
-    utopia = jnp.zeros((F.shape[-1],), jnp.float32)
-    raw = jax.vmap(lambda f, v: pareto.r2_indicator(f, utopia, self.ref_dirs, valid=v))(F, valid)
-    finite = jnp.isfinite(raw)
-    lo = jnp.min(jnp.where(finite, raw, jnp.inf))
-    hi = jnp.max(jnp.where(finite, raw, -jnp.inf))
-    value = jnp.where(hi - lo > 1e-12, (hi - raw) / jnp.maximum(hi - lo, 1e-12), 1.0)
-    return jnp.where(finite, value, 0.0), raw
+    elif cfg.utility == "hv_contribution":
+      ok = valid & (violation <= 0)
+      ref = jnp.asarray(cfg.hv_ref if cfg.hv_ref is not None else [1.0] * F.shape[-1],
+                        jnp.float32)
+      flat_F = F.reshape(-1, F.shape[-1])
+      total = pareto.hypervolume(flat_F, ref, valid=ok.reshape(-1))
+      owner = jnp.repeat(jnp.arange(F.shape[0]), F.shape[1])
+      raw = jnp.stack([total - pareto.hypervolume(flat_F, ref, valid=ok.reshape(-1) & (owner != i))
+                       for i in range(F.shape[0])]).astype(jnp.float32)
+      raw = jnp.maximum(raw, 0.0)
+    else:
+      utopia = jnp.zeros((F.shape[-1],), jnp.float32)
+      raw = jax.vmap(lambda f, v: pareto.r2_indicator(f, utopia, self.ref_dirs, valid=v))(
+          F, valid)
+    value = normalise_utility(raw, UTILITY_HIGHER_IS_BETTER[cfg.utility], cfg.utility_norm,
+                              cfg.utility_temperature)
+    return value, raw
 
   def _select(self, state: SearchState, proposal: Proposal, batch: Batch, F_new, viol_new,
               raw_new) -> tuple[SearchState, GenerationMetrics]:
@@ -459,27 +591,30 @@ class Engine:
     off_viol = self._scatter(live, viol_new, 0.0)
     off_raw = self._scatter(live, raw_new, jnp.nan)
     alive = self._alive(state.sizes)
+    # Evaluated parents: slots filled by random offspring hold no evaluated member.
+    parent_ok = alive & (state.priority < INT_MAX)
     # Candidates of species s: its parents then its offspring, [S, 2C].
     cand_F = jnp.concatenate([state.F, off_F], axis=1)
     cand_viol = jnp.concatenate([state.violation, off_viol], axis=1)
     cand_raw = jnp.concatenate([state.raw, off_raw], axis=1)
     cand_choice = jnp.concatenate([state.choice, proposal.choice], axis=1)
     cand_keep = jnp.concatenate([state.keep_idx, proposal.keep_idx], axis=1)
-    cand_valid = jnp.concatenate([alive, alive], axis=1)
+    cand_valid = jnp.concatenate([parent_ok, alive], axis=1)
     flat_valid = cand_valid.reshape(-1)
     priority, rank = self._rank_and_priority(cand_F.reshape(s * 2 * c, -1),
                                              cand_viol.reshape(-1), flat_valid)
     priority = priority.reshape(s, 2 * c)
     rank = rank.reshape(s, 2 * c)
     finite = cand_valid & jnp.all(jnp.isfinite(cand_F), axis=-1)
-    value, utility = self._utilities(cand_F, finite, rank)
+    value, utility = self._utilities(cand_F, finite, rank, cand_viol)
     evals = state.evals + state.sizes
     if cfg.resize:
       sizes = allocate_sizes(value, evals, state.sizes, cfg.population,
-                             cfg.min_species_size, c, cfg.ucb_c)
+                             cfg.min_species_size, c, cfg.ucb_c, cfg.max_growth)
     else:
       sizes = state.sizes
-    # Fill: every species keeps its best-ranked candidates.
+    # Fill: every species keeps its best-ranked candidates; slots beyond its evaluated
+    # candidates hold no member (priority INT_MAX) and get random offspring next.
     keep_order = jnp.argsort(priority, axis=1, stable=True)[:, :c]      # [S, C]
     take = lambda x: jnp.take_along_axis(x, keep_order.reshape(keep_order.shape + (1,) * (x.ndim - 2)), axis=1)
     new_alive = self._alive(sizes)
@@ -496,7 +631,7 @@ class Engine:
         F=jnp.where(new_alive[..., None], take(cand_F), jnp.nan),
         violation=take(cand_viol[..., None])[..., 0],
         raw=take(cand_raw),
-        priority=jnp.where(new_alive, new_priority, jnp.iinfo(jnp.int32).max),
+        priority=jnp.where(new_alive, new_priority, INT_MAX),
         archive=update_archive(state.archive, self._archive_rows(
             batch, F_new, viol_new, raw_new, state.generation + 1)))
     metrics = GenerationMetrics(utility=utility, value=value, sizes=sizes,

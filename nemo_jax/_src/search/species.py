@@ -97,6 +97,10 @@ class SpeciesGroup(NamedTuple):
     decode: ``decode(genomes) -> (choice_idx int32 [S_g, C, num_active], keep_idx int32
       [S_g, C])``: indices into the config's ``bit_choices`` for ``space.active_nodes``
       and into its ``keep_choices``.
+    fresh: optional ``fresh(key) -> genomes`` like ``ask``'s offspring: random genomes
+      the engine puts into the slots a species grew past its evaluated candidates
+      (NEMO's "remaining slots get random offspring"). ``None``: those slots keep the
+      group's own offspring (``ask`` always fills the whole capacity).
   """
   family: str
   species: tuple[int, ...]
@@ -104,6 +108,7 @@ class SpeciesGroup(NamedTuple):
   ask: Callable
   tell: Callable
   decode: Callable
+  fresh: Callable | None = None
 
 
 def keep_best(parents, offspring, keep_order):
@@ -126,7 +131,7 @@ def keep_best(parents, offspring, keep_order):
 
 
 def ga_group(family: str, species: tuple[int, ...], init: Callable, vary: Callable,
-             decode: Callable) -> SpeciesGroup:
+             decode: Callable, fresh: Callable | None = None) -> SpeciesGroup:
   """Wraps plain genetic-algorithm functions as a :class:`SpeciesGroup`.
 
   The group's state is its parent genomes; ``ask`` varies them and leaves the state as
@@ -140,6 +145,8 @@ def ga_group(family: str, species: tuple[int, ...], init: Callable, vary: Callab
       [S_g, C, ...]`` (pick parents among the first ``sizes[s]`` members, lower priority
       is better).
     decode: ``decode(genomes) -> (choice_idx [S_g, C, num_active], keep_idx [S_g, C])``.
+    fresh: ``fresh(key) -> genomes [S_g, C, ...]``, random genomes for the random fill
+      of grown species (default: ``init``).
 
   Returns:
     The SpeciesGroup.
@@ -155,7 +162,8 @@ def ga_group(family: str, species: tuple[int, ...], init: Callable, vary: Callab
     del key  # keeping the best-ranked members is deterministic
     return keep_best(parents, offspring, info.keep_order)
 
-  return SpeciesGroup(family, tuple(species), init_state, ask, tell, decode)
+  return SpeciesGroup(family, tuple(species), init_state, ask, tell, decode,
+                      init if fresh is None else fresh)
 
 
 def _tournament_parents(key, priority, size, num):
@@ -163,9 +171,40 @@ def _tournament_parents(key, priority, size, num):
   return ops.tournament_select(key, priority, num, valid=jnp.arange(priority.shape[0]) < size)
 
 
+def uniform_seed_genes(num_seeds: int, num_active: int, num_genes: int, num_choices: int,
+                       num_keep: int):
+  """Genes of ``num_seeds`` uniform-precision members (every searched quantizer alike).
+
+  Member ``j`` gets bit choice ``round(j (K - 1) / (num_seeds - 1))`` on every searched
+  quantizer (the choices spread from the lowest to the highest; one seed: the highest)
+  and the largest keep ratio.
+
+  Args:
+    num_seeds: members to seed (at most ``num_choices`` distinct ones are useful).
+    num_active: searched quantizers; num_genes: genes per member (+1 keep gene).
+    num_choices: bit choices ``K``; num_keep: keep choices.
+
+  Returns:
+    float32 ``[num_seeds, num_genes]`` in index space.
+  """
+  if num_seeds == 1:
+    levels = jnp.full((1,), num_choices - 1.0)
+  else:
+    levels = jnp.round(jnp.arange(num_seeds) * (num_choices - 1.0) / (num_seeds - 1))
+  genes = jnp.broadcast_to(levels[:, None], (num_seeds, num_active))
+  if num_genes > num_active:
+    genes = jnp.concatenate([genes, jnp.full((num_seeds, 1), num_keep - 1.0)], axis=1)
+  return genes.astype(jnp.float32)
+
+
 def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
-                  capacity: int) -> SpeciesGroup:
-  """SBX + polynomial mutation on index-space genes ``[S_g, C, num_genes]``."""
+                  capacity: int, init_sizes=None) -> SpeciesGroup:
+  """SBX + polynomial mutation on index-space genes ``[S_g, C, num_genes]``.
+
+  A species with ``seed_uniform`` starts with ``min(K, size_0)`` uniform-precision
+  members (:func:`uniform_seed_genes`; ``size_0`` its generation-0 size from
+  ``init_sizes``, default ``capacity``), the rest random.
+  """
   genes = space.num_genes
   high = jnp.concatenate([jnp.full((len(space.active_nodes),), space.num_choices - 1.0),
                           jnp.full((genes - len(space.active_nodes),), space.num_keep - 1.0)])
@@ -179,8 +218,27 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
   def init_one(key):
     return jax.random.uniform(key, (capacity, genes), minval=low, maxval=high)
 
-  def init(key):
+  def fresh(key):
     return jax.vmap(init_one)(jax.random.split(key, len(specs)))
+
+  seeded = None
+  if any(s.seed_uniform for s in specs):
+    rows = []
+    for i, spec in zip(idx, specs):
+      n0 = capacity if init_sizes is None else int(init_sizes[i])
+      m = min(space.num_choices, n0, capacity) if spec.seed_uniform else 0
+      row = jnp.full((capacity, genes), jnp.nan, jnp.float32)
+      if m:
+        row = row.at[:m].set(uniform_seed_genes(m, len(space.active_nodes), genes,
+                                                space.num_choices, space.num_keep))
+      rows.append(row)
+    seeded = jnp.stack(rows)
+
+  def init(key):
+    random_genes = fresh(key)
+    if seeded is None:
+      return random_genes
+    return jnp.where(jnp.isnan(seeded), random_genes, seeded)
 
   def decode_one(g, floor):
     # Floor-rounding biases toward compression (the top choice needs gene == high).
@@ -209,12 +267,21 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
     return jax.vmap(vary_one)(keys, genomes, priority, sizes, sbx_eta, sbx_prob, pm_eta,
                               is_random)
 
-  return ga_group("direct", idx, init, vary, decode)
+  return ga_group("direct", idx, init, vary, decode, fresh)
 
 
 def _gnn_policy(spec: SpeciesConfig, num_choices: int):
-  make = policies.gcn_policy if spec.kind == "gcn" else policies.graph_unet_policy
-  return make(hidden=spec.hidden, n_choices=num_choices)
+  if spec.kind == "gcn":
+    return policies.gcn_policy(hidden=spec.hidden, n_choices=num_choices, heads=spec.heads,
+                               output_selu=spec.output_selu)
+  return policies.graph_unet_policy(hidden=spec.hidden, n_choices=num_choices,
+                                    depth=spec.depth, pool_ratio=spec.pool_ratio,
+                                    heads=spec.heads, output_selu=spec.output_selu)
+
+
+def gnn_structure(spec: SpeciesConfig) -> tuple:
+  """What GNN species must share to be stacked in one group (same parameter shapes)."""
+  return (spec.kind, spec.hidden, spec.heads, spec.depth, spec.pool_ratio, spec.output_selu)
 
 
 def _gnn_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
@@ -378,11 +445,13 @@ any other optimiser implements the init/ask/tell protocol of :class:`SpeciesGrou
 
 
 def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
-                 feature_dim: int, custom: Mapping[str, GroupBuilder] | None = None
-                 ) -> list[SpeciesGroup]:
+                 feature_dim: int, custom: Mapping[str, GroupBuilder] | None = None,
+                 init_sizes=None) -> list[SpeciesGroup]:
   """Partitions ``cfg.species`` into groups (order of first appearance).
 
-  ``custom`` maps the kinds of custom species to their builders (:data:`GroupBuilder`).
+  ``custom`` maps the kinds of custom species to their builders (:data:`GroupBuilder`);
+  ``init_sizes`` (int ``[S]``, default the capacity) are the generation-0 sizes (how
+  many uniform seeds a ``seed_uniform`` species evaluates).
   """
   custom = dict(custom or {})
   keyed: dict[tuple, list[int]] = {}
@@ -398,7 +467,7 @@ def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
     if s.evosax_name is not None:
       groups.append((("evosax", i), [i]))
       continue
-    key = ("direct",) if not s.is_gnn else (s.kind, s.hidden)
+    key = ("direct",) if not s.is_gnn else gnn_structure(s)
     if key not in keyed:
       keyed[key] = []
       groups.append((key, keyed[key]))
@@ -411,7 +480,7 @@ def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
     elif key[0] == "evosax":
       out.append(_evosax_group(space, specs[0], members[0], capacity, graph, feature_dim))
     elif key[0] == "direct":
-      out.append(_direct_group(space, specs, tuple(members), capacity))
+      out.append(_direct_group(space, specs, tuple(members), capacity, init_sizes))
     else:
       out.append(_gnn_group(space, specs, tuple(members), capacity, graph, feature_dim))
   return out
