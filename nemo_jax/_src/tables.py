@@ -1,0 +1,478 @@
+"""Calibration tables: post-training calibration precomputed per (layer, bit-width).
+
+Better calibration than NEMO's min / max must not cost anything per evaluated
+configuration, so everything that depends on a bit-width is computed ONCE per
+(checkpoint, calibration images, settings) for every bit-width the search can choose
+(``bit_choices`` and the fixed activation bits) and stored as small tables; a member
+looks its rows up by its bits inside jit (a gather: no retrace, no per-config search).
+Row 0 of every table is ``minmax`` (the fallback for a bit-width outside the table,
+e.g. 32 = float). ``docs/DESIGN.md``, "Quantizer schemes and calibration".
+
+Methods (``CALIBRATIONS``: weights, activations, bias correction):
+
+* ``minmax``: NEMO, no tables (the mean of per-batch min / max; full weight ranges).
+* ``percentile``: activation ranges at the ``ACT_PERCENTILE`` percentiles of the
+  calibration activations (the same for every bit-width).
+* ``mse``: per output channel and bit-width, the weight clip ratio of ``CLIP_GRID``
+  minimising the squared quantization error of the kernel; per activation quantizer
+  and bit-width, the range ``alpha * [min, max]`` (``alpha`` in ``CLIP_GRID``)
+  minimising the squared error on the calibration activations.
+* ``bias_correction`` / ``mse_bias_correction``: ``minmax`` / ``mse`` plus analytical
+  bias correction: the mean output error of every quantized layer on the (float)
+  calibration inputs is added back to its output. The mean input patch of every
+  layer is precomputed (``mean_patches``); per member the correction
+  ``sum((W_float - W_q) * patch)`` per channel is one multiply-add over the kernel.
+
+Tables are cached as ``.npz`` files next to the calibration cache
+(``calibration.cache_dir()``), named by a fingerprint of everything they depend on
+(:func:`load_or_compute`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nemo_jax._src import calibration as calib_lib
+from nemo_jax._src import quant
+from nemo_jax._src.layers import QContext
+
+TABLES_FORMAT = "nemo_jax.tables.v1"
+
+CALIBRATIONS = {
+    "minmax": ("minmax", "minmax", False),
+    "percentile": ("minmax", "percentile", False),
+    "mse": ("mse", "mse", False),
+    "bias_correction": ("minmax", "minmax", True),
+    "mse_bias_correction": ("mse", "mse", True),
+}
+"""Calibration method -> (weight method, activation method, bias correction)."""
+
+CLIP_GRID = tuple(np.round(np.arange(100, 0, -1) / 100.0, 2).tolist())
+"""Clip ratios searched by ``mse`` (1.00, 0.99, ..., 0.01; ties go to the larger)."""
+
+ACT_PERCENTILE = 99.99
+"""``percentile``: the range is ``[P(100 - p), P(p)]`` of the calibration activations."""
+
+SAMPLES_PER_BATCH = 16384
+"""Activation values sampled (uniformly, fixed key) per quantizer and calibration batch."""
+
+
+@flax.struct.dataclass
+class CalibrationTables:
+  """Per-(layer, bit-width) calibration, looked up inside jit (module docstring).
+
+  Attributes:
+    bits: int32 ``[B]`` the tabulated bit-widths; row ``r + 1`` of a table belongs to
+      ``bits[r]``, row 0 is ``minmax``.
+    w_clip: per layer, float32 ``[B + 1, C]`` (per channel) or ``[B + 1]`` (per
+      tensor) weight clip ratios, or None (``minmax`` weights).
+    act_lo, act_hi: float32 ``[B + 1, La]`` activation ranges, or None.
+    bias: per layer, float32 mean input patch (the kernel's shape), or None (no bias
+      correction).
+    method: the calibration method (static).
+    fingerprint: what the tables were computed from (static).
+  """
+  bits: Any
+  w_clip: Any = None
+  act_lo: Any = None
+  act_hi: Any = None
+  bias: Any = None
+  method: str = flax.struct.field(pytree_node=False, default="minmax")
+  fingerprint: str = flax.struct.field(pytree_node=False, default="")
+
+  def check(self, num_layers: int, num_act_quantizers: int) -> None:
+    """Raises ValueError if the tables do not belong to a model of these sizes."""
+    for name, value, n in (("w_clip", self.w_clip, num_layers),
+                           ("bias", self.bias, num_layers)):
+      if value is not None and len(value) != n:
+        raise ValueError(f"tables.{name}: {len(value)} layers, the model has {n}; "
+                         "allowed: tables computed for this model")
+    if self.act_lo is not None and np.shape(self.act_lo)[-1] != num_act_quantizers:
+      raise ValueError(f"tables.act_lo: {np.shape(self.act_lo)[-1]} activation quantizers, "
+                       f"the model has {num_act_quantizers}; allowed: tables computed for "
+                       "this model and placement")
+
+
+def check_method(method: str) -> tuple[str, str, bool]:
+  """``(weights, activations, bias correction)`` of a method, or a ValueError."""
+  if method not in CALIBRATIONS:
+    raise ValueError(f"calibration={method!r} is invalid; allowed: {tuple(CALIBRATIONS)}")
+  return CALIBRATIONS[method]
+
+
+def table_bits(bit_choices: Sequence[int], extra: Sequence[int] = ()) -> tuple[int, ...]:
+  """The bit-widths worth a table row: the choices (and ``extra``) below 32."""
+  return tuple(sorted({int(b) for b in tuple(bit_choices) + tuple(extra)
+                       if b < quant.FLOAT_BITS}))
+
+
+def table_row(bits_table, bits):
+  """Row of ``bits`` (any shape) in a table: ``1 + index`` in ``bits_table``, 0 if absent."""
+  bits = jnp.asarray(bits, jnp.int32)
+  hit = bits[..., None] == jnp.asarray(bits_table, jnp.int32)
+  rows = jnp.arange(1, hit.shape[-1] + 1, dtype=jnp.int32)
+  return jnp.sum(jnp.where(hit, rows, 0), axis=-1)
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def weight_clips(tables: CalibrationTables | None, w_bits, num_layers: int) -> list:
+  """Per layer the clip ratio of the member's bits (``None`` entries: no clipping)."""
+  if tables is None or tables.w_clip is None:
+    return [None] * num_layers
+  rows = table_row(tables.bits, w_bits)
+  return [tables.w_clip[i][rows[i]] for i in range(num_layers)]
+
+
+def act_ranges(tables: CalibrationTables | None, a_bits, lo, hi):
+  """The member's activation ranges ``(lo[La], hi[La])`` (``lo, hi``: the minmax ones)."""
+  if tables is None or tables.act_lo is None:
+    return lo, hi
+  rows = table_row(tables.bits, a_bits)
+  cols = jnp.arange(rows.shape[-1])
+  return tables.act_lo[rows, cols], tables.act_hi[rows, cols]
+
+
+def bias_correction(tables: CalibrationTables, float_kernels, kernels):
+  """``on_output(y, i)`` adding layer ``i``'s mean output error on the calibration data.
+
+  ``delta_i[c] = sum((W_float - W_member)[..., c] * patch_i[..., c])`` (the member's
+  pruned + quantized kernel against the float one); the corrected layer's output has
+  the float layer's mean over the calibration images and positions.
+  """
+  deltas = [correction(p, wf, wq) for p, wf, wq in zip(tables.bias, float_kernels, kernels)]
+  return lambda y, i: y + deltas[i].astype(y.dtype)
+
+
+def correction(patch, w_float, w_quant):
+  """Per output channel ``sum((w_float - w_quant) * patch)`` over all other axes."""
+  axes = tuple(range(w_float.ndim - 1))
+  return jnp.sum((w_float - w_quant) * patch, axis=axes)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def mse_weight_clip(w, bits, mode: str = "symmetric_per_channel",
+                    weight_range: str | None = None, grid: Sequence[float] = CLIP_GRID):
+  """Per channel (or per tensor) and bit-width, the MSE-optimal clip ratio of ``grid``.
+
+  Args:
+    w: kernel, output channels last.
+    bits: int ``[B]`` bit-widths.
+    mode, weight_range: the weight quantizer.
+    grid: candidate ratios, descending (the first minimum wins: ties keep the wider
+      range, so a bit-width where clipping cannot help keeps ratio 1).
+
+  Returns:
+    float32 ``[B, C]`` (per channel) or ``[B]`` (per tensor).
+  """
+  w = jnp.asarray(w, jnp.float32)
+  axes = tuple(range(w.ndim - 1)) if mode.endswith("per_channel") else None
+  grid = jnp.asarray(grid, jnp.float32)
+
+  @jax.jit
+  def run(w, bits, grid):
+    def per_bit(b):
+      def err(a):
+        q = quant.quantize_weight(w, b, mode, weight_range, clip=a)
+        return jnp.sum(jnp.square(q - w), axis=axes)
+      errors = jax.lax.map(err, grid)            # [G, C] or [G]
+      return grid[jnp.argmin(errors, axis=0)]
+    return jax.lax.map(per_bit, bits)
+
+  return run(w, jnp.asarray(bits, jnp.int32), grid)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def activation_samples(model: nn.Module, variables, images, batch_size: int,
+                       num_batches: int | None = None, placement: str = "conv_inputs",
+                       samples_per_batch: int = SAMPLES_PER_BATCH):
+  """Samples of every activation quantizer's float tensor, and its overall min / max.
+
+  Returns:
+    ``(samples, lo, hi)``: per quantizer a float32 array of sampled values (uniform with
+    replacement, fixed keys, ``samples_per_batch`` per batch or the whole tensor if
+    smaller), and float32 ``[La]`` minimum / maximum over all calibration batches.
+  """
+  images = np.asarray(images, np.float32)
+  slices = calib_lib._batch_slices(len(images), batch_size, num_batches)
+
+  @jax.jit
+  def observe(variables, x, key):
+    found = {}
+
+    def fn(x, q):
+      flat = x.reshape(-1).astype(jnp.float32)
+      if flat.size > samples_per_batch:
+        idx = jax.random.randint(jax.random.fold_in(key, q), (samples_per_batch,), 0,
+                                 flat.size)
+        sample = flat[idx]
+      else:
+        sample = flat
+      found[q] = (sample, jnp.min(flat), jnp.max(flat))
+      return x
+
+    model.apply(variables, x, QContext(quantize_input=fn, placement=placement), train=False)
+    return [found[q] for q in range(len(found))]
+
+  per_batch = [observe(variables, jnp.asarray(images[sl]), jax.random.key(b))
+               for b, sl in enumerate(slices)]
+  per_batch = jax.device_get(per_batch)
+  num = len(per_batch[0])
+  samples = [np.concatenate([b[q][0] for b in per_batch]) for q in range(num)]
+  lo = np.asarray([min(float(b[q][1]) for b in per_batch) for q in range(num)], np.float32)
+  hi = np.asarray([max(float(b[q][2]) for b in per_batch) for q in range(num)], np.float32)
+  return samples, lo, hi
+
+
+def mse_act_range(samples, lo, hi, bits, act_quant: str = "affine",
+                  grid: Sequence[float] = CLIP_GRID):
+  """Per bit-width, the range ``alpha * [lo, hi]`` (``alpha`` in ``grid``) minimising the
+  mean squared quantization error of ``samples``.
+
+  Returns:
+    float32 ``(lo[B], hi[B])``.
+  """
+  grid = jnp.asarray(grid, jnp.float32)
+
+  @jax.jit
+  def run(s, lo, hi, bits, grid):
+    def per_bit(b):
+      def err(a):
+        q = quant.quantize_affine(s, b, a * lo, a * hi, clipped_ste=False,
+                                  act_quant=act_quant)
+        return jnp.mean(jnp.square(q - s))
+      a = grid[jnp.argmin(jax.lax.map(err, grid))]
+      return a * lo, a * hi
+    return jax.lax.map(per_bit, bits)
+
+  return run(jnp.asarray(samples, jnp.float32), jnp.float32(lo), jnp.float32(hi),
+             jnp.asarray(bits, jnp.int32), grid)
+
+
+def percentile_range(samples, percentile: float = ACT_PERCENTILE):
+  """``(P(100 - p), P(p))`` of the samples (float32 scalars)."""
+  s = np.asarray(samples, np.float64)
+  return (np.float32(np.percentile(s, 100.0 - percentile)),
+          np.float32(np.percentile(s, percentile)))
+
+
+# --------------------------------------------------------------------------- bias
+
+
+def mean_patches(model: nn.Module, variables, images, batch_size: int,
+                 num_batches: int | None = None, placement: str = "conv_inputs"):
+  """Per quantized layer, the mean input patch on the calibration images (float model).
+
+  ``patch_i[..., c]`` has layer ``i``'s kernel shape: the mean, over images and output
+  positions, of the input value each kernel weight multiplies for output channel ``c``
+  (zeros of the padding included), so the mean output of the layer with kernel ``W`` is
+  ``sum(W * patch)`` per channel plus its bias. Computed as the gradient of the summed
+  per-channel output means with respect to the kernels, with every layer input held
+  constant (``stop_gradient``), so no other layer contributes.
+
+  Returns:
+    A list of float32 arrays (kernel shapes), execution order.
+  """
+  from nemo_jax._src.models import trace_quantizers
+  from nemo_jax._src.schemes import get_path, kernel_paths
+  images = np.asarray(images, np.float32)
+  slices = calib_lib._batch_slices(len(images), batch_size, num_batches)
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
+  layers, _ = trace_quantizers(model, images.shape[1:], shapes, placement)
+  kernels = [jnp.asarray(get_path(variables, p), jnp.float32) for p in kernel_paths(layers)]
+
+  def total(deltas, variables, x):
+    means = []
+
+    def on_output(y, i):
+      means.append(jnp.sum(jnp.mean(y.astype(jnp.float32), axis=tuple(range(y.ndim - 1)))))
+      return y
+
+    ctx = QContext(quantize_input=lambda x, q: jax.lax.stop_gradient(x),
+                   quantize_kernel=lambda k, i: k + deltas[i].astype(k.dtype),
+                   on_output=on_output, placement=placement)
+    model.apply(variables, x, ctx, train=False)
+    return sum(means)
+
+  grad = jax.jit(jax.grad(total))
+  zeros = [jnp.zeros_like(k) for k in kernels]
+  acc = [np.zeros(k.shape, np.float64) for k in kernels]
+  for sl in slices:
+    g = grad(zeros, variables, jnp.asarray(images[sl]))
+    n = sl.stop - sl.start
+    acc = [a + n * np.asarray(x, np.float64) for a, x in zip(acc, g)]
+  total_images = sum(sl.stop - sl.start for sl in slices)
+  return [jnp.asarray(a / total_images, jnp.float32) for a in acc]
+
+
+# --------------------------------------------------------------------------- build / cache
+
+
+def compute_tables(method: str, model: nn.Module, variables, images, bits: Sequence[int],
+                   calibration: calib_lib.Calibration | None, batch_size: int,
+                   num_batches: int | None = None, placement: str = "conv_inputs",
+                   weight_quant: str = "symmetric_per_channel",
+                   weight_range: str | None = None, act_quant: str = "affine",
+                   activations: bool = True) -> CalibrationTables | None:
+  """The tables of a method (None for ``minmax``).
+
+  Args:
+    method: one of ``CALIBRATIONS``.
+    model, variables: the float model.
+    images: preprocessed calibration images.
+    bits: the bit-widths to tabulate (:func:`table_bits`).
+    calibration: the ``minmax`` calibration (row 0 of the activation tables); required
+      when ``activations``.
+    batch_size, num_batches, placement: as ``calibration.calibrate``.
+    weight_quant, weight_range, act_quant: the quantizers the tables are for.
+    activations: whether integer activations exist (``activation_format="int"``).
+  """
+  from nemo_jax._src.models import trace_quantizers
+  from nemo_jax._src.schemes import get_path, kernel_paths
+  w_method, a_method, bias = check_method(method)
+  if method == "minmax":
+    return None
+  bits = table_bits(bits)
+  bits_arr = jnp.asarray(bits, jnp.int32)
+  images = np.asarray(images, np.float32)
+  w_clip = act_lo = act_hi = patches = None
+  if w_method == "mse":
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
+    layers, _ = trace_quantizers(model, images.shape[1:], shapes, placement)
+    w_clip = []
+    for p in kernel_paths(layers):
+      k = jnp.asarray(get_path(variables, p), jnp.float32)
+      clip = np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
+      w_clip.append(jnp.asarray(np.concatenate([np.ones_like(clip[:1]), clip]), jnp.float32))
+  if activations and a_method != "minmax":
+    if calibration is None:
+      raise ValueError(f"calibration: required for calibration={method!r} with integer "
+                       "activations; allowed: a Calibration")
+    samples, lo, hi = activation_samples(model, variables, images, batch_size, num_batches,
+                                         placement)
+    rows_lo = [np.asarray(calibration.lo, np.float32)]
+    rows_hi = [np.asarray(calibration.hi, np.float32)]
+    if a_method == "percentile":
+      pr = np.asarray([percentile_range(s) for s in samples], np.float32)
+      rows_lo += [pr[:, 0]] * len(bits)
+      rows_hi += [pr[:, 1]] * len(bits)
+    else:
+      per_q = [jax.device_get(mse_act_range(s, lo[q], hi[q], bits_arr, act_quant))
+               for q, s in enumerate(samples)]
+      rows_lo += [np.asarray([r[0][j] for r in per_q], np.float32) for j in range(len(bits))]
+      rows_hi += [np.asarray([r[1][j] for r in per_q], np.float32) for j in range(len(bits))]
+    act_lo = jnp.asarray(np.stack(rows_lo), jnp.float32)
+    act_hi = jnp.asarray(np.stack(rows_hi), jnp.float32)
+  if bias:
+    patches = mean_patches(model, variables, images, batch_size, num_batches, placement)
+  return CalibrationTables(bits=bits_arr, w_clip=w_clip, act_lo=act_lo, act_hi=act_hi,
+                           bias=patches, method=method)
+
+
+def tables_fingerprint(method: str, variables, images, bits: Sequence[int], batch_size: int,
+                       num_batches: int | None, placement: str, weight_quant: str,
+                       weight_range: str | None, act_quant: str, activations: bool) -> str:
+  """SHA-256 (16 hex) of everything the tables depend on (see ``calibration.fingerprint``)."""
+  base = calib_lib.fingerprint(variables, images, batch_size, num_batches, placement)
+  settings = (TABLES_FORMAT, method, tuple(table_bits(bits)), weight_quant,
+              quant.resolve_weight_quantizer(weight_quant, weight_range), act_quant,
+              bool(activations), CLIP_GRID, ACT_PERCENTILE, SAMPLES_PER_BATCH)
+  return hashlib.sha256(f"{base}|{settings!r}".encode()).hexdigest()[:16]
+
+
+def save_tables(path: str | os.PathLike, tables: CalibrationTables) -> None:
+  """Writes tables as ``.npz`` (atomic rename)."""
+  arrays = {"format": np.asarray(TABLES_FORMAT), "method": np.asarray(tables.method),
+            "fingerprint": np.asarray(tables.fingerprint), "bits": np.asarray(tables.bits)}
+  for name in ("w_clip", "bias"):
+    value = getattr(tables, name)
+    if value is not None:
+      arrays[f"{name}/count"] = np.asarray(len(value))
+      arrays.update({f"{name}/{i}": np.asarray(v) for i, v in enumerate(value)})
+  if tables.act_lo is not None:
+    arrays["act_lo"] = np.asarray(tables.act_lo)
+    arrays["act_hi"] = np.asarray(tables.act_hi)
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def load_tables(path: str | os.PathLike) -> CalibrationTables:
+  """Reads a file written by :func:`save_tables`.
+
+  Raises:
+    ValueError: not a tables file.
+  """
+  try:
+    with np.load(path) as f:
+      data = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f"tables file {path}: unreadable ({e})") from None
+  if str(data.get("format", "")) != TABLES_FORMAT:
+    raise ValueError(f"tables file {path}: format={str(data.get('format'))!r}; allowed: "
+                     f"{TABLES_FORMAT!r}")
+
+  def listed(name):
+    if f"{name}/count" not in data:
+      return None
+    return [jnp.asarray(data[f"{name}/{i}"]) for i in range(int(data[f"{name}/count"]))]
+
+  return CalibrationTables(
+      bits=jnp.asarray(data["bits"], jnp.int32), w_clip=listed("w_clip"),
+      act_lo=jnp.asarray(data["act_lo"]) if "act_lo" in data else None,
+      act_hi=jnp.asarray(data["act_hi"]) if "act_hi" in data else None,
+      bias=listed("bias"), method=str(data["method"]), fingerprint=str(data["fingerprint"]))
+
+
+def load_or_compute(path: str | os.PathLike | None, method: str, model: nn.Module, variables,
+                    images, bits: Sequence[int], calibration, batch_size: int,
+                    num_batches: int | None = None, placement: str = "conv_inputs",
+                    weight_quant: str = "symmetric_per_channel",
+                    weight_range: str | None = None, act_quant: str = "affine",
+                    activations: bool = True) -> CalibrationTables | None:
+  """The cached tables if their fingerprint matches, else new ones (written to the cache).
+
+  Args:
+    path: the cache file; None: ``calibration.cache_dir()/<fingerprint>.tables.npz``.
+    Others: as :func:`compute_tables`.
+
+  Returns:
+    The tables (None for ``minmax``). A read-only cache is skipped silently.
+  """
+  check_method(method)
+  if method == "minmax":
+    return None
+  images = np.asarray(images, np.float32)
+  expected = tables_fingerprint(method, variables, images, bits, batch_size, num_batches,
+                                placement, weight_quant, weight_range, act_quant, activations)
+  if path is None:
+    path = os.path.join(calib_lib.cache_dir(), f"{expected}.tables.npz")
+  if os.path.exists(path):
+    try:
+      cached = load_tables(path)
+    except (ValueError, KeyError):
+      cached = None  # a damaged cache entry is recomputed
+    if cached is not None and cached.fingerprint == expected:
+      return cached
+  tables = compute_tables(method, model, variables, images, bits, calibration, batch_size,
+                          num_batches, placement, weight_quant, weight_range, act_quant,
+                          activations).replace(fingerprint=expected)
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_tables(path, tables)
+  except OSError:
+    pass
+  return tables
