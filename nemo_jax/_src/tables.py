@@ -272,6 +272,19 @@ def percentile_range(samples, percentile: float = ACT_PERCENTILE):
 # --------------------------------------------------------------------------- bias
 
 
+def float_kernels(model: nn.Module, variables, input_shape, placement: str = "conv_inputs"):
+  """Every quantized layer's float kernel (float32), execution order (one eager call)."""
+  found = {}
+
+  def grab(kernel, i):
+    found[i] = jnp.asarray(kernel, jnp.float32)
+    return kernel
+
+  x = jnp.zeros((1, *tuple(input_shape)), jnp.float32)
+  model.apply(variables, x, QContext(quantize_kernel=grab, placement=placement), train=False)
+  return [found[i] for i in range(len(found))]
+
+
 def mean_patches(model: nn.Module, variables, images, batch_size: int,
                  num_batches: int | None = None, placement: str = "conv_inputs"):
   """Per quantized layer, the mean input patch on the calibration images (float model).
@@ -286,13 +299,9 @@ def mean_patches(model: nn.Module, variables, images, batch_size: int,
   Returns:
     A list of float32 arrays (kernel shapes), execution order.
   """
-  from nemo_jax._src.models import trace_quantizers
-  from nemo_jax._src.schemes import get_path, kernel_paths
   images = np.asarray(images, np.float32)
   slices = calib_lib._batch_slices(len(images), batch_size, num_batches)
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
-  layers, _ = trace_quantizers(model, images.shape[1:], shapes, placement)
-  kernels = [jnp.asarray(get_path(variables, p), jnp.float32) for p in kernel_paths(layers)]
+  kernels = float_kernels(model, variables, images.shape[1:], placement)
 
   def total(deltas, variables, x):
     means = []
@@ -340,8 +349,6 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
     weight_quant, weight_range, act_quant: the quantizers the tables are for.
     activations: whether integer activations exist (``activation_format="int"``).
   """
-  from nemo_jax._src.models import trace_quantizers
-  from nemo_jax._src.schemes import get_path, kernel_paths
   w_method, a_method, bias = check_method(method)
   if method == "minmax":
     return None
@@ -350,11 +357,8 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
   images = np.asarray(images, np.float32)
   w_clip = act_lo = act_hi = patches = None
   if w_method == "mse":
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
-    layers, _ = trace_quantizers(model, images.shape[1:], shapes, placement)
     w_clip = []
-    for p in kernel_paths(layers):
-      k = jnp.asarray(get_path(variables, p), jnp.float32)
+    for k in float_kernels(model, variables, images.shape[1:], placement):
       clip = np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
       w_clip.append(jnp.asarray(np.concatenate([np.ones_like(clip[:1]), clip]), jnp.float32))
   if activations and a_method != "minmax":
