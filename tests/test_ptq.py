@@ -54,7 +54,7 @@ def tiny():
 @pytest.mark.parametrize("field, value, words", [
     ("weight_range", "wide", "weight_range='wide'.*narrow.*full"),
     ("act_quant", "signed", "act_quant='signed'.*affine.*symmetric"),
-    ("calibration", "adaroundd", "calibration='adaroundd'.*minmax.*percentile.*mse"),
+    ("calibration", "adaroundd", "calibration='adaroundd'.*minmax.*percentile.*mse.*output_mse"),
 ])
 def test_bad_quantizer_fields_are_named(field, value, words):
   with pytest.raises(ValueError, match=words):
@@ -126,6 +126,22 @@ def test_mse_weight_clip_is_the_grid_optimum(mode):
   if mode.startswith("symmetric"):   # 1 bit symmetric is binary: no range to clip
     binary = np.asarray(tables_lib.mse_weight_clip(w, jnp.asarray([1]), mode))
     np.testing.assert_array_equal(binary, 1.0)
+
+
+def test_output_mse_clip_is_the_grid_optimum_of_the_layer_output_error(tiny):
+  model, variables, images, _ = tiny
+  bits = [2, 4]
+  clips = tables_lib.output_mse_weight_clip(model, variables, images, jnp.asarray(bits))
+  assert [c.shape for c in clips] == [(2, 6), (2, 5), (2, 3)]
+  w = np.asarray(variables["params"]["QConv_0"]["kernel"])
+  y = np_conv(images, w, 2, 1)
+  grid = np.asarray(tables_lib.OUTPUT_GRID, F32)
+  for j, b in enumerate(bits):
+    errors = np.stack([((np_conv(images, np_quantize_weight(w, b, "symmetric_per_channel", a),
+                                 2, 1) - y) ** 2).mean(axis=(0, 1, 2)) for a in grid])
+    chosen = np.asarray([errors[list(grid).index(c), k] for k, c in enumerate(clips[0][j])])
+    np.testing.assert_allclose(chosen, errors.min(axis=0), rtol=1e-4)
+  assert np.all(clips[0][0] <= 1.0) and np.any(clips[0][0] < 1.0)
 
 
 # --------------------------------------------------------------------------- activations

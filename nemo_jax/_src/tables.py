@@ -17,7 +17,12 @@ Methods (``CALIBRATIONS``: weights, activations, bias correction):
   minimising the squared quantization error of the kernel; per activation quantizer
   and bit-width, the range ``alpha * [min, max]`` (``alpha`` in ``CLIP_GRID``)
   minimising the squared error on the calibration activations.
-* ``bias_correction`` / ``mse_bias_correction``: ``minmax`` / ``mse`` plus analytical
+* ``output_mse``: as ``mse``, but the weight clip ratio (of ``OUTPUT_GRID``) minimises
+  the squared error of each layer's OUTPUT per channel on the float layer inputs of
+  ``OUTPUT_IMAGES`` calibration images (every layer at once: each reads its recorded
+  float input), not the kernel's own error.
+* ``bias_correction`` / ``mse_bias_correction`` / ``output_mse_bias_correction``:
+  ``minmax`` / ``mse`` / ``output_mse`` plus analytical
   bias correction: the mean output error of every quantized layer on the (float)
   calibration inputs is added back to its output. The mean input patch of every
   layer is precomputed (``mean_patches``); per member the correction
@@ -52,11 +57,19 @@ CALIBRATIONS = {
     "mse": ("mse", "mse", False),
     "bias_correction": ("minmax", "minmax", True),
     "mse_bias_correction": ("mse", "mse", True),
+    "output_mse": ("output_mse", "mse", False),
+    "output_mse_bias_correction": ("output_mse", "mse", True),
 }
 """Calibration method -> (weight method, activation method, bias correction)."""
 
 CLIP_GRID = tuple(np.round(np.arange(100, 0, -1) / 100.0, 2).tolist())
 """Clip ratios searched by ``mse`` (1.00, 0.99, ..., 0.01; ties go to the larger)."""
+
+OUTPUT_GRID = tuple(np.round(np.arange(20, 0, -1) / 20.0, 2).tolist())
+"""Clip ratios searched by ``output_mse`` (1.00, 0.95, ..., 0.05): each costs a forward pass."""
+
+OUTPUT_IMAGES = 64
+"""Calibration images ``output_mse`` measures layer outputs on (the first ones)."""
 
 ACT_PERCENTILE = 99.99
 """``percentile``: the range is ``[P(100 - p), P(p)]`` of the calibration activations."""
@@ -191,6 +204,76 @@ def mse_weight_clip(w, bits, mode: str = "symmetric_per_channel",
     return jax.lax.map(per_bit, bits)
 
   return run(w, jnp.asarray(bits, jnp.int32), grid)
+
+
+def output_mse_weight_clip(model: nn.Module, variables, images, bits,
+                           mode: str = "symmetric_per_channel",
+                           weight_range: str | None = None, placement: str = "conv_inputs",
+                           grid: Sequence[float] = OUTPUT_GRID):
+  """Per layer, channel and bit-width, the clip ratio minimising the layer's output error.
+
+  Every layer reads its recorded float input (so the layers are independent and are
+  scored in one forward pass per candidate); the error of output channel ``c`` is
+  ``mean((y_c(W_q) - y_c(W_float))^2)`` over images and positions. Per tensor modes sum
+  it over channels.
+
+  Args:
+    model, variables: the float model.
+    images: calibration images ``[N, H, W, C]`` (one batch).
+    bits: int ``[B]`` bit-widths.
+    mode, weight_range: the weight quantizer.
+    placement: where activation quantizers sit.
+    grid: candidate ratios, descending (ties keep the wider range).
+
+  Returns:
+    Per layer float32 ``[B, C]`` (per channel) or ``[B]`` (per tensor).
+  """
+  x = jnp.asarray(np.asarray(images, np.float32))
+  per_channel = mode.endswith("per_channel")
+
+  @jax.jit
+  def record(variables, x):
+    ins, outs = {}, {}
+
+    def on_input(v, q):
+      ins[q] = v
+      return v
+
+    def on_output(y, i):
+      outs[i] = y
+      return y
+
+    model.apply(variables, x, QContext(quantize_input=on_input, on_output=on_output,
+                                       placement=placement), train=False)
+    return [ins[q] for q in range(len(ins))], [outs[i] for i in range(len(outs))]
+
+  ins, outs = record(variables, x)
+
+  @jax.jit
+  def errors(variables, ins, outs, x, b, grid):
+    def one(a):
+      errs = {}
+
+      def on_output(y, i):
+        e = jnp.mean(jnp.square(y - outs[i]).astype(jnp.float32),
+                     axis=tuple(range(y.ndim - 1)))
+        errs[i] = e if per_channel else jnp.sum(e)
+        return y
+
+      ctx = QContext(quantize_input=lambda v, q: ins[q],
+                     quantize_kernel=lambda k, i: quant.quantize_weight(k, b, mode,
+                                                                        weight_range, a),
+                     on_output=on_output, placement=placement)
+      model.apply(variables, x, ctx, train=False)
+      return [errs[i] for i in range(len(errs))]
+    per_layer = jax.lax.map(one, grid)                   # per layer [G, C] or [G]
+    return [grid[jnp.argmin(e, axis=0)] for e in per_layer]
+
+  grid = jnp.asarray(grid, jnp.float32)
+  per_bit = [jax.device_get(errors(variables, ins, outs, x, jnp.int32(b), grid))
+             for b in np.asarray(bits).tolist()]
+  return [np.stack([pb[i] for pb in per_bit]).astype(np.float32)
+          for i in range(len(per_bit[0]))]
 
 
 # --------------------------------------------------------------------------- activations
@@ -357,10 +440,14 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
   images = np.asarray(images, np.float32)
   w_clip = act_lo = act_hi = patches = None
   if w_method == "mse":
-    w_clip = []
-    for k in float_kernels(model, variables, images.shape[1:], placement):
-      clip = np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
-      w_clip.append(jnp.asarray(np.concatenate([np.ones_like(clip[:1]), clip]), jnp.float32))
+    clips = [np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
+             for k in float_kernels(model, variables, images.shape[1:], placement)]
+  elif w_method == "output_mse":
+    clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr,
+                                   weight_quant, weight_range, placement)
+  if w_method != "minmax":
+    w_clip = [jnp.asarray(np.concatenate([np.ones_like(c[:1]), c]), jnp.float32)
+              for c in clips]
   if activations and a_method != "minmax":
     if calibration is None:
       raise ValueError(f"calibration: required for calibration={method!r} with integer "
@@ -393,7 +480,8 @@ def tables_fingerprint(method: str, variables, images, bits: Sequence[int], batc
   base = calib_lib.fingerprint(variables, images, batch_size, num_batches, placement)
   settings = (TABLES_FORMAT, method, tuple(table_bits(bits)), weight_quant,
               quant.resolve_weight_quantizer(weight_quant, weight_range), act_quant,
-              bool(activations), CLIP_GRID, ACT_PERCENTILE, SAMPLES_PER_BATCH)
+              bool(activations), CLIP_GRID, ACT_PERCENTILE, SAMPLES_PER_BATCH, OUTPUT_GRID,
+              OUTPUT_IMAGES)
   return hashlib.sha256(f"{base}|{settings!r}".encode()).hexdigest()[:16]
 
 
