@@ -60,7 +60,16 @@ def _levels(bits):
   return jnp.ldexp(jnp.float32(1.0), jnp.asarray(bits).astype(jnp.int32))
 
 
-def quantize_symmetric(x, bits, reduce_axes=None, full=False, clip=None):
+def _round(v, x, up=None):
+  """``round(v)``, or ``floor(v) + up`` (learned rounding, AdaRound) where ``x != 0`` and
+  ``up`` is 0 or 1 (``up == 2``: nearest)."""
+  if up is None:
+    return jnp.round(v)
+  learned = (x != 0) & (up < 2)
+  return jnp.where(learned, jnp.floor(v) + jnp.minimum(up, 1).astype(v.dtype), jnp.round(v))
+
+
+def quantize_symmetric(x, bits, reduce_axes=None, full=False, clip=None, up=None):
   """Symmetric fake quantization (narrow range by default).
 
   Narrow: ``step = max|x| / (2^(b-1) - 1)``, integers clipped to
@@ -76,13 +85,15 @@ def quantize_symmetric(x, bits, reduce_axes=None, full=False, clip=None):
     full: full integer range (Python bool, static).
     clip: optional clip ratio (broadcastable to the keepdims ``max|x|``, e.g. per
       channel): the range is ``clip * max|x|`` (MSE calibration).
+    up: optional learned rounding (AdaRound), 0 / 1 per element of ``x``: integers
+      are ``floor(x / step) + up`` (nonzero ``x``) instead of the nearest; 2: nearest.
 
   Returns:
     Fake-quantized ``x`` (same shape and dtype) with identity STE gradient.
   """
   bits = jnp.asarray(bits)
   step, qmin, qmax = symmetric_params(x, bits, reduce_axes, full, clip)
-  xq = jnp.clip(jnp.round(x / step), qmin, qmax) * step
+  xq = jnp.clip(_round(x / step, x, up), qmin, qmax) * step
   binary = jnp.sign(x) * jnp.mean(jnp.abs(x), axis=reduce_axes, keepdims=True)
   xq = jnp.where(bits <= 1, binary, xq)
   xq = jnp.where(bits >= FLOAT_BITS, x, xq)
@@ -171,7 +182,8 @@ def act_params(lo, hi, bits, act_quant="affine"):
   raise ValueError(f"act_quant={act_quant!r} is invalid; allowed: {ACT_QUANTS}")
 
 
-def quantize_affine(x, bits, lo, hi, clipped_ste=True, act_quant="affine", narrow=False):
+def quantize_affine(x, bits, lo, hi, clipped_ste=True, act_quant="affine", narrow=False,
+                    up=None):
   """Uniform affine fake quantization to the range ``[lo, hi]``.
 
   ``q = clip(round(x / scale) + zp, 0, qmax)``, ``x_hat = (q - zp) * scale`` with
@@ -185,6 +197,7 @@ def quantize_affine(x, bits, lo, hi, clipped_ste=True, act_quant="affine", narro
     clipped_ste: if True, the gradient is zero where ``x`` falls outside the range.
     act_quant: one of ``ACT_QUANTS`` (static).
     narrow: affine only: integers in ``[0, 2^b - 2]`` (static).
+    up: optional learned rounding (weights, AdaRound; see :func:`quantize_symmetric`).
 
   Returns:
     Fake-quantized ``x``.
@@ -194,7 +207,7 @@ def quantize_affine(x, bits, lo, hi, clipped_ste=True, act_quant="affine", narro
     scale, zp, qmax = affine_params(lo, hi, bits, narrow)
   else:
     scale, zp, qmax = act_params(lo, hi, bits, act_quant)
-  q = jnp.clip(jnp.round(x / scale) + zp, 0.0, qmax)
+  q = jnp.clip(_round(x / scale, x, up) + zp, 0.0, qmax)
   xq = ((q - zp) * scale).astype(x.dtype)
   xq = jnp.where(bits >= FLOAT_BITS, x, xq)
   out = _ste(x, xq)
@@ -237,7 +250,20 @@ def _weight_range_args(w, mode, clip):
   return axes, lo, hi
 
 
-def quantize_weight(w, bits, mode="symmetric_per_channel", weight_range=None, clip=None):
+def weight_grid(w, bits, mode="symmetric_per_channel", weight_range=None, clip=None):
+  """``(scale, zero_point, qmin, qmax)`` of :func:`quantize_weight` (``bits >= 2``):
+  ``w_hat = (clip(round(w / scale) + zero_point, qmin, qmax) - zero_point) * scale``."""
+  full = resolve_weight_quantizer(mode, weight_range) == "full"
+  axes, lo, hi = _weight_range_args(w, mode, clip)
+  if mode.startswith("symmetric"):
+    step, qmin, qmax = symmetric_params(w, bits, axes, full, clip)
+    return step, jnp.zeros_like(step), qmin, qmax
+  scale, zp, qmax = affine_params(lo, hi, bits, narrow=not full)
+  return scale, zp, jnp.zeros_like(qmax), qmax
+
+
+def quantize_weight(w, bits, mode="symmetric_per_channel", weight_range=None, clip=None,
+                    up=None):
   """Quantizes a kernel whose LAST axis is the output-channel axis (HWIO or [in, out]).
 
   Args:
@@ -247,18 +273,20 @@ def quantize_weight(w, bits, mode="symmetric_per_channel", weight_range=None, cl
     weight_range: one of ``WEIGHT_RANGES`` or None (the mode's default).
     clip: optional clip ratio per channel (``[C]``) or per tensor (scalar) scaling the
       range (``max|w|``, or min and max); None: the full min / max range.
+    up: optional learned rounding, 0 / 1 per weight (AdaRound tables); None: nearest.
   """
   full = resolve_weight_quantizer(mode, weight_range) == "full"
   axes, lo, hi = _weight_range_args(w, mode, clip)
   if mode.startswith("symmetric"):
-    return quantize_symmetric(w, bits, axes, full, clip)
-  return quantize_affine(w, bits, lo, hi, clipped_ste=False, narrow=not full)
+    return quantize_symmetric(w, bits, axes, full, clip, up)
+  return quantize_affine(w, bits, lo, hi, clipped_ste=False, narrow=not full, up=up)
 
 
-def weight_integers(w, bits, mode="symmetric_per_channel", weight_range=None, clip=None):
+def weight_integers(w, bits, mode="symmetric_per_channel", weight_range=None, clip=None,
+                    up=None):
   """The integer form of :func:`quantize_weight`: ``(q, scale, zero_point)``.
 
-  ``quantize_weight(w, bits, mode, weight_range, clip) == (q - zero_point) * scale``
+  ``quantize_weight(w, bits, mode, weight_range, clip, up) == (q - zero_point) * scale``
   exactly (float32), for bit-widths 1..31 (the same operations as the fake quantizer):
 
   * symmetric, ``b >= 2``: ``q`` in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (narrow) or
@@ -272,7 +300,7 @@ def weight_integers(w, bits, mode="symmetric_per_channel", weight_range=None, cl
   Args:
     w: kernel, output channels on the LAST axis.
     bits: scalar bit-width (traced) in 1..31.
-    mode, weight_range, clip: as :func:`quantize_weight`.
+    mode, weight_range, clip, up: as :func:`quantize_weight`.
 
   Returns:
     float32 ``q`` (integer values, shape of ``w``) and ``scale``, ``zero_point`` with
@@ -283,13 +311,13 @@ def weight_integers(w, bits, mode="symmetric_per_channel", weight_range=None, cl
   axes, lo, hi = _weight_range_args(w, mode, clip)
   if mode.startswith("symmetric"):
     step, qmin, qmax = symmetric_params(w, bits, axes, full, clip)
-    q = jnp.clip(jnp.round(w / step), qmin, qmax)
+    q = jnp.clip(_round(w / step, w, up), qmin, qmax)
     binary = bits <= 1
     scale = jnp.where(binary, jnp.mean(jnp.abs(w), axis=axes, keepdims=True), step)
     q = jnp.where(binary, jnp.sign(w), q)
     return q, scale, jnp.zeros_like(scale)
   scale, zp, qmax = affine_params(lo, hi, bits, narrow=not full)
-  return jnp.clip(jnp.round(w / scale) + zp, 0.0, qmax), scale, zp
+  return jnp.clip(_round(w / scale, w, up) + zp, 0.0, qmax), scale, zp
 
 
 def round_fp16(x, bits=None):

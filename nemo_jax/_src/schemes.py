@@ -219,8 +219,10 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
     return prepared.variables, kernels
 
   def member_weight_kwargs(prepared, config):
-    clips = tables_lib.weight_clips(prepared.tables, config.w_bits, len(prepared.kernels))
-    return [{"weight_range": weight_range, "clip": c} for c in clips]
+    L = len(prepared.kernels)
+    clips = tables_lib.weight_clips(prepared.tables, config.w_bits, L)
+    ups = tables_lib.weight_ups(prepared.tables, config.w_bits, L)
+    return [{"weight_range": weight_range, "clip": c, "up": u} for c, u in zip(clips, ups)]
 
   def member_weights(prepared, config):
     variables, kernels = member_pruned(prepared, config)

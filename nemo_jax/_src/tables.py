@@ -21,6 +21,12 @@ Methods (``CALIBRATIONS``: weights, activations, bias correction):
   the squared error of each layer's OUTPUT per channel on the float layer inputs of
   ``OUTPUT_IMAGES`` calibration images (every layer at once: each reads its recorded
   float input), not the kernel's own error.
+* ``adaround``: layer-wise AdaRound (Nagel et al., 2020) on the ``output_mse`` clip
+  ratios: per layer and bit-width, the rounding direction of every weight
+  (``floor + {0, 1}``) learned with Adam to reconstruct the layer's output on its float
+  inputs (``ADAROUND_IMAGES`` images, ``ADAROUND_STEPS`` steps; rectified sigmoid, the
+  rounding regulariser annealed), stored as int8 per (layer, bit, weight); activations
+  as ``mse``.
 * ``bias_correction`` / ``mse_bias_correction`` / ``output_mse_bias_correction``:
   ``minmax`` / ``mse`` / ``output_mse`` plus analytical
   bias correction: the mean output error of every quantized layer on the (float)
@@ -59,6 +65,7 @@ CALIBRATIONS = {
     "mse_bias_correction": ("mse", "mse", True),
     "output_mse": ("output_mse", "mse", False),
     "output_mse_bias_correction": ("output_mse", "mse", True),
+    "adaround": ("adaround", "mse", False),
 }
 """Calibration method -> (weight method, activation method, bias correction)."""
 
@@ -70,6 +77,16 @@ OUTPUT_GRID = tuple(np.round(np.arange(20, 0, -1) / 20.0, 2).tolist())
 
 OUTPUT_IMAGES = 64
 """Calibration images ``output_mse`` measures layer outputs on (the first ones)."""
+
+ADAROUND_STEPS = 200
+"""Adam steps of layer-wise AdaRound per bit-width (all layers learn at once)."""
+
+ADAROUND_IMAGES = 32
+"""Calibration images AdaRound reconstructs layer outputs on (the first ones)."""
+
+ADAROUND_LR = 1e-2
+ADAROUND_REG = 0.01
+"""AdaRound's rounding regulariser weight (``lambda``; beta annealed 20 -> 2)."""
 
 ACT_PERCENTILE = 99.99
 """``percentile``: the range is ``[P(100 - p), P(p)]`` of the calibration activations."""
@@ -87,6 +104,8 @@ class CalibrationTables:
       ``bits[r]``, row 0 is ``minmax``.
     w_clip: per layer, float32 ``[B + 1, C]`` (per channel) or ``[B + 1]`` (per
       tensor) weight clip ratios, or None (``minmax`` weights).
+    w_up: per layer, int8 ``[B + 1, *kernel]`` learned rounding (0 / 1; row 0 = 2:
+      nearest), or None.
     act_lo, act_hi: float32 ``[B + 1, La]`` activation ranges, or None.
     bias: per layer, float32 mean input patch (the kernel's shape), or None (no bias
       correction).
@@ -98,13 +117,14 @@ class CalibrationTables:
   act_lo: Any = None
   act_hi: Any = None
   bias: Any = None
+  w_up: Any = None
   method: str = flax.struct.field(pytree_node=False, default="minmax")
   fingerprint: str = flax.struct.field(pytree_node=False, default="")
 
   def check(self, num_layers: int, num_act_quantizers: int) -> None:
     """Raises ValueError if the tables do not belong to a model of these sizes."""
     for name, value, n in (("w_clip", self.w_clip, num_layers),
-                           ("bias", self.bias, num_layers)):
+                           ("bias", self.bias, num_layers), ("w_up", self.w_up, num_layers)):
       if value is not None and len(value) != n:
         raise ValueError(f"tables.{name}: {len(value)} layers, the model has {n}; "
                          "allowed: tables computed for this model")
@@ -144,6 +164,14 @@ def weight_clips(tables: CalibrationTables | None, w_bits, num_layers: int) -> l
     return [None] * num_layers
   rows = table_row(tables.bits, w_bits)
   return [tables.w_clip[i][rows[i]] for i in range(num_layers)]
+
+
+def weight_ups(tables: CalibrationTables | None, w_bits, num_layers: int) -> list:
+  """Per layer the learned rounding of the member's bits (``None`` entries: nearest)."""
+  if tables is None or tables.w_up is None:
+    return [None] * num_layers
+  rows = table_row(tables.bits, w_bits)
+  return [tables.w_up[i][rows[i]] for i in range(num_layers)]
 
 
 def act_ranges(tables: CalibrationTables | None, a_bits, lo, hi):
@@ -206,6 +234,26 @@ def mse_weight_clip(w, bits, mode: str = "symmetric_per_channel",
   return run(w, jnp.asarray(bits, jnp.int32), grid)
 
 
+def _record_layers(model, variables, x, placement):
+  """Every activation quantizer's float tensor and every layer's float output."""
+  @jax.jit
+  def record(variables, x):
+    ins, outs = {}, {}
+
+    def on_input(v, q):
+      ins[q] = v
+      return v
+
+    def on_output(y, i):
+      outs[i] = y
+      return y
+
+    model.apply(variables, x, QContext(quantize_input=on_input, on_output=on_output,
+                                       placement=placement), train=False)
+    return [ins[q] for q in range(len(ins))], [outs[i] for i in range(len(outs))]
+  return record(variables, x)
+
+
 def output_mse_weight_clip(model: nn.Module, variables, images, bits,
                            mode: str = "symmetric_per_channel",
                            weight_range: str | None = None, placement: str = "conv_inputs",
@@ -230,24 +278,7 @@ def output_mse_weight_clip(model: nn.Module, variables, images, bits,
   """
   x = jnp.asarray(np.asarray(images, np.float32))
   per_channel = mode.endswith("per_channel")
-
-  @jax.jit
-  def record(variables, x):
-    ins, outs = {}, {}
-
-    def on_input(v, q):
-      ins[q] = v
-      return v
-
-    def on_output(y, i):
-      outs[i] = y
-      return y
-
-    model.apply(variables, x, QContext(quantize_input=on_input, on_output=on_output,
-                                       placement=placement), train=False)
-    return [ins[q] for q in range(len(ins))], [outs[i] for i in range(len(outs))]
-
-  ins, outs = record(variables, x)
+  ins, outs = _record_layers(model, variables, x, placement)
 
   @jax.jit
   def errors(variables, ins, outs, x, b, grid):
@@ -274,6 +305,142 @@ def output_mse_weight_clip(model: nn.Module, variables, images, bits,
              for b in np.asarray(bits).tolist()]
   return [np.stack([pb[i] for pb in per_bit]).astype(np.float32)
           for i in range(len(per_bit[0]))]
+
+
+_ZETA, _GAMMA = 1.1, -0.1   # AdaRound's rectified sigmoid stretch
+
+
+def _rectified_sigmoid(v):
+  return jnp.clip(jax.nn.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
+
+
+def adaround(model: nn.Module, variables, images, bits, clips=None,
+             mode: str = "symmetric_per_channel", weight_range: str | None = None,
+             placement: str = "conv_inputs", steps: int = ADAROUND_STEPS,
+             lr: float = ADAROUND_LR, reg: float = ADAROUND_REG):
+  """Layer-wise AdaRound: per layer and bit-width, each weight's rounding direction.
+
+  For bit-width ``b`` every layer's soft kernel is
+  ``(clip(floor(w / s) + h(V) + zp, qmin, qmax) - zp) * s`` (``quant.weight_grid`` with
+  the layer's clip ratio), ``h`` the rectified sigmoid; ``V`` starts at the fractional
+  part (``h(V) = w / s - floor(w / s)``) and Adam minimises, summed over layers, the
+  normalised output error ``mean((y(W_soft) - y)^2) / mean(y^2)`` on the layer's
+  recorded float input plus ``reg * mean(1 - |2h - 1|^beta)`` (off for the first 20%
+  of the steps, then ``beta`` from 20 to 2). Layers read their float inputs, so they are
+  independent and learn in one pass. A layer keeps its learned rounding only if the
+  hard (0 / 1) rounding reconstructs its output better than nearest rounding on these
+  images (the short schedule can leave it worse); 1-bit symmetric layers keep nearest.
+
+  Args:
+    model, variables: the float model.
+    images: calibration images (one batch).
+    bits: the bit-widths ``[B]``.
+    clips: per layer ``[B, C]`` / ``[B]`` clip ratios, or None (min / max ranges).
+    mode, weight_range, placement: the quantizer and placement.
+    steps, lr, reg: Adam steps, learning rate, regulariser weight.
+
+  Returns:
+    Per layer int8 ``[B, *kernel]``: 1 = round up, 0 = round down (2 = nearest).
+  """
+  import optax
+  x = jnp.asarray(np.asarray(images, np.float32))
+  ins, outs = _record_layers(model, variables, x, placement)
+  kernels = float_kernels(model, variables, x.shape[1:], placement)
+  warmup = int(0.2 * steps)
+  opt = optax.adam(lr)
+
+  def grids(b, j):
+    out = []
+    for i, k in enumerate(kernels):
+      clip = None if clips is None else jnp.asarray(clips[i])[j]
+      out.append(quant.weight_grid(k, b, mode, weight_range, clip))
+    return out
+
+  @jax.jit
+  def learn(variables, ins, outs, x, b, j):
+    g = grids(b, j)
+    floors = [jnp.floor(k / s) for k, (s, _, _, _) in zip(kernels, g)]
+    rest = [jnp.clip(k / s - f, 0.01, 0.99) for k, (s, _, _, _), f in zip(kernels, g, floors)]
+    v0 = [-jnp.log((_ZETA - _GAMMA) / (r - _GAMMA) - 1.0) for r in rest]
+
+    def loss(v, beta, on):
+      errs = []
+
+      def quantize_kernel(k, i):
+        s, zp, qmin, qmax = g[i]
+        q = jnp.clip(floors[i] + _rectified_sigmoid(v[i]) + zp, qmin, qmax)
+        return ((q - zp) * s).astype(k.dtype)
+
+      def on_output(y, i):
+        errs.append(jnp.mean(jnp.square(y - outs[i])) / (jnp.mean(jnp.square(outs[i]))
+                                                           + 1e-12))
+        return y
+
+      ctx = QContext(quantize_input=lambda t, q: ins[q], quantize_kernel=quantize_kernel,
+                     on_output=on_output, placement=placement)
+      model.apply(variables, x, ctx, train=False)
+      round_reg = sum(jnp.mean(1.0 - jnp.abs(2.0 * _rectified_sigmoid(vi) - 1.0) ** beta)
+                      for vi in v)
+      return sum(errs) + on * reg * round_reg
+
+    def step(carry, t):
+      v, state = carry
+      frac = jnp.clip((t - warmup) / max(steps - warmup, 1), 0.0, 1.0)
+      beta = 20.0 + (2.0 - 20.0) * frac
+      grads = jax.grad(loss)(v, beta, (t >= warmup).astype(jnp.float32))
+      updates, state = opt.update(grads, state, v)
+      return (optax.apply_updates(v, updates), state), None
+
+    (v, _), _ = jax.lax.scan(step, (v0, opt.init(v0)), jnp.arange(steps))
+    ups = [(vi >= 0).astype(jnp.int8) for vi in v]
+    # Keep a layer's learned rounding only where it beats nearest rounding (hard).
+    clip_j = [None if clips is None else jnp.asarray(clips[i])[j] for i in range(len(kernels))]
+    learned = _hard_errors(model, variables, ins, outs, x, b, clip_j, ups, mode,
+                           weight_range, placement)
+    nearest = _hard_errors(model, variables, ins, outs, x, b, clip_j, None, mode,
+                           weight_range, placement)
+    return [jnp.where(l < n, u, jnp.int8(2)) for u, l, n in zip(ups, learned, nearest)]
+
+  per_bit = []
+  for j, b in enumerate(np.asarray(bits).tolist()):
+    if b <= 1 and mode.startswith("symmetric"):
+      per_bit.append([np.full(k.shape, 2, np.int8) for k in kernels])
+    else:
+      per_bit.append(jax.device_get(learn(variables, ins, outs, x, jnp.int32(b), j)))
+  return [np.stack([pb[i] for pb in per_bit]).astype(np.int8) for i in range(len(kernels))]
+
+
+def _hard_errors(model, variables, ins, outs, x, bits, clips, ups, mode, weight_range,
+                 placement):
+  """Per layer ``mean((y(W_q) - y)^2)`` with every layer on its recorded float input."""
+  errs = {}
+
+  def quantize_kernel(k, i):
+    up = None if ups is None else ups[i]
+    return quant.quantize_weight(k, bits, mode, weight_range, clips[i], up)
+
+  def on_output(y, i):
+    errs[i] = jnp.mean(jnp.square(y - outs[i]))
+    return y
+
+  ctx = QContext(quantize_input=lambda t, q: ins[q], quantize_kernel=quantize_kernel,
+                 on_output=on_output, placement=placement)
+  model.apply(variables, x, ctx, train=False)
+  return [errs[i] for i in range(len(errs))]
+
+
+def reconstruction_errors(model: nn.Module, variables, images, bits: int, clips=None,
+                          ups=None, mode: str = "symmetric_per_channel",
+                          weight_range: str | None = None, placement: str = "conv_inputs"):
+  """Per layer ``mean((y(W_q) - y)^2)`` on its float input (``clips`` / ``ups``: per layer,
+  this bit-width's clip ratio / rounding, or None)."""
+  x = jnp.asarray(np.asarray(images, np.float32))
+  ins, outs = _record_layers(model, variables, x, placement)
+  n = len(outs)
+  errs = _hard_errors(model, variables, ins, outs, x, bits,
+                      [None] * n if clips is None else clips, ups, mode, weight_range,
+                      placement)
+  return [float(e) for e in errs]
 
 
 # --------------------------------------------------------------------------- activations
@@ -442,12 +609,17 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
   if w_method == "mse":
     clips = [np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
              for k in float_kernels(model, variables, images.shape[1:], placement)]
-  elif w_method == "output_mse":
+  elif w_method in ("output_mse", "adaround"):
     clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr,
                                    weight_quant, weight_range, placement)
   if w_method != "minmax":
     w_clip = [jnp.asarray(np.concatenate([np.ones_like(c[:1]), c]), jnp.float32)
               for c in clips]
+  w_up = None
+  if w_method == "adaround":
+    ups = adaround(model, variables, images[:ADAROUND_IMAGES], bits_arr, clips, weight_quant,
+                   weight_range, placement)
+    w_up = [jnp.asarray(np.concatenate([np.full_like(u[:1], 2), u]), jnp.int8) for u in ups]
   if activations and a_method != "minmax":
     if calibration is None:
       raise ValueError(f"calibration: required for calibration={method!r} with integer "
@@ -470,7 +642,7 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
   if bias:
     patches = mean_patches(model, variables, images, batch_size, num_batches, placement)
   return CalibrationTables(bits=bits_arr, w_clip=w_clip, act_lo=act_lo, act_hi=act_hi,
-                           bias=patches, method=method)
+                           bias=patches, w_up=w_up, method=method)
 
 
 def tables_fingerprint(method: str, variables, images, bits: Sequence[int], batch_size: int,
@@ -481,7 +653,7 @@ def tables_fingerprint(method: str, variables, images, bits: Sequence[int], batc
   settings = (TABLES_FORMAT, method, tuple(table_bits(bits)), weight_quant,
               quant.resolve_weight_quantizer(weight_quant, weight_range), act_quant,
               bool(activations), CLIP_GRID, ACT_PERCENTILE, SAMPLES_PER_BATCH, OUTPUT_GRID,
-              OUTPUT_IMAGES)
+              OUTPUT_IMAGES, ADAROUND_STEPS, ADAROUND_IMAGES, ADAROUND_LR, ADAROUND_REG)
   return hashlib.sha256(f"{base}|{settings!r}".encode()).hexdigest()[:16]
 
 
@@ -489,7 +661,7 @@ def save_tables(path: str | os.PathLike, tables: CalibrationTables) -> None:
   """Writes tables as ``.npz`` (atomic rename)."""
   arrays = {"format": np.asarray(TABLES_FORMAT), "method": np.asarray(tables.method),
             "fingerprint": np.asarray(tables.fingerprint), "bits": np.asarray(tables.bits)}
-  for name in ("w_clip", "bias"):
+  for name in ("w_clip", "bias", "w_up"):
     value = getattr(tables, name)
     if value is not None:
       arrays[f"{name}/count"] = np.asarray(len(value))
@@ -526,7 +698,7 @@ def load_tables(path: str | os.PathLike) -> CalibrationTables:
       bits=jnp.asarray(data["bits"], jnp.int32), w_clip=listed("w_clip"),
       act_lo=jnp.asarray(data["act_lo"]) if "act_lo" in data else None,
       act_hi=jnp.asarray(data["act_hi"]) if "act_hi" in data else None,
-      bias=listed("bias"), method=str(data["method"]), fingerprint=str(data["fingerprint"]))
+      bias=listed("bias"), w_up=listed("w_up"), method=str(data["method"]), fingerprint=str(data["fingerprint"]))
 
 
 def load_or_compute(path: str | os.PathLike | None, method: str, model: nn.Module, variables,
