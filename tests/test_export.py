@@ -242,7 +242,7 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
      {"weight_range": "full", "act_quant": "symmetric", "calibration": "mse"}),
     ("resnet20", "asymmetric_per_channel", False,
      {"weight_range": "narrow", "calibration": "percentile"}),
-    ("resnet20", "symmetric_per_tensor", False, {"calibration": "adaround"}),
+    ("resnet20", "asymmetric_per_channel", False, {"calibration": "adaround"}),
 ])
 def test_onnx_runtime_matches_jax_on_random_zoo_models(name, weight_quant, library, settings):
   rng = np.random.default_rng(1)
