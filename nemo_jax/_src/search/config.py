@@ -135,8 +135,9 @@ class SearchConfig:
     act_quant: integer activation quantizer (``quant.ACT_QUANTS``): ``affine``
       (NEMO) or ``symmetric`` (zero point fixed; unsigned after ReLU).
     calibration: post-training calibration (``tables.CALIBRATIONS``): ``minmax``
-      (NEMO), ``percentile``, ``mse``, ``bias_correction``, ``mse_bias_correction``;
-      tables per (layer, bit-width) computed once and cached, looked up per member.
+      (NEMO), ``percentile``, ``mse``, ``output_mse``, ``adaround`` and the
+      ``*bias_correction`` variants; tables per (layer, bit-width) computed once and
+      cached, looked up per member.
     placement: where activation quantizers sit: ``conv_inputs`` (one per conv/dense
       input) or ``nncf`` (one per tensor shared by its readers, plus residual-add and
       max-pool inputs; NEMO's 116 / 125 / 244 quantizers).
