@@ -7,6 +7,10 @@ one checkpoint) or :func:`library_scheme` (EMOMC: pre-pruned library entries)::
     calib = evaluation.calibrate(model, variables, calib_images)
     ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calib), images, labels)
     ev(configs).top1, ev.evaluate_float().top1
+
+Calibration beyond NEMO's min / max (``CALIBRATIONS``) is a table per (layer,
+bit-width), computed once (:func:`compute_tables`, cached by
+:func:`load_or_compute_tables`) and passed as ``ptq_scheme(calib, tables=tables)``.
 """
 
 from nemo_jax._src.calibration import (Calibration, calibrate, fingerprint, load_calibration,
@@ -18,10 +22,12 @@ from nemo_jax._src.evaluator import (ACTIVATION_FACTOR, STRATEGIES, EvalResult, 
 from nemo_jax._src.schemes import QuantScheme, stack_variables
 from nemo_jax._src.schemes import library as library_scheme
 from nemo_jax._src.schemes import ptq as ptq_scheme
+from nemo_jax._src.tables import CALIBRATIONS, CalibrationTables, compute_tables
+from nemo_jax._src.tables import load_or_compute as load_or_compute_tables
 
 __all__ = [
-    "ACTIVATION_FACTOR", "Calibration", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
-    "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
-    "load_or_calibrate", "member_apply_fn", "member_bytes", "member_logits", "population_mesh",
+    "ACTIVATION_FACTOR", "CALIBRATIONS", "Calibration", "CalibrationTables", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
+    "compute_tables", "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
+    "load_or_calibrate", "load_or_compute_tables", "member_apply_fn", "member_bytes", "member_logits", "population_mesh",
     "ptq_scheme", "save_calibration", "stack_variables",
 ]

@@ -20,6 +20,7 @@ from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import models as models_lib
 from nemo_jax._src import quant
 from nemo_jax._src import schemes
+from nemo_jax._src import tables as tables_lib
 from nemo_jax._src.config import QuantConfig, config_from_dict
 from nemo_jax._src.costs.registry import compute_costs
 from nemo_jax._src.costs.report import layer_costs_numpy
@@ -86,14 +87,19 @@ def test_pack_is_msb_first_and_rejects_codes_too_wide():
 
 
 @pytest.mark.parametrize("mode", quant.WEIGHT_MODES)
-def test_weight_integers_reproduce_the_fake_quantizer(mode):
+@pytest.mark.parametrize("weight_range", quant.WEIGHT_RANGES)
+@pytest.mark.parametrize("clipped", [False, True])
+def test_weight_integers_reproduce_the_fake_quantizer(mode, weight_range, clipped):
   w = jax.random.normal(jax.random.key(0), (3, 3, 4, 8))
   w = w.at[0, 0, 0, :].set(0.0)
+  clip = None
+  if clipped:  # a per-channel / per-tensor clip ratio (MSE calibration tables)
+    clip = jnp.linspace(0.5, 1.0, 8) if mode.endswith("per_channel") else jnp.float32(0.7)
 
   @jax.jit
   def both(bits):
-    q, scale, zp = quant.weight_integers(w, bits, mode)
-    return q, (q - zp) * scale, quant.quantize_weight(w, bits, mode)
+    q, scale, zp = quant.weight_integers(w, bits, mode, weight_range, clip)
+    return q, (q - zp) * scale, quant.quantize_weight(w, bits, mode, weight_range, clip)
 
   for bits in (1, 2, 3, 8, 13, 31):
     q, dequantized, fake = (np.asarray(v) for v in both(jnp.int32(bits)))
@@ -195,7 +201,8 @@ REDUCED = {
 
 
 def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
-                       weight_quant="symmetric_per_channel", library=False):
+                       weight_quant="symmetric_per_channel", library=False,
+                       weight_range=None, act_quant="affine", calibration="minmax"):
   model = models_lib.get_model(name, input_shape=shape, num_classes=10, **REDUCED[name])
   variables = models_lib.init_variables(model, jax.random.key(seed), shape)
   # Non-trivial BatchNorm statistics (init is mean 0, var 1).
@@ -211,7 +218,12 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
     variables = schemes.stack_variables([variables])
   else:
     calib = calib_lib.calibrate(model, variables, images, batch_size=4)
-    scheme = schemes.ptq(calib, weight_quant)
+    tables = tables_lib.compute_tables(calibration, model, variables, images,
+                                       [1, 2, 3, 4, 6, 8, 12], calib, 4,
+                                       weight_quant=weight_quant, weight_range=weight_range,
+                                       act_quant=act_quant)
+    scheme = schemes.ptq(calib, weight_quant, weight_range=weight_range,
+                         act_quant=act_quant, tables=tables)
   layers, acts = models_lib.trace_quantizers(model, shape)
   config = QuantConfig(w_bits=jnp.asarray(w_bits(len(layers)), jnp.int32),
                        a_bits=jnp.asarray(a_bits(len(acts)), jnp.int32),
@@ -222,18 +234,23 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
   return model, member, want, images
 
 
-@pytest.mark.parametrize("name, weight_quant, library", [
-    ("mobilenet_v2", "symmetric_per_channel", False),
-    ("resnet18", "asymmetric_per_tensor", False),
-    ("resnet20", "asymmetric_per_channel", True),
+@pytest.mark.parametrize("name, weight_quant, library, settings", [
+    ("mobilenet_v2", "symmetric_per_channel", False, {}),
+    ("resnet18", "asymmetric_per_tensor", False, {}),
+    ("resnet20", "asymmetric_per_channel", True, {}),
+    ("resnet20", "symmetric_per_channel", False,
+     {"weight_range": "full", "act_quant": "symmetric", "calibration": "mse"}),
+    ("resnet20", "asymmetric_per_channel", False,
+     {"weight_range": "narrow", "calibration": "percentile"}),
+    ("resnet20", "asymmetric_per_channel", False, {"calibration": "adaround"}),
 ])
-def test_onnx_runtime_matches_jax_on_random_zoo_models(name, weight_quant, library):
+def test_onnx_runtime_matches_jax_on_random_zoo_models(name, weight_quant, library, settings):
   rng = np.random.default_rng(1)
   choices = [1, 2, 3, 4, 6, 8, 12, 32]
   model, member, want, images = _random_model_case(
       name, (32, 32, 3) if name != "resnet20" else (12, 12, 1),
       lambda n: rng.choice(choices, n), lambda n: rng.choice(choices, n),
-      1.0 if library else 0.8, weight_quant=weight_quant, library=library)
+      1.0 if library else 0.8, weight_quant=weight_quant, library=library, **settings)
   assert any(l.info.op == "depthwise" for l in member.layers) == (name == "mobilenet_v2")
   assert {l.bits for l in member.layers} & {1, 12, 32}
   got = _onnx_logits(export.to_onnx(model, member), images)

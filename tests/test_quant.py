@@ -52,6 +52,41 @@ def np_affine(x, bits, lo, hi):
   return ((q - zero_point) * scale).astype(F32), scale
 
 
+def np_symmetric_full(x, bits, axes=None, clip=1.0):
+  """PyTorch's full-range symmetric: step = 2 clip max|x| / (2^b - 1), q in
+  [-2^(b-1), 2^(b-1) - 1]."""
+  x = np.asarray(x, F32)
+  amax = (np.max(np.abs(x), axis=axes, keepdims=True) * F32(clip)).astype(F32)
+  step = (amax / F32(2 ** (bits - 1) - 0.5)).astype(F32)
+  step = np.where(step > 0, step, F32(1)).astype(F32)
+  q = np.clip(np.round(x / step), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+  return (q * step).astype(F32), step
+
+
+def np_affine_narrow(x, bits, lo, hi):
+  """Asymmetric narrow range: q in [0, 2^b - 2]."""
+  lo = np.minimum(np.asarray(lo, F32), F32(0))
+  hi = np.maximum(np.asarray(hi, F32), F32(0))
+  qmax = F32(max(2 ** bits - 2, 1))
+  scale = np.where(hi > lo, (hi - lo) / qmax, F32(1)).astype(F32)
+  zero_point = np.round(-lo / scale)
+  q = np.clip(np.round(x / scale) + zero_point, 0, qmax)
+  return ((q - zero_point) * scale).astype(F32), scale
+
+
+def np_symmetric_act(x, bits, lo, hi):
+  """Zero point fixed: unsigned [0, 2^b - 1] if lo >= 0, else signed, codes offset 2^(b-1)."""
+  lo, hi = min(F32(lo), F32(0)), max(F32(hi), F32(0))
+  qmax = F32(2 ** bits - 1)
+  if lo < 0:
+    scale, zp = F32(2 * max(-lo, hi)) / qmax, F32(2 ** (bits - 1))
+  else:
+    scale, zp = F32(hi) / qmax, F32(0)
+  scale = scale if scale > 0 else F32(1)
+  q = np.clip(np.round(np.asarray(x, F32) / scale) + zp, 0, qmax)
+  return ((q - zp) * scale).astype(F32), scale
+
+
 def np_prune_mask(w, keep):
   """Keeps the round(N * keep) largest |w|, ties broken by flat index (stable sort)."""
   w = np.asarray(w)
@@ -144,6 +179,77 @@ def test_symmetric_per_channel_matches_numpy(w, bits):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-30)
   else:
     assert_quantized(actual, expected, step, w)
+
+
+@settings(deadline=None, max_examples=40)
+@given(w=kernels, bits=st.sampled_from([2, 3, 4, 8]), per_channel=st.booleans(),
+       clip=st.sampled_from([1.0, 0.5, 0.83]))
+def test_full_range_symmetric_weights_match_numpy(w, bits, per_channel, clip):
+  axes = tuple(range(w.ndim - 1)) if per_channel else None
+  mode = "symmetric_per_channel" if per_channel else "symmetric_per_tensor"
+  expected, step = np_symmetric_full(w, bits, axes, clip)
+  actual = jax.jit(quant.quantize_weight, static_argnums=(2, 3))(
+      w, jnp.int32(bits), mode, "full", None if clip == 1.0 else F32(clip))
+  # +-max|w| sits exactly on a rounding tie (x / step = +-(2^(b-1) - 1/2)): XLA's
+  # x * (1 / step) may land on either side, one step apart (float32: up to ~1e-5).
+  actual, step = np.asarray(actual), np.broadcast_to(step, expected.shape)
+  diff = np.abs(actual - expected)
+  ratio = np.abs(np.asarray(w, np.float64) / step)
+  tie = np.abs(ratio - np.floor(ratio) - 0.5) < 1e-5
+  assert np.all((diff <= 1e-6 * np.maximum(np.abs(expected), step))
+                | (tie & (np.abs(diff - step) <= 1e-4 * step)))
+  levels = np.unique(np.round(np.asarray(actual) / step))
+  assert levels.min() >= -2 ** (bits - 1) and levels.max() <= 2 ** (bits - 1) - 1
+
+
+def test_full_and_narrow_integer_ranges():
+  x = np.array([-1.0, 0.25, 1.0], F32)
+  for bits in (2, 3, 8):
+    step, qmin, qmax = quant.symmetric_params(x, bits, full=True)
+    h = 2 ** (bits - 1)
+    assert (float(qmin), float(qmax)) == (-h, h - 1)
+    np.testing.assert_allclose(np.asarray(step).reshape(()), 2.0 / (2 ** bits - 1), rtol=1e-6)
+    step, qmin, qmax = quant.symmetric_params(x, bits)
+    assert (float(qmin), float(qmax)) == (-(h - 1), h - 1)
+    _, _, qmax = quant.affine_params(-1.0, 1.0, bits, narrow=True)
+    assert float(qmax) == 2 ** bits - 2
+  # 2 bits: full range has 4 levels {-2, -1, 0, 1} * 2/3 (the narrow one 3)
+  x = np.linspace(-1, 1, 1001, dtype=F32)
+  full = np.unique(np.asarray(quant.quantize_weight(x, 2, "symmetric_per_tensor", "full")))
+  np.testing.assert_allclose(full, np.array([-4, -2, 0, 2], F32) / 3, rtol=1e-6)
+  assert len(np.unique(np.asarray(quant.quantize_weight(x, 2, "symmetric_per_tensor")))) == 3
+
+
+@settings(deadline=None, max_examples=40)
+@given(w=kernels, bits=st.sampled_from([2, 3, 8]), per_channel=st.booleans())
+def test_narrow_asymmetric_weights_match_numpy(w, bits, per_channel):
+  axes = tuple(range(w.ndim - 1)) if per_channel else None
+  expected, scale = np_affine_narrow(w, bits, np.min(w, axis=axes, keepdims=True),
+                                     np.max(w, axis=axes, keepdims=True))
+  mode = "asymmetric_per_channel" if per_channel else "asymmetric_per_tensor"
+  actual = jax.jit(quant.quantize_weight, static_argnums=(2, 3))(w, jnp.int32(bits), mode,
+                                                                "narrow")
+  assert_quantized(actual, expected, scale, w)
+
+
+@settings(deadline=None, max_examples=40)
+@given(x=arrays, bits=st.sampled_from([2, 4, 8]), data=st.data())
+def test_symmetric_activations_match_numpy(x, bits, data):
+  lo = data.draw(st.sampled_from([0.0, 0.5, -1.0, -30.0]))
+  hi = data.draw(st.sampled_from([0.0, 2.0, 40.0]))
+  expected, scale = np_symmetric_act(x, bits, lo, hi)
+  actual = jax.jit(quant.quantize_affine, static_argnames="act_quant")(
+      x, jnp.int32(bits), F32(lo), F32(hi), act_quant="symmetric")
+  assert_quantized(actual, expected, scale, x)
+  _, zp, _ = quant.act_params(F32(lo), F32(hi), bits, "symmetric")
+  assert float(zp) == (2 ** (bits - 1) if lo < 0 else 0)
+
+
+def test_bad_weight_range_and_act_quant_are_named():
+  with pytest.raises(ValueError, match="weight_range='wide'.*narrow"):
+    quant.quantize_weight(np.ones((2, 2), F32), 4, "symmetric_per_channel", "wide")
+  with pytest.raises(ValueError, match="act_quant='signed'.*affine"):
+    quant.act_params(0.0, 1.0, 4, "signed")
 
 
 def test_per_channel_scales_are_independent():

@@ -36,6 +36,8 @@ def get_config(arg=None):
       "final_split": "validation",
       "final_max_images": 50000,
       "placement": "nncf",          # one quantizer per tensor, as NNCF places them
+      "weight_quant": "asymmetric_per_channel",   # NEMO: uniform affine weights ...
+      "act_quant": "affine",                      # ... and activations (min/max ranges)
       "objectives": ["top5_error", "model_ratio", "bops_ratio"],
       "bit_choices": [2, 3, 4, 5, 6, 7, 8],
       "population": 64,

@@ -506,7 +506,8 @@ def member_apply_fn(model: nn.Module, scheme: QuantScheme, prepared, config: Qua
   """``x -> logits`` of ONE configuration: the fake-quantized forward pass (traced).
 
   The scheme quantizes every kernel once per configuration here, not once per image
-  batch; the returned function runs the model with the scheme's activation quantizer.
+  batch; the returned function runs the model with the scheme's activation quantizer
+  (and its per-layer output correction, if any: bias correction).
   This is the computation the :class:`Evaluator` scores (and ``export.py`` checks the
   exported models against).
 
@@ -518,10 +519,13 @@ def member_apply_fn(model: nn.Module, scheme: QuantScheme, prepared, config: Qua
   """
   variables, kernels = scheme.member_weights(prepared, config)
   quantize_input = scheme.member_inputs(prepared, config)
+  on_output = (None if scheme.member_outputs is None
+               else scheme.member_outputs(prepared, config, kernels))
 
   def apply_fn(x):
     ctx = QContext(quantize_input=quantize_input, placement=scheme.placement,
-                   quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i))
+                   quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i),
+                   on_output=on_output)
     return model.apply(variables, x, ctx, train=False)
 
   return apply_fn

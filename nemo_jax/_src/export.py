@@ -132,6 +132,7 @@ class ExportedMember:
     config: the member (``w_bits[L]``, ``a_bits[La]``, scalar keep; numpy).
     weight_quant, activation_format, placement: the scheme's.
     input_shape: ``(H, W, C)``.
+    weight_range, act_quant, calibration: the scheme's.
   """
   layers: list[ExportedLayer]
   activations: list[ExportedActivation]
@@ -141,6 +142,9 @@ class ExportedMember:
   activation_format: str
   placement: str
   input_shape: tuple[int, int, int]
+  weight_range: str | None = None
+  act_quant: str = "affine"
+  calibration: str = "minmax"
 
 
 def _codes(q, zp, bits: int, mode: str):
@@ -174,12 +178,18 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
     An :class:`ExportedMember`.
 
   Raises:
-    ValueError: a scheme that cannot be exported.
+    ValueError: a scheme that cannot be exported (no integer form, or bias correction,
+      which adds per-layer output offsets the integer formats do not carry).
   """
   if scheme.member_pruned is None or scheme.weight_quant is None or \
       scheme.activation_format is None:
     raise ValueError(f"scheme: {scheme.name!r} has no member_pruned / weight_quant / "
                      "activation_format; allowed: schemes.ptq or schemes.library")
+  if scheme.member_outputs is not None:
+    raise ValueError(f"calibration={scheme.calibration!r}: bias correction is not "
+                     "exported (the per-layer output offsets have no place in the integer "
+                     "formats); allowed: a calibration without bias correction (minmax, "
+                     "percentile, mse)")
   input_shape = tuple(int(s) for s in input_shape)
   mode = scheme.weight_quant
   if prepared is None:
@@ -190,10 +200,16 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
   @jax.jit
   def integers(prepared, config):
     member_vars, kernels = scheme.member_pruned(prepared, config)
-    out = [quant.weight_integers(k, config.w_bits[i], mode) for i, k in enumerate(kernels)]
-    return member_vars, kernels, out
+    kwargs = (scheme.member_weight_kwargs(prepared, config)
+              if scheme.member_weight_kwargs is not None else [{}] * len(kernels))
+    out = [quant.weight_integers(k, config.w_bits[i], mode, **kwargs[i])
+           for i, k in enumerate(kernels)]
+    ranges = (scheme.member_act_ranges(prepared, config)
+              if scheme.member_act_ranges is not None else
+              (getattr(prepared, "lo", None), getattr(prepared, "hi", None)))
+    return member_vars, kernels, out, ranges
 
-  member_vars, kernels, ints = jax.device_get(integers(prepared, config))
+  member_vars, kernels, ints, (lo, hi) = jax.device_get(integers(prepared, config))
   w_bits = np.asarray(config.w_bits).astype(int)
   a_bits = np.asarray(config.a_bits).astype(int)
   keep = float(np.asarray(config.keep))
@@ -218,8 +234,6 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
         info, paths[i], bits, encoding, codes.reshape(-1), k.shape,
         scale.reshape(-1).astype(np.float32), zp_codes.reshape(-1), mask))
 
-  lo = getattr(prepared, "lo", None)
-  hi = getattr(prepared, "hi", None)
   out_acts = []
   for q, info in enumerate(acts):
     bits = int(a_bits[q])
@@ -229,12 +243,13 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
     l, h = float(np.asarray(lo)[q]), float(np.asarray(hi)[q])
     scale = zp = None
     if bits < quant.FLOAT_BITS:
-      s, z, _ = quant.affine_params(jnp.float32(l), jnp.float32(h), bits)
+      s, z, _ = quant.act_params(jnp.float32(l), jnp.float32(h), bits, scheme.act_quant)
       scale, zp = float(np.float32(s)), int(np.float32(z))
     out_acts.append(ExportedActivation(info, bits, l, h, scale, zp))
   config = QuantConfig(w_bits=w_bits, a_bits=a_bits, keep=np.float32(keep))
   return ExportedMember(out_layers, out_acts, jax.tree.map(np.asarray, member_vars), config,
-                        mode, scheme.activation_format, scheme.placement, input_shape)
+                        mode, scheme.activation_format, scheme.placement, input_shape,
+                        scheme.weight_range, scheme.act_quant, scheme.calibration)
 
 
 # --------------------------------------------------------------------------- packing
@@ -353,7 +368,8 @@ def precision_dict(member: ExportedMember, offsets=None, model_spec: Mapping | N
           for a in member.activations]
   out = {"format": EXPORT_FORMAT,
          "config": config_to_dict(member.config, model_spec),
-         "weight_quant": member.weight_quant,
+         "weight_quant": member.weight_quant, "weight_range": member.weight_range,
+         "act_quant": member.act_quant, "calibration": member.calibration,
          "activation_format": member.activation_format, "placement": member.placement,
          "input_shape": list(member.input_shape),
          "sizes": member_sizes(member, -(-int(offsets[-1]) // 8)),

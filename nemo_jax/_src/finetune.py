@@ -125,11 +125,16 @@ def member_start(problem, config):
     node[path[-1]] = k
   masks = [k != 0 for k in kernels]
   quantize_input = scheme.member_inputs(prepared, config)
+  if scheme.member_outputs is not None:
+    raise ValueError(f"calibration={scheme.calibration!r}: bias correction is not "
+                     "fine-tuned; allowed: a run without bias correction")
   w_bits, mode = config.w_bits, scheme.weight_quant
+  weight_kwargs = (scheme.member_weight_kwargs(prepared, config)
+                   if scheme.member_weight_kwargs is not None else [{}] * len(kernels))
 
   def apply(vars_, x, train: bool):
     def quantize_kernel(kernel, i):
-      return quant.quantize_weight(kernel * masks[i], w_bits[i], mode)
+      return quant.quantize_weight(kernel * masks[i], w_bits[i], mode, **weight_kwargs[i])
     ctx = QContext(quantize_input=quantize_input, placement=scheme.placement,
                    quantize_kernel=quantize_kernel)
     if train:

@@ -99,6 +99,7 @@ class QContext:
       current batch's min/max (dynamic quantization, useful for QAT).
     prune_ranks: optional tuple of precomputed ``quant.magnitude_ranks`` per layer.
     weight_quant: weight quantizer mode (``quant.WEIGHT_MODES``).
+    weight_range: its integer range (``quant.WEIGHT_RANGES``; None: the mode's own).
     activation_format: ``quant.ACTIVATION_FORMATS``: ``"int"`` (uniform affine at
       ``a_bits``), ``"fp16"`` (inputs rounded to float16 unless ``a_bits >= 32``) or
       ``"float32"`` (inputs untouched).
@@ -119,9 +120,8 @@ class QContext:
                on_activation: Callable[[ActInfo], Any] | None = None,
                on_output: Callable | None = None,
                quantize_input: Callable | None = None,
-               quantize_kernel: Callable | None = None):
-    if weight_quant not in quant.WEIGHT_MODES:
-      raise ValueError(f"weight_quant={weight_quant!r} is invalid; allowed: {quant.WEIGHT_MODES}")
+               quantize_kernel: Callable | None = None, weight_range=None):
+    self.weight_range = quant.resolve_weight_quantizer(weight_quant, weight_range)
     if activation_format not in quant.ACTIVATION_FORMATS:
       raise ValueError(f"activation_format={activation_format!r} is invalid; allowed: "
                        f"{quant.ACTIVATION_FORMATS}")
@@ -226,7 +226,7 @@ class QContext:
     bits = self._pick(self.w_bits, i)
     if bits is None:
       return kernel
-    return quant.quantize_weight(kernel, bits, self.weight_quant)
+    return quant.quantize_weight(kernel, bits, self.weight_quant, self.weight_range)
 
 
 def quantize_activation(x, ctx: QContext | None, kind: str, name: str = ""):

@@ -6,8 +6,10 @@
 1. the model source (:func:`load_model_source`): a float checkpoint (NEMO) or an EMOMC
    library of pre-pruned models (``library=DIR``);
 2. the quantization scheme (``schemes.ptq`` for a checkpoint, ``schemes.library`` for
-   a library), with the config's ``weight_quant`` and ``activation_format``; integer
-   activations are calibrated (cached by fingerprint, ``calibration.py``);
+   a library), with the config's ``weight_quant`` / ``weight_range``, ``act_quant`` and
+   ``activation_format``; integer activations are calibrated (cached by fingerprint,
+   ``calibration.py``) and a ``calibration`` other than ``minmax`` gets its per-bit
+   tables (``tables.py``, cached the same way);
 3. the cost names (objectives + constraints + the always-reported ``model_ratio`` and
    ``bops_ratio``) from an explicit cost registry.
 
@@ -45,6 +47,7 @@ from nemo_jax._src import intercept as intercept_lib
 from nemo_jax._src import models as models_lib
 from nemo_jax._src import quant
 from nemo_jax._src import schemes
+from nemo_jax._src import tables as tables_lib
 from nemo_jax._src import workload as workload_lib
 from nemo_jax._src.config import QuantConfig, validate_configs
 from nemo_jax._src.costs.registry import CostRegistry, make_objectives_fn
@@ -184,12 +187,30 @@ def load_model_source(cfg: SearchConfig, progress: bool = True, model=None,
                      dense, ratios, cfg.library, meta)
 
 
-def make_scheme(cfg: SearchConfig, source: ModelSource, calibration=None) -> schemes.QuantScheme:
-  """The quantization scheme of a config and source (``schemes.py``)."""
+def make_scheme(cfg: SearchConfig, source: ModelSource, calibration=None,
+                tables=None) -> schemes.QuantScheme:
+  """The quantization scheme of a config and source (``schemes.py``).
+
+  ``tables``: the config's calibration tables (``tables.py``; None for ``minmax``).
+  """
   if source.kind == "library":
     return schemes.library(source.ratios, cfg.weight_quant, cfg.activation_format,
-                           cfg.placement)
-  return schemes.ptq(calibration, cfg.weight_quant, cfg.activation_format, cfg.placement)
+                           cfg.placement, cfg.weight_range)
+  return schemes.ptq(calibration, cfg.weight_quant, cfg.activation_format, cfg.placement,
+                     cfg.weight_range, cfg.act_quant, tables)
+
+
+def calibration_tables(cfg: SearchConfig, source: ModelSource, images, calibration,
+                       batch_size: int):
+  """The config's cached calibration tables (``tables.load_or_compute``), or None."""
+  if source.kind != "checkpoint" or cfg.calibration == "minmax":
+    return None
+  extra = (cfg.fixed_act_bits,) if cfg.activation_format == "int" else ()
+  return tables_lib.load_or_compute(
+      None, cfg.calibration, source.model, source.variables, images,
+      tables_lib.table_bits(cfg.bit_choices, extra), calibration, batch_size,
+      placement=cfg.placement, weight_quant=cfg.weight_quant, weight_range=cfg.weight_range,
+      act_quant=cfg.act_quant, activations=cfg.activation_format == "int")
 
 
 def search_space(cfg: SearchConfig, workload) -> SearchSpace:
@@ -517,11 +538,12 @@ def build_problem(cfg: SearchConfig, registries: Registries | None = None,
 
   x_eval, y_eval, x_calib = fitness_data(cfg, data)
   calibration = None
+  batch = max(1, len(x_calib) // cfg.calib_batches)
   if source.kind == "checkpoint" and cfg.activation_format == "int":
-    batch = max(1, len(x_calib) // cfg.calib_batches)
     calibration = calib_lib.load_or_calibrate(None, source.model, source.variables, x_calib,
                                               batch_size=batch, placement=cfg.placement)
-  scheme = make_scheme(cfg, source, calibration)
+  tables = calibration_tables(cfg, source, x_calib, calibration, batch)
+  scheme = make_scheme(cfg, source, calibration, tables)
   evaluator = Evaluator(source.model, source.variables, scheme, x_eval, y_eval,
                         batch_size=cfg.eval_batch_size, population_pad=population_pad(cfg),
                         strategy=cfg.eval_strategy)

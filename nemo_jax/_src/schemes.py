@@ -65,6 +65,16 @@ class QuantScheme(NamedTuple):
       and ``activation_format`` it lets ``export.py`` write real integers.
     weight_quant: the weight quantizer mode (``quant.WEIGHT_MODES``), or None.
     activation_format: ``quant.ACTIVATION_FORMATS``, or None.
+    weight_range: the weight integer range (``quant.WEIGHT_RANGES``; resolved).
+    act_quant: the integer activation quantizer (``quant.ACT_QUANTS``).
+    calibration: the calibration method (``tables.CALIBRATIONS``).
+    member_weight_kwargs: ``(prepared, config) -> [dict]``, per layer the keyword
+      arguments of ``quant.quantize_weight`` / ``quant.weight_integers`` beyond
+      ``(kernel, bits, weight_quant)`` (range, table clip ratio), or None (none).
+    member_act_ranges: ``(prepared, config) -> (lo[La], hi[La])`` the member's
+      activation ranges (per-bit tables looked up), or None.
+    member_outputs: ``(prepared, config, kernels) -> on_output(y, i)`` adding a
+      per-layer output correction (bias correction), or None.
   """
   name: str
   prepare: Callable[[nn.Module, Any, tuple[int, int, int]], Any]
@@ -76,6 +86,12 @@ class QuantScheme(NamedTuple):
   member_pruned: Callable[[Any, QuantConfig], tuple[Any, list]] | None = None
   weight_quant: str | None = None
   activation_format: str | None = None
+  weight_range: str | None = None
+  act_quant: str = "affine"
+  calibration: str = "minmax"
+  member_weight_kwargs: Callable[[Any, QuantConfig], list] | None = None
+  member_act_ranges: Callable[[Any, QuantConfig], tuple] | None = None
+  member_outputs: Callable[[Any, QuantConfig, list], Callable] | None = None
 
 
 # --------------------------------------------------------------------------- tracing
@@ -97,23 +113,28 @@ def _one_member(config: QuantConfig, i: int):
   return config.w_bits[i], keep if keep.ndim == 0 else keep[i]
 
 
-def _input_quantizer(activation_format: str, a_bits, lo=None, hi=None) -> Callable:
+def _input_quantizer(activation_format: str, a_bits, lo=None, hi=None,
+                     act_quant: str = "affine") -> Callable:
   """``quantize_input(x, i)`` of one member."""
   if activation_format == "float32":
     return lambda x, i: x
   if activation_format == "fp16":
     return lambda x, i: quant.round_fp16(x, a_bits[i])
-  return lambda x, i: quant.quantize_affine(x, a_bits[i], lo[i], hi[i])
+  return lambda x, i: quant.quantize_affine(x, a_bits[i], lo[i], hi[i], act_quant=act_quant)
 
 
-def _check_formats(weight_quant: str, activation_format: str, placement: str) -> None:
+def _check_formats(weight_quant: str, activation_format: str, placement: str,
+                   weight_range: str | None = None, act_quant: str = "affine") -> str:
+  """Checks the quantizer settings; returns the resolved weight range."""
   if placement not in PLACEMENTS:
     raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
-  if weight_quant not in quant.WEIGHT_MODES:
-    raise ValueError(f"weight_quant={weight_quant!r} is invalid; allowed: {quant.WEIGHT_MODES}")
+  weight_range = quant.resolve_weight_quantizer(weight_quant, weight_range)
+  if act_quant not in quant.ACT_QUANTS:
+    raise ValueError(f"act_quant={act_quant!r} is invalid; allowed: {quant.ACT_QUANTS}")
   if activation_format not in quant.ACTIVATION_FORMATS:
     raise ValueError(f"activation_format={activation_format!r} is invalid; allowed: "
                      f"{quant.ACTIVATION_FORMATS}")
+  return weight_range
 
 
 # --------------------------------------------------------------------------- schemes
@@ -122,12 +143,14 @@ def _check_formats(weight_quant: str, activation_format: str, placement: str) ->
 @flax.struct.dataclass
 class PTQPrepared:
   """What :func:`ptq` precomputes: float variables, kernels (execution order), magnitude
-  ranks (pruning is one comparison per member), calibrated ranges ``lo/hi [L]`` or None."""
+  ranks (pruning is one comparison per member), calibrated ranges ``lo/hi [L]`` or None,
+  and the calibration tables (``tables.CalibrationTables``) or None (``minmax``)."""
   variables: Any
   kernels: list
   ranks: list
   lo: Any = None
   hi: Any = None
+  tables: Any = None
 
 
 @flax.struct.dataclass
@@ -141,7 +164,9 @@ class LibraryPrepared:
 
 
 def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_channel",
-        activation_format: str = "int", placement: str = "conv_inputs") -> QuantScheme:
+        activation_format: str = "int", placement: str = "conv_inputs",
+        weight_range: str | None = None, act_quant: str = "affine",
+        tables=None) -> QuantScheme:
   """NEMO's post-training quantization of one float checkpoint.
 
   Args:
@@ -150,14 +175,25 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
     weight_quant: one of ``quant.WEIGHT_MODES``.
     activation_format: one of ``quant.ACTIVATION_FORMATS``.
     placement: one of ``layers.PLACEMENTS``.
+    weight_range: one of ``quant.WEIGHT_RANGES`` or None (the mode's default).
+    act_quant: one of ``quant.ACT_QUANTS`` (integer activations).
+    tables: ``tables.CalibrationTables`` (per layer and bit-width: weight clip ratios,
+      activation ranges, bias-correction statistics), looked up by each member's bits
+      inside jit; None: ``minmax`` (the calibration's ranges, full weight ranges).
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the float variables.
+
+  Raises:
+    ValueError naming a bad setting.
   """
-  _check_formats(weight_quant, activation_format, placement)
+  from nemo_jax._src import tables as tables_lib
+  weight_range = _check_formats(weight_quant, activation_format, placement, weight_range,
+                                act_quant)
   if activation_format == "int" and calibration is None:
     raise ValueError("calibration: required for activation_format='int' (integer "
                      "activations need calibrated ranges); allowed: a Calibration")
+  method = "minmax" if tables is None else tables.method
 
   def prepare(model, variables, input_shape):
     layers, acts = trace_quantizers(model, input_shape, _shapes(variables), placement)
@@ -169,8 +205,11 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
                          f"has {len(acts)} activation quantizers ({placement}); allowed: "
                          "equal counts")
       lo, hi = calibration.lo, calibration.hi
+    if tables is not None:
+      tables.check(len(layers), len(acts))
     return PTQPrepared(variables=variables, kernels=kernels,
-                       ranks=[quant.magnitude_ranks(k) for k in kernels], lo=lo, hi=hi)
+                       ranks=[quant.magnitude_ranks(k) for k in kernels], lo=lo, hi=hi,
+                       tables=tables)
 
   def member_pruned(prepared, config):
     kernels = []
@@ -179,17 +218,34 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
       kernels.append(quant.prune(k, keep, prepared.ranks[i]))
     return prepared.variables, kernels
 
+  def member_weight_kwargs(prepared, config):
+    L = len(prepared.kernels)
+    clips = tables_lib.weight_clips(prepared.tables, config.w_bits, L)
+    ups = tables_lib.weight_ups(prepared.tables, config.w_bits, L)
+    return [{"weight_range": weight_range, "clip": c, "up": u} for c, u in zip(clips, ups)]
+
   def member_weights(prepared, config):
     variables, kernels = member_pruned(prepared, config)
-    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant)
+    kwargs = member_weight_kwargs(prepared, config)
+    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant, **kwargs[i])
                        for i, k in enumerate(kernels)]
 
+  def member_act_ranges(prepared, config):
+    return tables_lib.act_ranges(prepared.tables, config.a_bits, prepared.lo, prepared.hi)
+
   def member_inputs(prepared, config):
-    return _input_quantizer(activation_format, config.a_bits, prepared.lo, prepared.hi)
+    lo, hi = member_act_ranges(prepared, config)
+    return _input_quantizer(activation_format, config.a_bits, lo, hi, act_quant)
+
+  member_outputs = None
+  if tables is not None and tables.bias is not None:
+    def member_outputs(prepared, config, kernels):
+      return tables_lib.bias_correction(prepared.tables, prepared.kernels, kernels)
 
   return QuantScheme("ptq", prepare, member_weights, member_inputs,
                      lambda prepared: _shapes(prepared.variables), None, placement,
-                     member_pruned, weight_quant, activation_format)
+                     member_pruned, weight_quant, activation_format, weight_range, act_quant,
+                     method, member_weight_kwargs, member_act_ranges, member_outputs)
 
 
 def stack_variables(entries: Sequence[Any]):
@@ -198,7 +254,8 @@ def stack_variables(entries: Sequence[Any]):
 
 
 def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
-            activation_format: str = "fp16", placement: str = "conv_inputs") -> QuantScheme:
+            activation_format: str = "fp16", placement: str = "conv_inputs",
+            weight_range: str | None = None) -> QuantScheme:
   """EMOMC stage II: members pick a pre-pruned model of a library by their keep ratio.
 
   Args:
@@ -208,12 +265,14 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     activation_format: EMOMC: ``"fp16"``; ``"float32"`` keeps them in float32.
       (``"int"`` would need one calibration per library entry and is not offered.)
     placement: one of ``layers.PLACEMENTS`` (where the FP16 rounding happens).
+    weight_range: one of ``quant.WEIGHT_RANGES`` or None (the mode's default; EMOMC:
+      narrow).
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the entries stacked ``[K, ...]``
     (:func:`stack_variables`). Memory: ``K * 4 * params`` bytes resident.
   """
-  _check_formats(weight_quant, activation_format, placement)
+  weight_range = _check_formats(weight_quant, activation_format, placement, weight_range)
   if activation_format == "int":
     raise ValueError("activation_format='int' is invalid with a library; allowed: 'fp16' "
                      "(EMOMC) or 'float32'")
@@ -236,9 +295,12 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     variables = jax.tree.map(lambda v: v[index], prepared.variables)
     return variables, [get_path(variables, p) for p in prepared.paths]
 
+  def member_weight_kwargs(prepared, config):
+    return [{"weight_range": weight_range} for _ in prepared.paths]
+
   def member_weights(prepared, config):
     variables, kernels = member_pruned(prepared, config)
-    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant)
+    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant, weight_range)
                        for i, k in enumerate(kernels)]
 
   def member_inputs(prepared, config):
@@ -247,7 +309,8 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
   return QuantScheme("library", prepare, member_weights, member_inputs,
                      lambda prepared: one(prepared.variables),
                      tuple(float(r) for r in ratios), placement, member_pruned, weight_quant,
-                     activation_format)
+                     activation_format, weight_range, "affine", "minmax",
+                     member_weight_kwargs)
 
 
 def _shapes(tree):

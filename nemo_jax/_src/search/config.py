@@ -23,6 +23,7 @@ from nemo_jax._src.config_file import load_config_file
 from nemo_jax._src.graph import ALL_FEATURE_NAMES
 from nemo_jax._src.layers import PLACEMENTS
 from nemo_jax._src.registries import Registries
+from nemo_jax._src.tables import CALIBRATIONS
 
 SPECIES_KINDS = ("direct_round", "direct_floor", "gcn", "graph_unet", "random")
 GA_OPTIMIZER = "ga"
@@ -147,7 +148,15 @@ class SearchConfig:
       last two.
     fixed_act_bits: integer activation bits when they are not searched (``int`` only).
     weight_quant: weight quantizer (``quant.WEIGHT_MODES``; EMOMC:
-      ``symmetric_per_tensor``).
+      ``symmetric_per_tensor``; NEMO's uniform affine: ``asymmetric_per_channel``).
+    weight_range: its integer range, ``narrow`` or ``full`` (``quant.WEIGHT_RANGES``);
+      None: the mode's own (narrow for symmetric, full for asymmetric).
+    act_quant: integer activation quantizer (``quant.ACT_QUANTS``): ``affine``
+      (NEMO) or ``symmetric`` (zero point fixed; unsigned after ReLU).
+    calibration: post-training calibration (``tables.CALIBRATIONS``): ``minmax``
+      (NEMO), ``percentile``, ``mse``, ``output_mse``, ``adaround`` and the
+      ``*bias_correction`` variants; tables per (layer, bit-width) computed once and
+      cached, looked up per member.
     placement: where activation quantizers sit: ``conv_inputs`` (one per conv/dense
       input) or ``nncf`` (one per tensor shared by its readers, plus residual-add and
       max-pool inputs; NEMO's 116 / 125 / 244 quantizers).
@@ -206,6 +215,9 @@ class SearchConfig:
   activation_format: str = "int"
   fixed_act_bits: int = 8
   weight_quant: str = "symmetric_per_channel"
+  weight_range: str | None = None
+  act_quant: str = "affine"
+  calibration: str = "minmax"
   placement: str = "conv_inputs"
   keep_choices: tuple[float, ...] = (1.0,)
   population: int = 32
@@ -395,6 +407,12 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
            f"{cfg.activation_format!r} (only integer activations have bits to search)")
   v.integer("fixed_act_bits", cfg.fixed_act_bits, quant.MIN_BITS, quant.MAX_BITS)
   v.choice("weight_quant", cfg.weight_quant, quant.WEIGHT_MODES)
+  v.choice("weight_range", cfg.weight_range, (None,) + quant.WEIGHT_RANGES)
+  v.choice("act_quant", cfg.act_quant, quant.ACT_QUANTS)
+  if cfg.act_quant != "affine" and cfg.activation_format != "int":
+    v.fail("act_quant", cfg.act_quant, f"'affine' with activation_format="
+           f"{cfg.activation_format!r} (only integer activations have a quantizer)")
+  v.choice("calibration", cfg.calibration, tuple(CALIBRATIONS))
   v.choice("placement", cfg.placement, PLACEMENTS)
   if not cfg.keep_choices:
     v.fail("keep_choices", cfg.keep_choices, "a non-empty list of numbers in (0, 1]")
@@ -446,6 +464,9 @@ def validate_search_config(d: Mapping[str, Any] | SearchConfig,
     if cfg.activation_format == "int":
       v.fail("activation_format", cfg.activation_format,
              "'fp16' (EMOMC) or 'float32' with a library")
+    if cfg.calibration != "minmax":
+      v.fail("calibration", cfg.calibration, "'minmax' with a library (its entries are "
+             "not calibrated)")
   v.choice("infeasible", cfg.infeasible, INFEASIBLE_ACTIONS)
   return cfg
 
