@@ -78,7 +78,7 @@ def test_quantizer_fields_are_recorded_and_paper_config_is_affine():
       "full", "symmetric", "mse_bias_correction")
   default = load_search_config()
   assert (default.weight_quant, default.weight_range, default.act_quant,
-          default.calibration) == ("symmetric_per_channel", None, "affine", "minmax")
+          default.calibration) == ("asymmetric_per_channel", None, "affine", "minmax")
   paper = load_search_config("experiments/configs/paper_imagenet.py")
   assert (paper.weight_quant, paper.act_quant) == ("asymmetric_per_channel", "affine")
 

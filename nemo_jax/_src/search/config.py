@@ -147,8 +147,8 @@ class SearchConfig:
       EMOMC) or ``float32`` (untouched). Costs count 16 / 32 activation bits for the
       last two.
     fixed_act_bits: integer activation bits when they are not searched (``int`` only).
-    weight_quant: weight quantizer (``quant.WEIGHT_MODES``; EMOMC:
-      ``symmetric_per_tensor``; NEMO's uniform affine: ``asymmetric_per_channel``).
+    weight_quant: weight quantizer (``quant.WEIGHT_MODES``; default NEMO's uniform affine
+      per output channel, ``asymmetric_per_channel``; EMOMC: ``symmetric_per_tensor``).
     weight_range: its integer range, ``narrow`` or ``full`` (``quant.WEIGHT_RANGES``);
       None: the mode's own (narrow for symmetric, full for asymmetric).
     act_quant: integer activation quantizer (``quant.ACT_QUANTS``): ``affine``
@@ -214,7 +214,7 @@ class SearchConfig:
   quantize_activations: bool = True
   activation_format: str = "int"
   fixed_act_bits: int = 8
-  weight_quant: str = "symmetric_per_channel"
+  weight_quant: str = "asymmetric_per_channel"   # NEMO: uniform affine weights
   weight_range: str | None = None
   act_quant: str = "affine"
   calibration: str = "minmax"
