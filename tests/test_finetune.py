@@ -21,8 +21,10 @@ from nemo_jax._src import finetune as ft
 from nemo_jax._src.evaluator import Evaluator
 from nemo_jax._src.problem import fitness_data, image_sets, selection_data
 
-# Tiny: 320 training images, 10 steps of 32, a large-ish lr so one epoch moves W2A2.
-SETTINGS = {"max_images": 320, "batch_size": 32, "learning_rate": 1e-3}
+# Tiny: 320 training images, 10 steps of 32 at the default learning rate (1e-3 with Adam
+# overshoots W2A2 with affine weights: the eval-mode loss rises while the train-mode one
+# falls, BatchNorm's running statistics lagging).
+SETTINGS = {"max_images": 320, "batch_size": 32, "learning_rate": 1e-4}
 
 
 @pytest.fixture(scope="module")
