@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nemo_jax._src.faults import write_json
 from nemo_jax._src.layers import QContext
 
 CALIBRATION_FORMAT = "nemo_jax.calibration.v1"
@@ -139,10 +140,7 @@ def save_calibration(path: str | os.PathLike, calibration: Calibration) -> None:
           "fingerprint": calibration.fingerprint,
           "lo": [float(v) for v in np.asarray(calibration.lo, np.float32).tolist()],
           "hi": [float(v) for v in np.asarray(calibration.hi, np.float32).tolist()]}
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+  write_json(os.fspath(path), data)  # atomic: a crash never leaves a half-written cache
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
@@ -182,17 +180,30 @@ def load_or_calibrate(path: str | os.PathLike | None, model: nn.Module, variable
                          placement)
   if path is None:
     path = os.path.join(cache_dir(), f"{expected}.json")
+  return cached_result(path, expected, load_calibration, save_calibration,
+                       lambda: calibrate(model, variables, images, batch_size, num_batches,
+                                         placement))
+
+
+def cached_result(path: str, expected: str, load: Callable, save: Callable,
+                  compute: Callable):
+  """The cache entry at ``path`` if its ``fingerprint`` is ``expected``, else ``compute()``
+  (with ``fingerprint`` set) written there.
+
+  A damaged entry is recomputed, not fatal; a read-only cache location is skipped
+  silently (the result is then recomputed next time).
+  """
   if os.path.exists(path):
     try:
-      cached = load_calibration(path)
+      cached = load(path)
     except (ValueError, KeyError):
-      cached = None  # a damaged cache entry is recomputed, not fatal
+      cached = None
     if cached is not None and cached.fingerprint == expected:
       return cached
-  calib = calibrate(model, variables, images, batch_size, num_batches, placement)
+  result = compute()
   try:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_calibration(path, calib)
+    save(path, result)
   except OSError:
     pass
-  return calib
+  return result

@@ -53,6 +53,7 @@ import numpy as np
 
 from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import quant
+from nemo_jax._src.faults import write_atomic
 from nemo_jax._src.layers import QContext
 
 TABLES_FORMAT = "nemo_jax.tables.v1"
@@ -669,9 +670,7 @@ def save_tables(path: str | os.PathLike, tables: CalibrationTables) -> None:
   if tables.act_lo is not None:
     arrays["act_lo"] = np.asarray(tables.act_lo)
     arrays["act_hi"] = np.asarray(tables.act_hi)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  write_atomic(os.fspath(path), lambda f: np.savez(f, **arrays))
 
 
 def load_tables(path: str | os.PathLike) -> CalibrationTables:
@@ -724,19 +723,8 @@ def load_or_compute(path: str | os.PathLike | None, method: str, model: nn.Modul
                                 placement, weight_quant, weight_range, act_quant, activations)
   if path is None:
     path = os.path.join(calib_lib.cache_dir(), f"{expected}.tables.npz")
-  if os.path.exists(path):
-    try:
-      cached = load_tables(path)
-    except (ValueError, KeyError):
-      cached = None  # a damaged cache entry is recomputed
-    if cached is not None and cached.fingerprint == expected:
-      return cached
-  tables = compute_tables(method, model, variables, images, bits, calibration, batch_size,
-                          num_batches, placement, weight_quant, weight_range, act_quant,
-                          activations).replace(fingerprint=expected)
-  try:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_tables(path, tables)
-  except OSError:
-    pass
-  return tables
+  return calib_lib.cached_result(
+      path, expected, load_tables, save_tables,
+      lambda: compute_tables(method, model, variables, images, bits, calibration, batch_size,
+                             num_batches, placement, weight_quant, weight_range, act_quant,
+                             activations).replace(fingerprint=expected))
