@@ -20,23 +20,25 @@ configurations:
 * ``uniform_sweep``: every uniform (weight bits, activation bits) pair, evaluated once
   (``len(bit_choices) ** 2`` evaluations, not the search budget).
 
-The final hypervolume (reference ``hv_ref``, default 1 on every normalised objective) is
-measured on the archive front with the accuracy objective taken on ``--images``:
-``fitness`` (the images the search optimised: in sample), ``test`` (the front members'
-``final_top1`` on the config's ``final_split``) or ``selection`` (``selection_top1``, the
-config's ``selection_per_class`` held-out training images, ``docs/DESIGN.md``, "Image
-sets"; other choices skip that set). The hypervolume curve over
-evaluations is the in-sample one (``history.csv``). For each method the table also says
-in what fraction of seeds the front dominates the uniform W8A8, W4A4 and W3A8 points on
-the same images.
+The final hypervolume (reference ``hv_ref``, default 1 on every normalised objective) of
+the archive front is reported in sample (``fitness``: the images the search optimised)
+and out of sample on each of ``--images`` (default both): ``selection`` (the front
+members' ``selection_top1`` on the config's ``selection_per_class`` held-out training
+images) and ``test`` (``final_top1`` on the config's ``final_split``); see
+``nemo_jax.front_hypervolume`` and ``docs/DESIGN.md``, "Image sets". The hypervolume
+curve over evaluations is the in-sample one (``history.csv``). For each method the table
+also says in what fraction of seeds the front dominates the uniform W8A8, W4A4 and W3A8
+points on the same images.
 
 Writes to ``--out``: ``table.csv``, ``table.md`` (mean +- std over seeds),
-``hypervolume.png`` and ``runs.json``.
+``hypervolume.png`` and ``runs.json``; ``--merge`` joins the outputs of several runs
+(methods or seeds run in parallel) into one table.
 
-    python experiments/compare_baselines.py --seeds 5 --generations 25 --images test \\
+    python experiments/compare_baselines.py --config experiments/configs/compare.py \\
         --out results/baselines
     python experiments/compare_baselines.py --config experiments/configs/smoke.py \\
         --seeds 2 --generations 3 --population 16 --out results/baselines_smoke
+    python experiments/compare_baselines.py --merge runs/a runs/b --out results/baselines
 """
 
 from __future__ import annotations
@@ -54,11 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import nemo_jax
-from nemo_jax import evolution, pareto
+from nemo_jax import evolution, front_objectives
 from nemo_jax.costs import FEATURE_NAMES
 
-IMAGE_SETS = ("fitness", "selection", "test")
-ACCURACY_KEY = {"test": "final_top1", "selection": "selection_top1"}
+OUT_OF_SAMPLE = ("selection", "test")
 REFERENCE_POINTS = ((8, 8), (4, 4), (3, 8))  # (weight bits, activation bits)
 SWEEP = "uniform_sweep"
 REFERENCE = "reference_points"
@@ -157,31 +158,6 @@ def reference_members(base) -> dict[str, dict]:
           if f"W{w}A{a}" in members}
 
 
-def accuracy_hv(front, cfg, images: str) -> float:
-  """Hypervolume of the front with the accuracy objective measured on ``images``."""
-  F = _front_objectives(front, cfg, images)
-  if F is None or not len(F):
-    return float("nan")
-  ref = np.asarray(cfg.hv_ref if cfg.hv_ref is not None else [1.0] * len(cfg.objectives))
-  return float(pareto.hypervolume(jnp.asarray(F, jnp.float32), jnp.asarray(ref, jnp.float32)))
-
-
-def _front_objectives(members, cfg, images):
-  """``[N, M]`` objectives of members, top-1 error from ``images`` (None: not measured)."""
-  names = list(cfg.objectives)
-  F = np.asarray([[m["objectives"][n] for n in names] for m in members], np.float64)
-  if images == "fitness" or not len(members):
-    return F
-  if "top1_error" not in names:
-    raise ValueError(f"--images {images}: needs 'top1_error' among the objectives "
-                     f"{names} (the final phase measures top-1 only)")
-  key = ACCURACY_KEY[images]
-  if any(key not in m for m in members):
-    return None
-  F[:, names.index("top1_error")] = [1.0 - m[key] for m in members]
-  return F
-
-
 def dominates_point(front_F, point) -> bool:
   """Whether some row of ``front_F`` weakly dominates ``point`` (<= everywhere, < once)."""
   if front_F is None or point is None or not len(front_F):
@@ -200,6 +176,7 @@ def run_method(name, base, problem, seed, overrides, registries):
   return {"method": name, "seed": seed, "evaluations": curve[-1][0], "curve": curve,
           "hv_fitness": curve[-1][1], "front": res.front, "sizes": sizes,
           "front_species": sorted({m["species"] for m in res.front}),
+          "hv": {s: v for s, v in res.hypervolume.items() if s != "fitness"},
           "seconds": time.perf_counter() - t0}
 
 
@@ -213,22 +190,33 @@ def main(argv=None):
   p.add_argument("--first-seed", type=int, default=0)
   p.add_argument("--generations", type=int)
   p.add_argument("--population", type=int)
-  p.add_argument("--images", choices=IMAGE_SETS, default="test",
-                 help="images of the reported hypervolume (default test)")
+  p.add_argument("--images", nargs="+", choices=OUT_OF_SAMPLE, default=list(OUT_OF_SAMPLE),
+                 help="out-of-sample image sets of the reported hypervolumes (default: "
+                      "selection test; the first is plotted and ranks the methods)")
   p.add_argument("--out", default="results/baselines")
+  p.add_argument("--merge", nargs="+", metavar="DIR",
+                 help="run nothing: merge the runs.json of earlier --out folders (e.g. "
+                      "methods or seeds run in parallel) into one table in --out")
   args = p.parse_args(argv)
+  if args.merge:
+    return merge(args.merge, args.out)
   if args.seeds < 1:
     p.error(f"--seeds must be >= 1, got {args.seeds}")
   base = nemo_jax.load_search_config(args.config, generations=args.generations,
                                      population=args.population)
-  if args.images != "selection":   # not reported: skip its final-phase evaluation
-    base = nemo_jax.load_search_config(base, selection_per_class=0)
-  if args.images == "selection" and base.selection_per_class == 0:
+  images = list(dict.fromkeys(args.images))
+  # a set not reported is not evaluated in the final phase
+  base = nemo_jax.load_search_config(
+      base, selection_per_class=base.selection_per_class if "selection" in images else 0)
+  if "test" not in images:
+    base = dataclasses.replace(base, final_split=None)
+  if "selection" in images and base.selection_per_class == 0:
     p.error("--images selection needs a config with selection_per_class > 0")
-  if args.images == "test" and base.final_split is None:
+  if "test" in images and base.final_split is None:
     p.error("--images test needs a config with final_split set")
-  if args.images != "fitness" and "top1_error" not in base.objectives:
-    p.error(f"--images {args.images} needs 'top1_error' among the objectives")
+  if "top1_error" not in base.objectives:
+    p.error(f"--images {' '.join(images)} needs 'top1_error' among the objectives "
+            f"{list(base.objectives)} (the final phase measures top-1 only)")
   methods = method_overrides(base)
   methods[SWEEP] = None
   chosen = args.methods or list(methods)
@@ -242,8 +230,8 @@ def main(argv=None):
   problem = nemo_jax.build_problem(base)   # one fitness subset and calibration for all
   problems = {}
   refs = reference_members(base)
-  ref_F = {k: _front_objectives([m], base, args.images) for k, m in refs.items()}
-  ref_F = {k: (None if f is None else f[0]) for k, f in ref_F.items()}
+  ref_F = {(s, k): front_objectives([m], base, s) for s in images for k, m in refs.items()}
+  ref_F = {sk: (None if f is None else f[0]) for sk, f in ref_F.items()}
 
   runs = []
   for name in chosen:
@@ -266,26 +254,59 @@ def main(argv=None):
       method_problem = problem
     for seed in run_seeds:
       r = run_method(name, base, method_problem, seed, overrides, registries)
-      r["hv_images"] = accuracy_hv(r["front"], base, args.images)
-      if not np.isfinite(r["hv_images"]):
-        print(f"warning: {name}: the front members have no {ACCURACY_KEY[args.images]!r} "
-              f"(is the {args.images} set enabled in the config?)", file=sys.stderr)
-      F = _front_objectives(r["front"], base, args.images)
-      r["dominates"] = {k: dominates_point(F, f) for k, f in ref_F.items()}
+      r["dominates"] = {}
+      for s in images:
+        F = front_objectives(r["front"], base, s)
+        r["dominates"][s] = {k: dominates_point(F, ref_F[s, k]) for k in refs}
       runs.append(r)
-      print(f"{name:>22s} seed {seed}: HV fitness {r['hv_fitness']:.4f}, {args.images} "
-            f"{r['hv_images']:.4f} after {r['evaluations']} evaluations "
-            f"({r['seconds']:.0f} s); sizes {r['sizes']}", file=sys.stderr)
+      hv = ", ".join(f"{s} {r['hv'][s]:.4f}" for s in images)
+      print(f"{name:>22s} seed {seed}: HV fitness {r['hv_fitness']:.4f}, {hv} after "
+            f"{r['evaluations']} evaluations ({r['seconds']:.0f} s); sizes {r['sizes']}",
+            file=sys.stderr)
 
-  table = summarise(runs, args.images, list(refs))
-  write_table(table, args.out, args.images, list(refs), base, len(seeds))
-  with open(os.path.join(args.out, "runs.json"), "w") as f:
-    json.dump({"images": args.images, "seeds": seeds, "config": base.to_dict(),
+  return write_results(args.out, runs, images, refs, base)
+
+
+def write_results(out, runs, images, refs, cfg) -> list[dict]:
+  """Writes ``table.csv``, ``table.md``, ``runs.json`` and ``hypervolume.png`` to ``out``."""
+  seeds = sorted({r["seed"] for r in runs})
+  table = summarise(runs, images, list(refs))
+  write_table(table, out, images, list(refs), cfg, len(seeds))
+  with open(os.path.join(out, "runs.json"), "w") as f:
+    json.dump({"images": images, "seeds": seeds, "config": cfg.to_dict(),
                "reference_points": refs, "table": table, "runs": runs}, f, indent=1)
-  plot(runs, table, args.images, os.path.join(args.out, "hypervolume.png"))
-  print(open(os.path.join(args.out, "table.md")).read())
-  print(f"wrote {args.out}/table.csv, table.md, hypervolume.png, runs.json")
+  plot(runs, table, images[0], os.path.join(out, "hypervolume.png"))
+  print(open(os.path.join(out, "table.md")).read())
+  print(f"wrote {out}/table.csv, table.md, hypervolume.png, runs.json")
   return table
+
+
+def merge(dirs, out) -> list[dict]:
+  """One table from the ``runs.json`` of several runs of this script (same config and
+  image sets; a (method, seed) run twice is an error)."""
+  parts = []
+  for d in dirs:
+    path = os.path.join(d, "runs.json")
+    try:
+      with open(path) as f:
+        parts.append(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+      raise SystemExit(f"--merge: cannot read {path}: {e}")
+  first = parts[0]
+  for d, part in zip(dirs[1:], parts[1:]):
+    for k in ("images", "config"):
+      if part[k] != first[k]:
+        raise SystemExit(f"--merge: {d}/runs.json has another {k!r} than {dirs[0]}")
+  runs = [r for part in parts for r in part["runs"]]
+  seen = set()
+  for r in runs:
+    if (r["method"], r["seed"]) in seen:
+      raise SystemExit(f"--merge: method {r['method']!r} seed {r['seed']} is in two folders")
+    seen.add((r["method"], r["seed"]))
+  refs = {k: v for part in parts for k, v in part["reference_points"].items()}
+  os.makedirs(out, exist_ok=True)
+  return write_results(out, runs, first["images"], refs,
+                       nemo_jax.load_search_config(first["config"]))
 
 
 def summarise(runs, images, ref_names) -> list[dict]:
@@ -295,13 +316,15 @@ def summarise(runs, images, ref_names) -> list[dict]:
     rs = [r for r in runs if r["method"] == name]
     row = {"method": name, "seeds": len(rs), "evaluations": rs[0]["evaluations"],
            "hv_fitness_mean": float(np.mean([r["hv_fitness"] for r in rs])),
-           "hv_fitness_std": float(np.std([r["hv_fitness"] for r in rs])),
-           "hv_mean": float(np.mean([r["hv_images"] for r in rs])),
-           "hv_std": float(np.std([r["hv_images"] for r in rs])),
-           "front_size": float(np.mean([len(r["front"]) for r in rs])),
-           "seconds": float(np.mean([r["seconds"] for r in rs]))}
-    for k in ref_names:
-      row[f"dominates_{k}"] = float(np.mean([r["dominates"][k] for r in rs]))
+           "hv_fitness_std": float(np.std([r["hv_fitness"] for r in rs]))}
+    for s in images:
+      hv = [r["hv"].get(s, float("nan")) for r in rs]
+      row[f"hv_{s}_mean"], row[f"hv_{s}_std"] = float(np.mean(hv)), float(np.std(hv))
+    row["front_size"] = float(np.mean([len(r["front"]) for r in rs]))
+    row["seconds"] = float(np.mean([r["seconds"] for r in rs]))
+    for s in images:
+      for k in ref_names:
+        row[f"dominates_{k}_{s}"] = float(np.mean([r["dominates"][s][k] for r in rs]))
     rows.append(row)
   return rows
 
@@ -312,18 +335,21 @@ def write_table(table, out, images, ref_names, cfg, num_seeds):
     w = csv.DictWriter(f, fieldnames=cols)
     w.writeheader()
     w.writerows(table)
-  head = (["method", "seeds", "evaluations", "HV fitness (in sample)", f"HV {images}",
-           "front size"] + [f"dominates {k}" for k in ref_names])
+  sets = "/".join(images)
+  head = (["method", "seeds", "evaluations", "HV fitness (in sample)"]
+          + [f"HV {s}" for s in images] + ["front size"]
+          + [f"dominates {k} ({sets})" for k in ref_names])
   lines = [f"Final hypervolume, mean +- std over seeds ({cfg.model}, population "
            f"{cfg.population}, {cfg.generations} generations, {num_seeds} seeds; "
-           f"'dominates': fraction of seeds whose front dominates the point on the "
-           f"{images} images).", "",
+           f"'dominates': fraction of seeds whose front dominates the uniform point on the "
+           f"{sets} images).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in table:
     cells = [r["method"], str(r["seeds"]), str(r["evaluations"]),
-             f"{r['hv_fitness_mean']:.4f} +- {r['hv_fitness_std']:.4f}",
-             f"{r['hv_mean']:.4f} +- {r['hv_std']:.4f}", f"{r['front_size']:.1f}"]
-    cells += [f"{r[f'dominates_{k}']:.2f}" for k in ref_names]
+             f"{r['hv_fitness_mean']:.4f} +- {r['hv_fitness_std']:.4f}"]
+    cells += [f"{r[f'hv_{s}_mean']:.4f} +- {r[f'hv_{s}_std']:.4f}" for s in images]
+    cells.append(f"{r['front_size']:.1f}")
+    cells += ["/".join(f"{r[f'dominates_{k}_{s}']:.2f}" for s in images) for k in ref_names]
     lines.append("| " + " | ".join(cells) + " |")
   with open(os.path.join(out, "table.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -351,10 +377,12 @@ def plot(runs, table, images, path):
   ax.legend(fontsize=7)
   names = [r["method"] for r in table]
   y = np.arange(len(names))
-  bx.barh(y, [r["hv_mean"] for r in table], xerr=[r["hv_std"] for r in table], alpha=0.8)
+  mean = [r[f"hv_{images}_mean"] for r in table]
+  std = [r[f"hv_{images}_std"] for r in table]
+  bx.barh(y, mean, xerr=std, alpha=0.8)
   bx.set_yticks(y, names, fontsize=7)
   bx.invert_yaxis()
-  lo = min(r["hv_mean"] - r["hv_std"] for r in table if np.isfinite(r["hv_mean"]))
+  lo = min((m - d for m, d in zip(mean, std) if np.isfinite(m)), default=0.0)
   bx.set_xlim(left=max(0.0, lo - 0.02))
   bx.set_xlabel(f"final hypervolume, {images} images (mean +- std)")
   bx.grid(alpha=0.3, axis="x")

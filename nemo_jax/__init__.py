@@ -30,11 +30,11 @@ from nemo_jax._src.finetune import FinetuneConfig, finetune_members
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.search.config import SearchConfig, SpeciesConfig, load_search_config
 from nemo_jax._src.search.report import front_table, redraw
-from nemo_jax._src.search.run import SearchResult, search
+from nemo_jax._src.search.run import SearchResult, front_hypervolume, front_objectives, search
 
 __all__ = [
     "FinetuneConfig", "Problem", "QuantConfig", "Registries", "SearchConfig", "SearchResult", "SpeciesConfig",
-    "build_problem", "config_from_dict", "finetune_members", "config_to_dict", "front_table", "load_config", "load_config_file",
+    "build_problem", "config_from_dict", "finetune_members", "config_to_dict", "front_hypervolume", "front_objectives", "front_table", "load_config", "load_config_file",
     "parse_config_variant",
     "load_search_config", "redraw", "search",
 ]

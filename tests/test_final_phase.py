@@ -101,3 +101,8 @@ def test_search_compiles_each_generation_function_once_and_records_timing(tmp_pa
           "search_compile_seconds", "final_population"} <= set(timing)
   assert timing["final_population"] % run_lib.FINAL_PAD == 0
   assert all(0.0 <= m["final_top1"] <= 1.0 for m in res.front + res.uniform)
+  # The final front's hypervolume per image set: in sample it is the archive's.
+  saved = json.load(open(os.path.join(tmp_path, report.CONFIG_FILE)))["final_hypervolume"]
+  assert set(res.hypervolume) == {"fitness", "selection", "test"} and saved == res.hypervolume
+  assert res.hypervolume["fitness"] == pytest.approx(res.history[-1]["hypervolume"], abs=1e-5)
+  assert all(0.0 < v < 1.0 for v in res.hypervolume.values())

@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from nemo_jax._src import data as data_lib
+from nemo_jax import pareto
 from nemo_jax._src import faults
 from nemo_jax._src.data.files import ImageFiles
 from nemo_jax._src.config import QuantConfig
@@ -59,6 +60,8 @@ class SearchResult:
     config: the resolved SearchConfig.
     out_dir: where the files were written (None if not written).
     uniform: the uniform-precision baselines (W = A for each bit choice).
+    hypervolume: the final front's hypervolume per image set (``front_hypervolumes``):
+      ``fitness`` (in sample) and, when measured, ``selection`` and ``test``.
   """
   front: list[dict]
   archive: dict
@@ -66,6 +69,7 @@ class SearchResult:
   config: SearchConfig
   out_dir: str | None
   uniform: list[dict]
+  hypervolume: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def package_versions() -> dict:
@@ -168,6 +172,57 @@ def report_sets(problem: Problem) -> dict:
   if cfg.final_split is not None:
     sets["final_top1"] = final_source(problem)
   return sets
+
+
+HYPERVOLUME_SETS = {"fitness": None, "selection": "selection_top1", "test": "final_top1"}
+"""Image set -> the member key whose top-1 replaces the fitness top-1 error (None: the
+searched objectives themselves)."""
+
+
+def front_objectives(members: Sequence[dict], cfg: SearchConfig,
+                     images: str = "fitness") -> np.ndarray | None:
+  """``[N, M]`` normalised objectives of members, the ``top1_error`` objective taken on
+  ``images``.
+
+  ``images``: ``fitness`` (what the search optimised: in sample), ``selection`` or
+  ``test`` (``selection_top1`` / ``final_top1`` of the final phase: out of sample;
+  ``docs/DESIGN.md``, "Image sets").
+
+  Returns:
+    The matrix, or None when ``images`` was not measured (a member lacks the key, or
+    ``top1_error`` is not an objective).
+
+  Raises:
+    ValueError: ``images`` is not one of ``HYPERVOLUME_SETS``.
+  """
+  if images not in HYPERVOLUME_SETS:
+    raise ValueError(f"images={images!r}; allowed: {list(HYPERVOLUME_SETS)}")
+  names, key = list(cfg.objectives), HYPERVOLUME_SETS[images]
+  F = np.asarray([[m["objectives"][n] for n in names] for m in members],
+                 np.float64).reshape(len(members), len(names))
+  if key is not None:
+    if "top1_error" not in names or any(key not in m for m in members):
+      return None
+    F[:, names.index("top1_error")] = [1.0 - m[key] for m in members]
+  return F
+
+
+def front_hypervolume(members: Sequence[dict], cfg: SearchConfig,
+                      images: str = "fitness") -> float | None:
+  """Hypervolume (reference ``cfg.hv_ref``, default 1 per objective) of
+  ``front_objectives(members, cfg, images)``; members that the other image set makes
+  dominated add nothing. 0.0 for no members, None when ``images`` was not measured."""
+  F = front_objectives(members, cfg, images)
+  if F is None or not len(F):
+    return None if F is None else 0.0
+  ref = cfg.hv_ref if cfg.hv_ref is not None else [1.0] * len(cfg.objectives)
+  return float(pareto.hypervolume(jnp.asarray(F, jnp.float32), jnp.asarray(ref, jnp.float32)))
+
+
+def front_hypervolumes(members: Sequence[dict], cfg: SearchConfig) -> dict[str, float]:
+  """``{image set: front_hypervolume}`` for every set the members were measured on."""
+  hv = {k: front_hypervolume(members, cfg, k) for k in HYPERVOLUME_SETS}
+  return {k: v for k, v in hv.items() if v is not None}
 
 
 FINAL_PAD = 8
@@ -292,15 +347,16 @@ def compile_seconds() -> float:
   return _compile_total[0]
 
 
-def _record_timing(out_dir, timing: dict) -> None:
-  """Adds the run's ``timing`` (search / final seconds, compile seconds) to config.json."""
+def _record_summary(out_dir, **entries) -> None:
+  """Adds the run's ``timing`` (search / final seconds, compile seconds) and
+  ``final_hypervolume`` (per image set) to config.json."""
   path = os.path.join(out_dir, report.CONFIG_FILE)
   try:
     with open(path) as f:
       saved = json.load(f)
   except (OSError, json.JSONDecodeError):
     return
-  saved["timing"] = timing
+  saved.update(entries)
   report.write_json(path, saved)
 
 
@@ -466,11 +522,13 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
             "final_seconds": round(time.perf_counter() - t0, 4),
             "final_compile_seconds": round(compile_seconds() - c0, 4),
             "final_population": size}
+  hypervolume = front_hypervolumes(front, cfg)
   if out_dir is not None:
     write_outputs(out_dir, cfg, front, uniform, history, labels)
-    _record_timing(out_dir, timing)
+    _record_summary(out_dir, timing=timing, final_hypervolume=hypervolume)
   return SearchResult(front=front, archive=jax.tree.map(np.asarray, state.archive.to_dict()),
-                      history=history, config=cfg, out_dir=out_dir, uniform=uniform)
+                      history=history, config=cfg, out_dir=out_dir, uniform=uniform,
+                      hypervolume=hypervolume)
 
 
 def write_outputs(out_dir, cfg, front, uniform, history, labels):
