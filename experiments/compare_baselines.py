@@ -45,19 +45,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import nemo_jax
 from nemo_jax import evolution, front_objectives
-from nemo_jax.costs import FEATURE_NAMES
+from nemo_jax.costs import FEATURE_NAMES, KIND_ACTIVATION
 
 OUT_OF_SAMPLE = ("selection", "test")
 REFERENCE_POINTS = ((8, 8), (4, 4), (3, 8))  # (weight bits, activation bits)
@@ -73,14 +71,14 @@ def method_overrides(base) -> dict[str, dict]:
       "nemo_fixed_sizes": {"resize": False},
       "nemo_legacy_resize": {"utility_norm": "minmax", "max_growth": 2.0},
   }
-  seeded = [dict(dataclasses.asdict(s), seed_uniform=s.kind in ("direct_round", "direct_floor")
-                 and s.optimizer == "ga") for s in base.species]
+  seeded = [dict(s.to_dict(), seed_uniform=True) if s.kind in ("direct_round", "direct_floor")
+            and s.optimizer == "ga" else s.to_dict() for s in base.species]
   if any(s["seed_uniform"] for s in seeded):
     methods["nemo_seed_uniform"] = {"species": seeded}
   for i, s in enumerate(base.species):
     name = f"alone:{s.label}"
     methods[name if name not in methods else f"{name}-{i}"] = {
-        "species": [dataclasses.asdict(s)], "resize": False}
+        "species": [s.to_dict()], "resize": False}
   methods["nsga2"] = {"species": ["direct_round"], "selection": "nsga2", "resize": False}
   methods["random"] = {"species": ["random"], "resize": False}
   methods["nemo_type_features"] = {
@@ -92,13 +90,13 @@ def method_overrides(base) -> dict[str, dict]:
 def pair_species(pairs, family):
   """A species whose member ``j`` is the uniform config ``pairs[j % len(pairs)]``.
 
-  ``pairs`` are (weight, activation) choice indices. Node ``2i`` of the workload is layer
-  ``i``'s activation quantizer, ``2i + 1`` its weights (docs/DESIGN.md, "Contracts").
+  ``pairs`` are (weight, activation) choice indices; the search space says which searched
+  node is an activation quantizer (``SearchSpace.active_kinds``).
   """
   table = jnp.asarray(pairs, jnp.int32)
 
   def builder(space, specs, species_indices, capacity, graph, feature_dim):
-    is_act = jnp.asarray([n % 2 == 0 for n in space.active_nodes])
+    is_act = jnp.asarray(space.active_kinds == KIND_ACTIVATION)
 
     def init(key):
       del key
@@ -205,11 +203,13 @@ def main(argv=None):
   base = nemo_jax.load_search_config(args.config, generations=args.generations,
                                      population=args.population)
   images = list(dict.fromkeys(args.images))
-  # a set not reported is not evaluated in the final phase
+  # Paired seeds: every method and seed sees the same images (data_seed fixed); a set
+  # not reported is not evaluated in the final phase.
   base = nemo_jax.load_search_config(
-      base, selection_per_class=base.selection_per_class if "selection" in images else 0)
+      base, data_seed=base.image_seed,
+      selection_per_class=base.selection_per_class if "selection" in images else 0)
   if "test" not in images:
-    base = dataclasses.replace(base, final_split=None)
+    base = base.replace(final_split=None)
   if "selection" in images and base.selection_per_class == 0:
     p.error("--images selection needs a config with selection_per_class > 0")
   if "test" in images and base.final_split is None:
@@ -228,7 +228,6 @@ def main(argv=None):
   pairs = sweep_pairs(base)
   registries = nemo_jax.Registries().with_species(SWEEP, pair_species(pairs, SWEEP))
   problem = nemo_jax.build_problem(base)   # one fitness subset and calibration for all
-  problems = {}
   refs = reference_members(base)
   ref_F = {(s, k): front_objectives([m], base, s) for s in images for k, m in refs.items()}
   ref_F = {sk: (None if f is None else f[0]) for sk, f in ref_F.items()}
@@ -243,17 +242,8 @@ def main(argv=None):
       run_seeds = seeds[:1]
     else:
       run_seeds = seeds
-    graph_keys = ("edges", "node_features")
-    if any(k in overrides for k in graph_keys):
-      key = tuple(str(overrides.get(k)) for k in graph_keys)
-      if key not in problems:
-        problems[key] = nemo_jax.build_problem(nemo_jax.load_search_config(
-            base, **{k: overrides[k] for k in graph_keys if k in overrides}))
-      method_problem = problems[key]
-    else:
-      method_problem = problem
     for seed in run_seeds:
-      r = run_method(name, base, method_problem, seed, overrides, registries)
+      r = run_method(name, base, problem, seed, overrides, registries)
       r["dominates"] = {}
       for s in images:
         F = front_objectives(r["front"], base, s)

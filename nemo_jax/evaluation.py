@@ -19,14 +19,17 @@ from nemo_jax._src.distributed import initialize, population_mesh
 from nemo_jax._src.evaluator import (ACTIVATION_FACTOR, STRATEGIES, EvalResult, Evaluator,
                                      evaluate, member_apply_fn, member_bytes,
                                      member_logits)
-from nemo_jax._src.schemes import QuantScheme, stack_variables
+from nemo_jax._src.schemes import (BUILTIN_SCHEMES, MemberQuantizers, QuantScheme,
+                                   member_inputs, member_weights, stack_variables)
+from nemo_jax._src.spec import EMOMC, NEMO, QuantSpec
 from nemo_jax._src.schemes import library as library_scheme
 from nemo_jax._src.schemes import ptq as ptq_scheme
 from nemo_jax._src.tables import CALIBRATIONS, CalibrationTables, compute_tables
 from nemo_jax._src.tables import load_or_compute as load_or_compute_tables
 
 __all__ = [
-    "ACTIVATION_FACTOR", "CALIBRATIONS", "Calibration", "CalibrationTables", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
+    "ACTIVATION_FACTOR", "BUILTIN_SCHEMES", "CALIBRATIONS", "EMOMC", "MemberQuantizers", "NEMO",
+    "QuantSpec", "member_inputs", "member_weights", "Calibration", "CalibrationTables", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
     "compute_tables", "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
     "load_or_calibrate", "load_or_compute_tables", "member_apply_fn", "member_bytes", "member_logits", "population_mesh",
     "ptq_scheme", "save_calibration", "stack_variables",

@@ -9,10 +9,9 @@
 
 from nemo_jax._src.export import (ENCODINGS, EXPORT_FORMAT, FORMATS, ONNX_OPSET,
                                   ExportedActivation, ExportedLayer, ExportedMember,
-                                  export_member, export_problem_member, load_npz_kernels,
-                                  load_run_member, member_sizes, pack_codes, precision_dict,
-                                  quantize_member, save_npz, save_onnx, to_onnx,
-                                  unpack_codes)
+                                  load_npz_kernels, member_sizes, pack_codes, precision_dict,
+                                  quantize_member, save_npz, save_onnx, to_onnx, unpack_codes)
+from nemo_jax._src.run.members import export_member, export_problem_member, load_run_member
 
 __all__ = [
     "ENCODINGS", "EXPORT_FORMAT", "FORMATS", "ONNX_OPSET", "ExportedActivation",

@@ -20,8 +20,8 @@ from nemo_jax._src.intercept import (HANDLED_LAYERS, Intercepted, check_intercep
                                      intercept_layers, load_model_factory)
 from nemo_jax._src.layers import LayerInfo, QContext, QConv, QDense
 from nemo_jax._src.models import (DEFAULT_INPUT_SHAPE, DEFAULT_MODEL, DEFAULT_NUM_CLASSES,
-                                  abstract_variables, default_spec, get_model, init_variables,
-                                  list_models, register_model, trace_layers)
+                                  ZOO, ModelRegistry, abstract_variables, default_spec,
+                                  get_model, init_variables, list_models, trace_layers)
 from nemo_jax._src.checkpoint import load_default_model, load_model
 from nemo_jax._src.train import TrainConfig, float_accuracy, save_trained, train
 
@@ -32,6 +32,6 @@ __all__ = [
     "intercept_layers", "load_model_factory",
     "default_spec", "float_accuracy", "get_model", "init_variables", "list_models",
     "load_default_model", "load_model", "load_torch_checkpoint", "load_variables",
-    "register_model", "save_trained", "save_variables", "torchvision_to_flax", "trace_layers",
+    "ModelRegistry", "ZOO", "save_trained", "save_variables", "torchvision_to_flax", "trace_layers",
     "train",
 ]

@@ -64,7 +64,7 @@ def build_problem(seed: int = 0):
   import jax
   import jax.numpy as jnp
   from nemo_jax import evaluation
-  from nemo_jax._src.config import QuantConfig
+  from nemo_jax._src.qconfig import QuantConfig
 
   rng = np.random.default_rng(seed)
   model = make_model()
@@ -101,7 +101,8 @@ def main(argv=None) -> None:
   from nemo_jax import evaluation
 
   model, variables, calibration, images, labels, configs = build_problem()
-  evaluator = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration),
+  spec = evaluation.QuantSpec(weight_quant="symmetric_per_channel")
+  evaluator = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration, spec),
                                    images, labels, batch_size=BATCH_SIZE,
                                    strategy=args.strategy)
   result = evaluator(configs)

@@ -40,10 +40,11 @@ def write_run_dir(out, objectives=("model_ratio", "bops_ratio"), final_split=Non
   """
   import jax.numpy as jnp
   import numpy as np
-  from nemo_jax._src.problem import build_problem
-  from nemo_jax._src.search import report
-  from nemo_jax._src.search import run as run_lib
-  from nemo_jax._src.search.config import load_search_config
+  from nemo_jax._src.faults import write_json
+  from nemo_jax._src.run import final as final_lib
+  from nemo_jax._src.run.config import load_search_config
+  from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE
+  from nemo_jax._src.run.search import build_problem
 
   cfg = load_search_config(SMOKE, objectives=list(objectives), keep_choices=[0.6, 1.0],
                            final_split=final_split, **overrides)
@@ -59,13 +60,11 @@ def write_run_dir(out, objectives=("model_ratio", "bops_ratio"), final_split=Non
     keeps.append(1)
   choice = np.stack(rows).astype(np.int32)
   keep_idx = np.asarray(keeps, np.int32)
-  raw_names = run_lib.raw_names_for(problem)
   _, _, raw = problem.objectives(problem.decode(jnp.asarray(choice), jnp.asarray(keep_idx)))
-  raw = np.stack([np.asarray(raw[n], np.float32) for n in raw_names], axis=-1)
-  front = run_lib._members(problem, choice, keep_idx, None, None, raw, raw_names, None)
-  report.write_json(os.path.join(out, report.CONFIG_FILE),
-                    {"config": cfg.to_dict(), "seed": cfg.seed})
-  report.write_json(os.path.join(out, report.FRONT_FILE), front)
+  raw = final_lib.raw_matrix(raw, problem.raw_names)
+  front = final_lib.members(problem, choice, keep_idx, None, None, raw, None)
+  write_json(os.path.join(out, CONFIG_FILE), {"config": cfg.to_dict(), "seed": cfg.seed})
+  write_json(os.path.join(out, FRONT_FILE), front)
   return out, problem, front
 
 
@@ -73,3 +72,10 @@ def write_run_dir(out, objectives=("model_ratio", "bops_ratio"), final_split=Non
 def make_run_dir():
   """:func:`write_run_dir` for tests (``make_run_dir(out, **options)``)."""
   return write_run_dir
+
+
+@pytest.fixture(scope="module")
+def smoke_problem():
+  """The problem of the smoke config (experiments/configs/smoke.py), built once per file."""
+  import nemo_jax
+  return nemo_jax.build_problem(SMOKE, progress=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nemo_jax._src import costs
-from nemo_jax._src.config import QuantConfig
+from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.layers import QConv, QDense
 from nemo_jax._src.workload import extract_workload
 

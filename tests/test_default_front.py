@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from nemo_jax._src.search import run as run_lib
+from nemo_jax._src.run import search as run_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

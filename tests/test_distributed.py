@@ -50,7 +50,8 @@ def reference():
   """Single-process, single-device result."""
   model, variables, calibration, images, labels, configs = worker.build_problem()
   mesh = distributed.population_mesh(jax.devices()[:1])
-  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration), images,
+  spec = evaluation.QuantSpec(weight_quant="symmetric_per_channel")  # as the worker's
+  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration, spec), images,
                             labels, batch_size=worker.BATCH_SIZE, strategy="map", mesh=mesh)
   assert ev.num_devices == 1
   return ev(configs)

@@ -23,8 +23,8 @@ from nemo_jax._src.checkpoint import load_default_model
 from nemo_jax._src.emomc import report as report_lib
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.problem import selection_data
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.run import search as run_lib
+from nemo_jax._src.run.config import load_search_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RATIOS = (0.4, 0.7)
@@ -67,8 +67,13 @@ def _search_config(library_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def problem(library):
-  return nemo_jax.build_problem(_search_config(library[0]), progress=False)
+def search_cfg(library):
+  return _search_config(library[0])
+
+
+@pytest.fixture(scope="module")
+def problem(search_cfg):
+  return nemo_jax.build_problem(search_cfg, progress=False)
 
 
 # --------------------------------------------------------------------------- stage I
@@ -170,7 +175,7 @@ def test_stage2_evaluation_equals_hand_quantized_pruned_checkpoint(problem, defa
 
   cfg = problem.cfg
   images, labels = data_lib.load_split(cfg.dataset, cfg.eval_split)
-  idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=cfg.seed)
+  idx = data_lib.stratified_subset(labels, cfg.eval_per_class, seed=problem.seed)
   x = jnp.asarray(data_lib.preprocess(cfg.dataset, images[idx]))
   y = labels[idx]
   for j, (p, bits) in enumerate(zip(keep, w_bits)):
@@ -293,29 +298,29 @@ def test_bad_input_names_the_value(library, problem):
         keep=jnp.asarray([0.5], jnp.float32)))
 
 
-def test_nsga2_search_and_unmeetable_accuracy_bound(problem):
-  res = run_lib.search(problem.cfg, out_dir=None, progress=False, problem=problem)
+def test_nsga2_search_and_unmeetable_accuracy_bound(search_cfg, problem):
+  res = run_lib.search(search_cfg, out_dir=None, progress=False, problem=problem)
   assert [r["evaluations"] for r in res.history] == [12, 24]
   assert res.front and all(m["keep"] in (pytest.approx(0.4), pytest.approx(0.7))
                            for m in res.front)
   assert all(m["metrics"]["size_kb:csr"] <= 500.0 for m in res.front)
   # An accuracy bound nothing meets: said after generation 0 with the closest config.
-  cfg = load_search_config(problem.cfg, constraints={"top1_error": -0.5}, generations=0)
-  bad = dataclasses.replace(problem, cfg=cfg)
+  cfg = load_search_config(search_cfg, constraints={"top1_error": -0.5}, generations=0)
+  bad = dataclasses.replace(problem, cfg=cfg.problem)
   with pytest.warns(UserWarning, match=r"top1_error <= -0\.5.*closest configuration: keep="):
     run_lib.search(cfg, out_dir=None, progress=False, problem=bad)
   cfg = load_search_config(cfg, infeasible="error")
   with pytest.raises(ValueError, match="closest configuration"):
     run_lib.search(cfg, out_dir=None, progress=False,
-                   problem=dataclasses.replace(problem, cfg=cfg))
+                   problem=dataclasses.replace(problem, cfg=cfg.problem))
 
 
-def test_nemo_species_choose_the_keep_ratio(problem):
+def test_nemo_species_choose_the_keep_ratio(search_cfg, problem):
   species = ["direct_round", "direct_floor", {"kind": "gcn", "hidden": 8},
              {"kind": "graph_unet", "hidden": 8}]
-  cfg = load_search_config(problem.cfg, species=species, selection="nsga3", resize=True)
+  cfg = load_search_config(search_cfg, species=species, selection="nsga3", resize=True)
   res = run_lib.search(cfg, out_dir=None, progress=False,
-                       problem=dataclasses.replace(problem, cfg=cfg))
+                       problem=dataclasses.replace(problem, cfg=cfg.problem))
   assert [r["evaluations"] for r in res.history] == [12, 24]
   archive = res.archive
   kept = {round(float(problem.keep_choices[i]), 4) for i in archive["keep_idx"][archive["valid"]]}
@@ -363,8 +368,11 @@ def test_report_picks_members_by_selection_accuracy_and_reports_test(library, pr
   # reverse. Choosing on the selection set must take member 0 and report its test top-1.
   cfg = _search_config(library[0], final_split="test", final_max_images=20)
   L = problem.workload.num_layers
-  front = [{"keep": 0.4, "w_bits": [4] * L, "selection_top1": 1.0, "final_top1": 0.0},
-           {"keep": 0.7, "w_bits": [8] * L, "selection_top1": 0.0, "final_top1": 1.0}]
+  # (the other fields of a front.json entry, not read by the report)
+  rest = {"a_bits": [16] * problem.workload.num_act_quantizers, "species": "direct_round",
+          "generation": 0, "objectives": {}, "metrics": {}}
+  front = [{"keep": 0.4, "w_bits": [4] * L, "selection_top1": 1.0, "final_top1": 0.0, **rest},
+           {"keep": 0.7, "w_bits": [8] * L, "selection_top1": 0.0, "final_top1": 1.0, **rest}]
   (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))
   (tmp_path / "front.json").write_text(json.dumps(front))
   table = report_lib.emomc_report(str(tmp_path), max_loss=0.005, problem=problem)
@@ -375,7 +383,7 @@ def test_report_picks_members_by_selection_accuracy_and_reports_test(library, pr
   assert row["accuracy_loss"] == pytest.approx(table["fp32_top1"])
   assert row["selection_loss"] == pytest.approx(table["fp32_selection_top1"] - 1.0)
   # The FP32 references are the evaluator's on the two sets (test: final_split subset).
-  x_sel, y_sel = selection_data(cfg)
+  x_sel, y_sel = selection_data(cfg.problem, cfg.seed, cfg.selection_per_class)
   assert table["fp32_selection_top1"] == pytest.approx(
       float(problem.make_evaluator(x_sel, y_sel).evaluate_float().top1))
   assert "sel" in report_lib.format_table(table)
@@ -419,7 +427,7 @@ def test_cli_end_to_end(tmp_path):
   assert "X|Y" in r.stdout and (run / report_lib.TABLE_CSV).exists()
 
   # Bad input: one line naming the value, exit status 2, no traceback.
-  cfg["keep_choices"] = [0.5, 0.55]
+  cfg["problem"]["keep_choices"] = [0.5, 0.55]
   path.write_text(json.dumps(cfg))
   r = _cli("search", "--config", str(path), "--out", str(tmp_path / "bad"))
   assert r.returncode == 2 and "0.55" in r.stderr and "Traceback" not in r.stderr

@@ -14,8 +14,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from nemo_jax import evaluation
-from nemo_jax._src.config import QuantConfig
+from nemo_jax._src import data as data_lib
+from nemo_jax._src.checkpoint import load_default_model
 from nemo_jax._src.layers import QContext, QDense
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.spec import QuantSpec
+
+SPEC = QuantSpec(weight_quant="symmetric_per_channel")
+NNCF = SPEC.replace(placement="nncf")
 
 _spec = importlib.util.spec_from_file_location(
     "_multihost_worker", os.path.join(os.path.dirname(__file__), "_multihost_worker.py"))
@@ -27,7 +33,7 @@ if worker is None:  # registered: flax dataclasses look their module up
 
 def ptq_evaluator(model, variables, calibration, images, labels, **kwargs):
   """The NEMO (calibrated PTQ) evaluator."""
-  return evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration), images,
+  return evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calibration, SPEC), images,
                               labels, **kwargs)
 
 
@@ -126,7 +132,7 @@ def test_population_matches_per_config_reference(problem, map_evaluator):
   model, variables, calibration, images, labels, configs = problem
   result = map_evaluator(configs)
   apply = jax.jit(lambda v, x, w, a, k: model.apply(
-      v, x, QContext.from_config(QuantConfig(w, a, k), calibration), train=False))
+      v, x, QContext.from_config(QuantConfig(w, a, k), calibration, spec=SPEC), train=False))
   for p in range(configs.w_bits.shape[0]):
     logits = apply(variables, jnp.asarray(images), configs.w_bits[p], configs.a_bits[p],
                    configs.keep[p])
@@ -218,7 +224,7 @@ def test_top5_with_fewer_than_five_classes():
   result = ev(QuantConfig.uniform(2, 4, 4))
   assert result.top5[0] == 1.0
   logits = jax.jit(lambda v, x: model.apply(v, x, QContext.from_config(
-      QuantConfig.uniform(2, 4, 4), calib), train=False))(variables, jnp.asarray(images))
+      QuantConfig.uniform(2, 4, 4), calib, spec=SPEC), train=False))(variables, jnp.asarray(images))
   assert result.top1[0] == np.float32(_numpy_metrics(logits, labels)[0])
 
 
@@ -262,12 +268,7 @@ def test_bad_input_raises_value_error(problem, map_evaluator):
 
 
 def test_all_2_bit_collapses_default_model():
-  try:
-    from nemo_jax._src import data as data_lib
-    from nemo_jax._src.checkpoint import load_default_model
-    model, variables = load_default_model()
-  except (ImportError, AttributeError, FileNotFoundError, OSError) as e:
-    pytest.skip(f"trained default model not available yet: {type(e).__name__}: {e}")
+  model, variables = load_default_model()
   x_train, _ = data_lib.load_split("fashion_mnist_embedded", "train")
   x_test, y_test = data_lib.load_split("fashion_mnist_embedded", "test")
   subset = data_lib.stratified_subset(y_test, 20, seed=0)  # 200 test images
@@ -301,7 +302,7 @@ def test_nncf_placement_shares_quantizers_and_matches_a_plain_apply():
   # the range of the stem's output, which the conv_inputs calibration gives layer 1.
   plain = evaluation.calibrate(model, variables, images, batch_size=8)
   assert calib.lo[1] == plain.lo[1] and calib.hi[1] == plain.hi[1]
-  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calib, placement="nncf"),
+  ev = evaluation.Evaluator(model, variables, evaluation.ptq_scheme(calib, NNCF),
                             images, labels, batch_size=8, strategy="map")
   assert (ev.num_layers, ev.num_act_quantizers) == (22, 31)
   configs = QuantConfig(w_bits=jnp.asarray(rng.integers(2, 9, (3, 22)), jnp.int32),
@@ -310,7 +311,7 @@ def test_nncf_placement_shares_quantizers_and_matches_a_plain_apply():
   result = ev(configs)
   apply = jax.jit(lambda w, a: model.apply(
       variables, jnp.asarray(images),
-      QContext.from_config(QuantConfig(w, a, 1.0), calib, placement="nncf"), train=False))
+      QContext.from_config(QuantConfig(w, a, 1.0), calib, spec=NNCF), train=False))
   for p in range(3):
     top1, _, loss = _numpy_metrics(apply(configs.w_bits[p], configs.a_bits[p]), labels)
     assert result.top1[p] == np.float32(top1)
@@ -321,5 +322,5 @@ def test_nncf_placement_shares_quantizers_and_matches_a_plain_apply():
   with pytest.raises(ValueError, match="a_bits.*31 bit-widths"):
     ev(QuantConfig.uniform(22, 8, 8))
   with pytest.raises(ValueError, match="calibration: 22 activation ranges.*31 activation quantizers"):
-    evaluation.Evaluator(model, variables, evaluation.ptq_scheme(plain, placement="nncf"),
+    evaluation.Evaluator(model, variables, evaluation.ptq_scheme(plain, NNCF),
                          images, labels)

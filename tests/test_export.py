@@ -21,11 +21,14 @@ from nemo_jax._src import models as models_lib
 from nemo_jax._src import quant
 from nemo_jax._src import schemes
 from nemo_jax._src import tables as tables_lib
-from nemo_jax._src.config import QuantConfig, config_from_dict
 from nemo_jax._src.costs.registry import compute_costs
 from nemo_jax._src.costs.report import layer_costs_numpy
 from nemo_jax._src.evaluator import member_logits
+from nemo_jax._src.precision import config_from_dict
 from nemo_jax._src.problem import fitness_data
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.run.rundir import RunDir
+from nemo_jax._src.spec import QuantSpec
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -134,7 +137,8 @@ def test_npz_is_the_fake_quantized_model_bit_for_bit_and_its_size_is_model_bits(
     side, kernels = export.load_npz_kernels(path)
     prepared = problem.scheme.prepare(problem.model, problem.source.variables,
                                       problem.source.input_shape)
-    _, ref = jax.jit(problem.scheme.member_weights)(prepared, config)
+    _, ref = jax.jit(lambda p, c: schemes.member_weights(problem.scheme, p, c))(prepared,
+                                                                               config)
     assert len(kernels) == wl.num_layers
     for i, (got, want) in enumerate(zip(kernels, ref)):
       assert np.array_equal(got, np.asarray(want)), (k, i, wl.layer_names[i])
@@ -171,7 +175,8 @@ def test_npz_is_the_fake_quantized_model_bit_for_bit_and_its_size_is_model_bits(
 
 def test_onnx_runtime_matches_the_fake_quantized_jax_forward(run_dir, tmp_path):
   out_dir, problem, front = run_dir
-  x = fitness_data(problem.cfg)[0]
+  run_cfg = RunDir(out_dir).read_config()
+  x = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class)[0]
   figures = {}
   for k in (0, 1):           # uniform W8A8, pruned mixed precision
     path = str(tmp_path / f"m{k}.onnx")
@@ -214,16 +219,16 @@ def _random_model_case(name, shape, w_bits, a_bits, keep, seed=0,
                     if "mean" in jax.tree_util.keystr(p) else np.asarray(v)), variables)
   images = rng.normal(size=(8, *shape)).astype(np.float32)
   if library:   # EMOMC: a one-entry library, FP16 activations
-    scheme = schemes.library([1.0], weight_quant, "fp16")
+    scheme = schemes.library([1.0], QuantSpec(weight_quant=weight_quant,
+                                              activation_format="fp16"))
     variables = schemes.stack_variables([variables])
   else:
     calib = calib_lib.calibrate(model, variables, images, batch_size=4)
-    tables = tables_lib.compute_tables(calibration, model, variables, images,
-                                       [1, 2, 3, 4, 6, 8, 12], calib, 4,
-                                       weight_quant=weight_quant, weight_range=weight_range,
-                                       act_quant=act_quant)
-    scheme = schemes.ptq(calib, weight_quant, weight_range=weight_range,
-                         act_quant=act_quant, tables=tables)
+    spec = QuantSpec(weight_quant=weight_quant, weight_range=weight_range,
+                     act_quant=act_quant, calibration=calibration)
+    tables = tables_lib.compute_tables(spec, model, variables, images,
+                                       [1, 2, 3, 4, 6, 8, 12], calib, 4)
+    scheme = schemes.ptq(calib, spec, tables=tables)
   layers, acts = models_lib.trace_quantizers(model, shape)
   config = QuantConfig(w_bits=jnp.asarray(w_bits(len(layers)), jnp.int32),
                        a_bits=jnp.asarray(a_bits(len(acts)), jnp.int32),

@@ -20,9 +20,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from nemo_jax._src import faults
-from nemo_jax._src.problem import build_problem
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.run import checkpoint as ckpt_lib
+from nemo_jax._src.run import search as run_lib
+from nemo_jax._src.run.rundir import CHECKPOINT_DIR, DAMAGED_DIR
 
 
 def test_graceful_stop_defers_the_signal_to_the_step_boundary():
@@ -82,13 +82,13 @@ def test_restore_falls_back_to_the_newest_good_step():
     return {"step": step}
 
   with pytest.warns(UserWarning, match=r"step 5: KeyError.*resumed from step 4"):
-    step, restored, problems = faults.restore_latest_good([3, 4, 5], restore, "runs/x")
+    step, restored, problems = ckpt_lib.restore_newest_good([3, 4, 5], restore, "runs/x")
   assert (step, restored) == (4, {"step": 4}) and len(problems) == 1
   with pytest.raises(ValueError, match=r"runs/x.*step 5.*step 4.*intact"):
-    faults.restore_latest_good([4, 5], lambda s: (_ for _ in ()).throw(OSError("gone")),
-                               "runs/x")
+    ckpt_lib.restore_newest_good([4, 5], lambda s: (_ for _ in ()).throw(OSError("gone")),
+                                 "runs/x")
   with pytest.raises(ValueError, match="no checkpoint step"):
-    faults.restore_latest_good([], restore, "runs/x")
+    ckpt_lib.restore_newest_good([], restore, "runs/x")
 
 
 def test_nonfinite_variables_name_the_layer(tmp_path):
@@ -124,7 +124,7 @@ def _start_cli(*args):
 
 
 def _steps(run):
-  ckpt = os.path.join(run, run_lib.CHECKPOINT_DIR)
+  ckpt = os.path.join(run, CHECKPOINT_DIR)
   return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(ckpt) else []
 
 
@@ -132,10 +132,6 @@ def _front(run):
   with open(os.path.join(run, "front.json")) as f:
     return json.load(f)
 
-
-@pytest.fixture(scope="module")
-def smoke_problem():
-  return build_problem(load_search_config(SMOKE), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +151,11 @@ def _copy(reference, tmp_path):
 def test_resume_falls_back_past_a_damaged_newest_step(reference, smoke_problem, tmp_path):
   run = _copy(reference, tmp_path)
   assert _steps(run) == [G - 1, G]                        # max_to_keep = 2
-  shutil.rmtree(os.path.join(run, run_lib.CHECKPOINT_DIR, str(G), "state"))
+  shutil.rmtree(os.path.join(run, CHECKPOINT_DIR, str(G), "state"))
   with pytest.warns(UserWarning, match=rf"step {G}: .*resumed from step {G - 1}"):
     run_lib.search(out_dir=run, resume=True, progress=False, problem=smoke_problem)
   assert _front(run) == _front(reference)                 # the lost generation is redone
-  damaged = os.listdir(os.path.join(run, run_lib.DAMAGED_DIR))
+  damaged = os.listdir(os.path.join(run, DAMAGED_DIR))
   assert len(damaged) == 1 and damaged[0].startswith(f"{G}.")   # kept for inspection
   assert _steps(run) == [G - 1, G]
 
@@ -167,7 +163,7 @@ def test_resume_falls_back_past_a_damaged_newest_step(reference, smoke_problem, 
 def test_resume_with_no_intact_step_is_one_clear_error(reference, tmp_path):
   run = _copy(reference, tmp_path)
   for step in _steps(run):
-    shutil.rmtree(os.path.join(run, run_lib.CHECKPOINT_DIR, str(step), "state"))
+    shutil.rmtree(os.path.join(run, CHECKPOINT_DIR, str(step), "state"))
   r = _cli("search", "--resume", run, "--quiet")
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
   lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]

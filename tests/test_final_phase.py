@@ -1,6 +1,6 @@
 """The final phase and compiles: streamed evaluation through the generation's compiled
 shape, one final-phase compile at most, warm generations (nemo_jax/_src/evaluator.py,
-nemo_jax/_src/search/run.py)."""
+nemo_jax/_src/run/search.py, nemo_jax/_src/run/final.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ import os
 import numpy as np
 import pytest
 
-from nemo_jax._src.search import report
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import load_search_config
-from nemo_jax._src.problem import build_problem
+from nemo_jax._src.run import final as final_lib
+from nemo_jax._src.run import search as run_lib
+from nemo_jax._src.run.config import load_search_config
+from nemo_jax._src.run.rundir import CONFIG_FILE
 from tests.conftest import SMOKE
 
-
-@pytest.fixture(scope="module")
-def smoke_problem():
-  return build_problem(load_search_config(SMOKE), progress=False)
 
 
 def _random_configs(problem, count, seed):
@@ -33,11 +29,12 @@ def _random_configs(problem, count, seed):
 def test_streamed_blocks_equal_a_resident_evaluator_and_compile_nothing_new(smoke_problem):
   p = smoke_problem
   ev = p.evaluator
-  x, y = run_lib.final_data(p)   # 40 test images; the fitness block holds 20
+  sets = final_lib.report_sets(p, load_search_config(SMOKE))
+  x, y = final_lib.materialise(sets["final_top1"])   # 40 test images; the fitness block: 20
   assert len(y) % ev.block_images != 0 or len(y) > ev.block_images
   x, y = x[:37], y[:37]          # a short last block (padded and masked)
   configs = _random_configs(p, 5, seed=1)
-  size = p.evaluator.padded_size(p.cfg.population)
+  size = p.evaluator.padded_size(p.population)
   ev.run(configs, pad_to=size)   # the generation's compiled shape
   before = ev.compiled_sizes()
   streamed = ev.run_images(configs, x, y, pad_to=size)
@@ -65,9 +62,9 @@ def test_final_size_pads_to_a_small_multiple():
   class P:
     class evaluator:
       num_devices = 1
-  assert [run_lib.final_size(P, m) for m in (1, 7, 8, 9, 27, 45)] == [8, 8, 8, 16, 32, 48]
+  assert [final_lib.final_size(P, m) for m in (1, 7, 8, 9, 27, 45)] == [8, 8, 8, 16, 32, 48]
   P.evaluator.num_devices = 2
-  assert run_lib.final_size(P, 17) == 32
+  assert final_lib.final_size(P, 17) == 32
 
 
 def test_search_compiles_each_generation_function_once_and_records_timing(tmp_path,
@@ -96,13 +93,13 @@ def test_search_compiles_each_generation_function_once_and_records_timing(tmp_pa
   # ... each traced once: generations' batches and the streamed final blocks share it.
   assert all(fn._cache_size() == 1 for fn in smoke_problem.evaluator._compiled.values())
   assert all("compile_seconds" in r for r in res.history)
-  timing = json.load(open(os.path.join(tmp_path, report.CONFIG_FILE)))["timing"]
+  timing = json.load(open(os.path.join(tmp_path, CONFIG_FILE)))["timing"]
   assert {"search_seconds", "final_seconds", "final_compile_seconds",
           "search_compile_seconds", "final_population"} <= set(timing)
-  assert timing["final_population"] % run_lib.FINAL_PAD == 0
+  assert timing["final_population"] % final_lib.FINAL_PAD == 0
   assert all(0.0 <= m["final_top1"] <= 1.0 for m in res.front + res.uniform)
   # The final front's hypervolume per image set: in sample it is the archive's.
-  saved = json.load(open(os.path.join(tmp_path, report.CONFIG_FILE)))["final_hypervolume"]
+  saved = json.load(open(os.path.join(tmp_path, CONFIG_FILE)))["final_hypervolume"]
   assert set(res.hypervolume) == {"fitness", "selection", "test"} and saved == res.hypervolume
   assert res.hypervolume["fitness"] == pytest.approx(res.history[-1]["hypervolume"], abs=1e-5)
   assert all(0.0 < v < 1.0 for v in res.hypervolume.values())

@@ -3,7 +3,6 @@ run's own record; after: the evaluator on the saved variables), resume, stop, CL
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -58,13 +57,15 @@ def test_accuracies_are_the_evaluators_before_and_after(tuned):
   # After: the project's evaluator (PTQ, the run's calibration) on the saved variables.
   source = problem.source
   variables = ckpt.load_variables(entry["variables"], source.model, source.input_shape)
-  x_fit, y_fit, _ = fitness_data(problem.cfg)
+  run_cfg = nemo_jax.RunDir(out).read_config()
+  x_fit, y_fit, _ = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class)
   evaluator = Evaluator(source.model, variables, problem.scheme, x_fit, y_fit)
   top1 = float(np.asarray(evaluator.run(jax.tree.map(lambda x: x[None],
                                                      _config(problem, entry))).top1)[0])
   assert entry["fitness"]["after"]["top1"] == pytest.approx(top1, abs=1e-6)
   # Before, on the selection set: the PTQ member through the run's own evaluator.
-  selection = problem.make_evaluator(*selection_data(problem.cfg))
+  selection = problem.make_evaluator(*selection_data(problem.cfg, problem.seed,
+                                                     run_cfg.run.selection_per_class))
   top1 = float(np.asarray(selection.run(jax.tree.map(lambda x: x[None],
                                                      _config(problem, entry))).top1)[0])
   assert entry["selection"]["before"]["top1"] == pytest.approx(top1, abs=1e-6)
@@ -138,17 +139,18 @@ def test_cli_missing_run_dir_exits_2(tmp_path, capsys):
 
 
 def test_training_images_leave_the_selection_images_out(tuned):
-  _, problem, _, _, _ = tuned
-  cfg = problem.cfg
+  out, problem, _, _, _ = tuned
+  cfg = nemo_jax.RunDir(out).read_config()
   _, labels = data_lib.load_split(cfg.dataset, cfg.eval_split)
-  selection = image_sets(cfg, labels)["selection"]
+  selection = image_sets(cfg.problem, labels, problem.seed,
+                         cfg.run.selection_per_class)["selection"]
   for max_images in (None, 320):
     settings = ft.FinetuneConfig.from_dict({"max_images": max_images})
     idx = ft.train_indices(cfg, settings, labels)
     assert np.intersect1d(idx, selection).size == 0
     assert len(idx) == (len(labels) - len(selection) if max_images is None else 320)
   # Another split than eval_split: all of it; the run's test split: refused.
-  other = dataclasses.replace(cfg, eval_split="test", final_split=None)
+  other = cfg.replace(eval_split="test", final_split=None)
   assert len(ft.train_indices(other, ft.FinetuneConfig(), labels)) == len(labels)
   with pytest.raises(ValueError, match="train_split='test' is the run's final_split"):
     ft.train_indices(cfg, ft.FinetuneConfig.from_dict({"train_split": "test"}), labels)

@@ -20,7 +20,7 @@ from PIL import Image
 from nemo_jax._src.data import files as files_lib
 from nemo_jax._src.data import stratified_subset
 from nemo_jax._src.problem import image_sets
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.run.config import load_search_config
 from tests.conftest import REPO
 
 CLASSES = 10
@@ -90,7 +90,9 @@ def test_paper_workflow_tiny(tmp_path, monkeypatch):
   train_paths, train_labels = files_lib.imagenet_split_files(root, "train")
   val_paths, val_labels = files_lib.imagenet_split_files(root, "validation")
   rel = lambda paths, idx: {os.path.relpath(paths[i], os.path.realpath(root)) for i in idx}
-  sets = image_sets(load_search_config(config), train_labels)
+  run_cfg = load_search_config(config)
+  sets = image_sets(run_cfg.problem, train_labels, run_cfg.search.seed,
+                    run_cfg.run.selection_per_class)
   expected = set().union(*(rel(train_paths, idx) for idx in sets.values()))
   expected |= rel(val_paths, stratified_subset(val_labels, 1, seed=0))
   assert sorted(set(decoded)) == sorted(expected)
@@ -104,6 +106,6 @@ def test_paper_workflow_tiny(tmp_path, monkeypatch):
     assert 0.0 <= m["metrics"]["top5_error"] <= 1.0
     assert 0.0 <= m["final_top1"] <= 1.0
   saved = json.load(open(os.path.join(out, "config.json")))
-  assert saved["config"]["objectives"][0] == "top5_error"
-  assert saved["config"]["final_split"] == "validation"
+  assert saved["config"]["problem"]["objectives"][0] == "top5_error"
+  assert saved["config"]["run"]["final_split"] == "validation"
   assert saved["timing"]["final_population"] == 8 * -(-(len(front) + 7) // 8)

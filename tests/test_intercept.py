@@ -29,6 +29,10 @@ from nemo_jax._src import models as zoo_lib
 from nemo_jax._src import workload as workload_lib
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.problem import fitness_data
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.spec import QuantSpec
+
+SPEC = QuantSpec(weight_quant="symmetric_per_channel")
 
 SHAPE = (28, 28, 1)
 
@@ -108,8 +112,9 @@ def mixed():
   fns = {"plain": jax.jit(module.apply),
          "none": jax.jit(lambda v, x: wrapped.apply(v, x)),
          "float_ctx": jax.jit(lambda v, x: wrapped.apply(v, x, QContext())),
-         "fp32_config": jax.jit(lambda v, x: wrapped.apply(v, x, QContext(
-             w_bits=jnp.full(L, 32), a_bits=jnp.full(L, 32), keep=1.0)))}
+         "fp32_config": jax.jit(lambda v, x: wrapped.apply(v, x, QContext.from_config(
+             QuantConfig(w_bits=jnp.full(L, 32), a_bits=jnp.full(L, 32), keep=1.0),
+             spec=SPEC)))}
   return module, wrapped, variables, fns
 
 
@@ -159,7 +164,8 @@ def test_resnet20_written_with_nn_conv_is_bit_identical_to_the_zoo(default_model
   w_bits, a_bits = jnp.asarray(rng.randint(2, 9, 22)), jnp.asarray(rng.randint(2, 9, 22))
 
   def run(model, v, x):
-    ctx = QContext(w_bits=w_bits, a_bits=a_bits, keep=0.6, act_ranges=(cal_zoo.lo, cal_zoo.hi))
+    ctx = QContext.from_config(QuantConfig(w_bits=w_bits, a_bits=a_bits, keep=0.6),
+                               (cal_zoo.lo, cal_zoo.hi), spec=SPEC)
     return model.apply(v, x, ctx)
 
   out_user = jax.jit(lambda v, x: run(user, v, x))(variables, x)
@@ -187,8 +193,9 @@ def test_dense_and_dense_general_match_numpy_quantization():
   x = np.random.RandomState(0).randn(2, 4, 6).astype(np.float32)
   v = Heads().init(jax.random.key(1), x)
   wrapped = models.intercept(Heads())
-  ctx = lambda: QContext(w_bits=jnp.asarray([3, 2]), weight_quant="symmetric_per_tensor",
-                         activation_format="float32")
+  spec = QuantSpec(weight_quant="symmetric_per_tensor", activation_format="float32")
+  ctx = lambda: QContext.from_config(QuantConfig(w_bits=jnp.asarray([3, 2]), a_bits=None,
+                                                 keep=None), spec=spec)
   out = np.asarray(wrapped.apply(v, x, ctx()))
   p = jax.tree.map(np.asarray, v["params"])
   k1 = _sym_per_tensor(p["qkv"]["kernel"], 3)
@@ -220,8 +227,9 @@ def test_conv_transpose_and_pruning_match_flax_on_numpy_kernels():
   pruned[kept] = k.ravel()[kept]
   ref = Up().apply({"params": {"up": {"kernel": _sym_per_tensor(pruned.reshape(k.shape), 4),
                                       "bias": v["params"]["up"]["bias"]}}}, x)
-  ctx = QContext(w_bits=jnp.asarray([4]), keep=keep, weight_quant="symmetric_per_tensor",
-                 activation_format="float32")
+  ctx = QContext.from_config(
+      QuantConfig(w_bits=jnp.asarray([4]), a_bits=None, keep=keep),
+      spec=QuantSpec(weight_quant="symmetric_per_tensor", activation_format="float32"))
   out = models.intercept(Up()).apply(v, x, ctx)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
@@ -323,7 +331,8 @@ def test_search_with_a_user_model_and_in_memory_data():
                                    progress=False)
   assert problem.workload.layer_names == ("Conv_0", "Conv_1", "Dense_0")
   # The FP32 configuration through the evaluator is the plain float model.
-  x_eval, y_eval, _ = fitness_data(cfg, problem.data)
+  x_eval, y_eval, _ = fitness_data(cfg.problem, cfg.seed, cfg.selection_per_class,
+                                   problem.data)
   ref = np.mean(np.argmax(np.asarray(module.apply(variables, x_eval)), -1) == y_eval)
   assert float(problem.evaluator.evaluate_float().top1) == pytest.approx(ref, abs=1e-7)
   result = nemo_jax.search(SEARCH, model=module, variables=variables, data=data,
@@ -374,7 +383,7 @@ def test_cli_factory_model(tmp_path, capsys):
   out = tmp_path / "run"
   assert cli.main(["search", "--config", str(config), "--out", str(out), "--quiet"]) == 0
   saved = json.loads((out / "config.json").read_text())["config"]
-  assert saved["model"] == f"{factory}:make_model"
+  assert saved["problem"]["model"] == f"{factory}:make_model"
   front = json.loads((out / "front.json").read_text())
   assert front and all(len(m["w_bits"]) == 2 for m in front)
   capsys.readouterr()

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from nemo_jax._src import models
-from nemo_jax._src.config import QuantConfig, stack_configs
 from nemo_jax._src.layers import QContext
+from nemo_jax._src.qconfig import QuantConfig, stack_configs
+from nemo_jax._src.spec import QuantSpec
+
+SPEC = QuantSpec(weight_quant="symmetric_per_channel")
 
 # Hand-counted conv + dense layers (torchvision for the ImageNet models):
 # mobilenet_v2: stem + 1 block x 2 + 16 blocks x 3 + last 1x1 + classifier;
@@ -48,8 +51,9 @@ def test_number_of_quantized_layers(name):
   seen = []
 
   def run(v, x):
-    ctx = QContext(w_bits=jnp.full(NUM_LAYERS[name], 8), a_bits=jnp.full(NUM_LAYERS[name], 8),
-                   on_layer=seen.append)
+    config = QuantConfig(w_bits=jnp.full(NUM_LAYERS[name], 8),
+                         a_bits=jnp.full(NUM_LAYERS[name], 8), keep=None)
+    ctx = QContext.from_config(config, spec=SPEC, on_layer=seen.append)
     out = model.apply(v, x, ctx)
     assert ctx.num_layers == NUM_LAYERS[name]
     return out
@@ -171,7 +175,7 @@ def resnet20():
 
 def _logits(model):
   def fn(config, variables, x):
-    return model.apply(variables, x, QContext.from_config(config))
+    return model.apply(variables, x, QContext.from_config(config, spec=SPEC))
   return fn
 
 
@@ -264,7 +268,7 @@ def test_w32a32_equals_float_exactly(resnet20, evaluators):
   config = QuantConfig.uniform(22, 32, 32, 1.0)
 
   def run(config, v, im):
-    ctx = None if config is None else QContext.from_config(config)
+    ctx = None if config is None else QContext.from_config(config, spec=SPEC)
     return model.apply(v, im, ctx, capture_intermediates=True, mutable=["intermediates"])
 
   float_out, float_layers = jax.jit(lambda v, im: run(None, v, im))(variables, x)

@@ -20,12 +20,14 @@ from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import quant
 from nemo_jax._src import schemes
 from nemo_jax._src import tables as tables_lib
-from nemo_jax._src.config import QuantConfig
 from nemo_jax._src.evaluator import Evaluator
 from nemo_jax._src.layers import QConv, QDense
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.run.config import load_search_config
+from nemo_jax._src.spec import QuantSpec
 
 F32 = np.float32
+SPEC = QuantSpec(weight_quant="symmetric_per_channel")
 
 
 class Tiny(nn.Module):
@@ -73,7 +75,7 @@ def test_act_quant_needs_integer_activations_and_library_needs_minmax():
 def test_quantizer_fields_are_recorded_and_paper_config_is_affine():
   cfg = load_search_config("experiments/configs/smoke.py", weight_range="full",
                            act_quant="symmetric", calibration="mse_bias_correction")
-  d = cfg.to_dict()
+  d = cfg.flat_dict()
   assert (d["weight_range"], d["act_quant"], d["calibration"]) == (
       "full", "symmetric", "mse_bias_correction")
   default = load_search_config()
@@ -110,7 +112,7 @@ def test_mse_weight_clip_is_the_grid_optimum(mode):
   w = (rng.standard_t(2.5, (3, 3, 4, 5)) * 0.1).astype(F32)
   grid = np.asarray(tables_lib.CLIP_GRID, F32)
   bits = [2, 3, 8]
-  got = np.asarray(tables_lib.mse_weight_clip(w, jnp.asarray(bits), mode))
+  got = np.asarray(tables_lib.mse_weight_clip(w, jnp.asarray(bits), QuantSpec(weight_quant=mode)))
   axes = tuple(range(w.ndim - 1)) if mode.endswith("per_channel") else None
   for j, b in enumerate(bits):
     errors = np.stack([np.sum((np_quantize_weight(w, b, mode, a) - w) ** 2, axis=axes)
@@ -124,14 +126,15 @@ def test_mse_weight_clip_is_the_grid_optimum(mode):
     np.testing.assert_array_equal(got[j], first)
   assert np.all(got[0] < 1.0)                               # 2 bits: clipping helps
   if mode.startswith("symmetric"):   # 1 bit symmetric is binary: no range to clip
-    binary = np.asarray(tables_lib.mse_weight_clip(w, jnp.asarray([1]), mode))
+    binary = np.asarray(tables_lib.mse_weight_clip(w, jnp.asarray([1]),
+                                                          QuantSpec(weight_quant=mode)))
     np.testing.assert_array_equal(binary, 1.0)
 
 
 def test_output_mse_clip_is_the_grid_optimum_of_the_layer_output_error(tiny):
   model, variables, images, _ = tiny
   bits = [2, 4]
-  clips = tables_lib.output_mse_weight_clip(model, variables, images, jnp.asarray(bits))
+  clips = tables_lib.output_mse_weight_clip(model, variables, images, jnp.asarray(bits), SPEC)
   assert [c.shape for c in clips] == [(2, 6), (2, 5), (2, 3)]
   w = np.asarray(variables["params"]["QConv_0"]["kernel"])
   y = np_conv(images, w, 2, 1)
@@ -147,11 +150,11 @@ def test_output_mse_clip_is_the_grid_optimum_of_the_layer_output_error(tiny):
 def test_adaround_reconstructs_layer_outputs_better_than_nearest(tiny):
   model, variables, images, _ = tiny
   bits = [2, 3]
-  ups = tables_lib.adaround(model, variables, images, jnp.asarray(bits), steps=150)
+  ups = tables_lib.adaround(model, variables, images, jnp.asarray(bits), SPEC, steps=150)
   assert [u.shape[0] for u in ups] == [2, 2, 2] and ups[0].dtype == np.int8
   for j, b in enumerate(bits):
-    nearest = tables_lib.reconstruction_errors(model, variables, images, b)
-    learned = tables_lib.reconstruction_errors(model, variables, images, b,
+    nearest = tables_lib.reconstruction_errors(model, variables, images, b, SPEC)
+    learned = tables_lib.reconstruction_errors(model, variables, images, b, SPEC,
                                                ups=[jnp.asarray(u[j]) for u in ups])
     # better in total, no layer worse (a layer whose hard rounding does not beat nearest
     # keeps nearest)
@@ -233,13 +236,13 @@ def test_bias_corrected_scheme_restores_layer_means_in_the_model(tiny):
   output has the float layer's mean (the other layers see different inputs)."""
   model, variables, images, labels = tiny
   calib = calib_lib.calibrate(model, variables, images, batch_size=6)
-  tables = tables_lib.compute_tables("bias_correction", model, variables, images, [2],
-                                     calib, 6)
-  scheme = schemes.ptq(calib, tables=tables)
+  spec = SPEC.replace(calibration="bias_correction")
+  tables = tables_lib.compute_tables(spec, model, variables, images, [2], calib, 6)
+  scheme = schemes.ptq(calib, spec, tables=tables)
   prepared = scheme.prepare(model, variables, images.shape[1:])
   config = QuantConfig(w_bits=jnp.asarray([2, 32, 32]), a_bits=jnp.asarray([32, 32, 32]),
                        keep=jnp.float32(1.0))
-  _, kernels = scheme.member_weights(prepared, config)
+  _, kernels = schemes.member_weights(scheme, prepared, config)
   on_output = scheme.member_outputs(prepared, config, kernels)
   w = np.asarray(variables["params"]["QConv_0"]["kernel"])
   y_quant = np_conv(images, np.asarray(kernels[0]), 2, 1)
@@ -257,16 +260,16 @@ def test_bias_corrected_scheme_restores_layer_means_in_the_model(tiny):
 def test_evaluator_compiles_once_for_many_configs_with_tables(tiny):
   model, variables, images, labels = tiny
   calib = calib_lib.calibrate(model, variables, images, batch_size=6)
-  tables = tables_lib.compute_tables("mse_bias_correction", model, variables, images,
-                                     [2, 3, 4, 8], calib, 6)
-  base = schemes.ptq(calib, tables=tables)
+  spec = SPEC.replace(calibration="mse_bias_correction")
+  tables = tables_lib.compute_tables(spec, model, variables, images, [2, 3, 4, 8], calib, 6)
+  base = schemes.ptq(calib, spec, tables=tables)
   traces = []
 
-  def member_weights(prepared, config):
+  def member_pruned(prepared, config):
     traces.append(1)   # runs only while tracing
-    return base.member_weights(prepared, config)
+    return base.member_pruned(prepared, config)
 
-  scheme = base._replace(member_weights=member_weights)
+  scheme = base._replace(member_pruned=member_pruned)
   ev = Evaluator(model, variables, scheme, images, labels, batch_size=6)
   rng = np.random.default_rng(0)
   results = []
@@ -277,7 +280,7 @@ def test_evaluator_compiles_once_for_many_configs_with_tables(tiny):
   assert len(traces) == 1, len(traces)
   assert len(ev._compiled) == 1
   # the table lookup does change the result: mse differs from minmax at 2 bits
-  minmax = Evaluator(model, variables, schemes.ptq(calib), images, labels, batch_size=6)
+  minmax = Evaluator(model, variables, schemes.ptq(calib, SPEC), images, labels, batch_size=6)
   two = QuantConfig(w_bits=np.full((1, 3), 2), a_bits=np.full((1, 3), 2), keep=np.ones(1))
   assert ev(two).loss[0] != minmax(two).loss[0]
   # and bits outside the tables (32 = float) give the float model (no correction)
@@ -292,7 +295,7 @@ def test_tables_are_cached_by_fingerprint(tiny, tmp_path, monkeypatch):
   model, variables, images, _ = tiny
   monkeypatch.setenv("NEMO_JAX_CACHE_DIR", str(tmp_path))
   calib = calib_lib.calibrate(model, variables, images, batch_size=6)
-  args = (None, "mse", model, variables, images, [2, 4], calib, 6)
+  args = (None, SPEC.replace(calibration="mse"), model, variables, images, [2, 4], calib, 6)
   first = tables_lib.load_or_compute(*args)
   files = sorted(os.listdir(tmp_path / "calibration"))
   assert files == [f"{first.fingerprint}.tables.npz"]
@@ -300,9 +303,9 @@ def test_tables_are_cached_by_fingerprint(tiny, tmp_path, monkeypatch):
   assert again.fingerprint == first.fingerprint
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
-  other = tables_lib.load_or_compute(None, "mse", model, variables, images, [2, 4], calib, 6,
-                                     act_quant="symmetric")
+  other = tables_lib.load_or_compute(None, SPEC.replace(calibration="mse", act_quant="symmetric"),
+                                     model, variables, images, [2, 4], calib, 6)
   assert other.fingerprint != first.fingerprint
   assert len(os.listdir(tmp_path / "calibration")) == 2
-  assert tables_lib.load_or_compute(None, "minmax", model, variables, images, [2], calib,
+  assert tables_lib.load_or_compute(None, SPEC, model, variables, images, [2], calib,
                                     6) is None

@@ -18,6 +18,17 @@ from hypothesis.extra import numpy as hnp
 
 from nemo_jax._src import quant
 from nemo_jax._src.layers import QContext, QConv, QDense
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.spec import QuantSpec
+
+SPEC = QuantSpec(weight_quant="symmetric_per_channel")
+
+
+def _context(w_bits=None, a_bits=None, keep=None, calibration=None, prune_ranks=None):
+  """The standard quantizers of one configuration (the weight quantizer of these
+  tests: symmetric per channel)."""
+  return QContext.from_config(QuantConfig(w_bits=w_bits, a_bits=a_bits, keep=keep),
+                              calibration, spec=SPEC, prune_ranks=prune_ranks)
 
 F32 = np.float32
 
@@ -371,7 +382,7 @@ def test_activation_ste_gradient_is_zero_outside_range(bits):
   grad32 = jax.grad(lambda x: jnp.sum(quant.quantize_affine(x, 32, lo, hi) * g))(x)
   np.testing.assert_array_equal(grad32, g)
   # dynamic ranges: everything is inside, the gradient is the identity
-  ctx = QContext(a_bits=jnp.array([bits]))
+  ctx = _context(a_bits=jnp.array([bits]))
   grad_dyn = jax.grad(lambda x: jnp.sum(ctx.quantize_input(x, 0) * g))(x)
   np.testing.assert_array_equal(grad_dyn, g)
 
@@ -423,12 +434,12 @@ def test_prune_ties_are_broken_by_index():
 def test_context_prunes_then_quantizes_kernel():
   rng = np.random.default_rng(3)
   w = rng.normal(size=(3, 3, 4, 8)).astype(F32)
-  ctx = QContext(w_bits=jnp.array([4, 8]), keep=0.4)
+  ctx = _context(w_bits=jnp.array([4, 8]), keep=0.4)
   mask, _ = np_prune_mask(w, 0.4)
   expected, step = np_symmetric(np.where(mask, w, 0), 4, (0, 1, 2))
   assert_quantized(ctx.quantize_kernel(jnp.asarray(w), 0), expected, step, np.where(mask, w, 0))
   ranks = tuple(quant.magnitude_ranks(w) for _ in range(2))
-  ctx_ranked = QContext(w_bits=jnp.array([4, 8]), keep=0.4, prune_ranks=ranks)
+  ctx_ranked = _context(w_bits=jnp.array([4, 8]), keep=0.4, prune_ranks=ranks)
   np.testing.assert_array_equal(ctx_ranked.quantize_kernel(jnp.asarray(w), 0),
                                 ctx.quantize_kernel(jnp.asarray(w), 0))
 
@@ -440,17 +451,17 @@ def test_dynamic_and_calibrated_activation_ranges():
   rng = np.random.default_rng(4)
   x = (rng.normal(size=(2, 5, 5, 3)) * 2 + 0.5).astype(F32)
   bits = jnp.array([4, 6])
-  dynamic = QContext(a_bits=bits)
+  dynamic = _context(a_bits=bits)
   expected, scale = np_affine(x, 6, x.min(), x.max())
   assert_quantized(dynamic.quantize_input(jnp.asarray(x), 1), expected, scale, x)
   # calibrated with the batch's own min/max: identical to dynamic
   lo, hi = np.array([-9.0, x.min()], F32), np.array([9.0, x.max()], F32)
-  calibrated = QContext(a_bits=bits, act_ranges=(lo, hi))
+  calibrated = _context(a_bits=bits, calibration=(lo, hi))
   np.testing.assert_array_equal(calibrated.quantize_input(jnp.asarray(x), 1),
                                 dynamic.quantize_input(jnp.asarray(x), 1))
   # a narrower calibrated range clips
-  narrow = QContext(a_bits=bits, act_ranges=(np.array([-1.0, -1.0], F32),
-                                             np.array([1.0, 1.0], F32)))
+  narrow = _context(a_bits=bits, calibration=(np.array([-1.0, -1.0], F32),
+                                              np.array([1.0, 1.0], F32)))
   out = np.asarray(narrow.quantize_input(jnp.asarray(x), 0))
   expected, scale = np_affine(x, 4, -1.0, 1.0)
   assert_quantized(out, expected, scale, x)
@@ -462,14 +473,20 @@ def test_observe_records_input_ranges_and_float_context_is_identity():
   x = rng.normal(size=(2, 6, 6, 3)).astype(F32)
   conv, dense = QConv(4), QDense(3)
   conv_vars = conv.init(jax.random.key(0), x)
-  ctx = QContext(observe=True)
+  observed = []
+
+  def observe(x, q):  # a calibration observer: records each quantizer's input range
+    observed.append((jnp.min(x), jnp.max(x)))
+    return x
+
+  ctx = QContext(quantize_input=observe)
   y = conv.apply(conv_vars, x, ctx)
   np.testing.assert_array_equal(y, conv.apply(conv_vars, x))  # no bits: float
   flat = np.asarray(y).reshape(2, -1)
   dense_vars = dense.init(jax.random.key(1), flat)
   dense.apply(dense_vars, flat, ctx)
   assert ctx.num_layers == 2
-  (lo0, hi0), (lo1, hi1) = ctx.observed
+  (lo0, hi0), (lo1, hi1) = observed
   assert (float(lo0), float(hi0)) == (x.min(), x.max())
   assert (float(lo1), float(hi1)) == (flat.min(), flat.max())
 
@@ -478,4 +495,4 @@ def test_bad_weight_mode_is_named():
   with pytest.raises(ValueError, match="per_chanel.*symmetric_per_channel"):
     quant.quantize_weight(np.ones((2, 2), F32), 4, "symmetric_per_chanel")
   with pytest.raises(ValueError, match="weight_quant"):
-    QContext(weight_quant="nope")
+    QContext.from_config(QuantConfig.uniform(1), spec=QuantSpec(weight_quant="nope"))

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from nemo_jax import evolution
+from nemo_jax._src.problem import SearchSpace
 from nemo_jax._src.registries import Registries
+from nemo_jax._src.run.config import load_search_config
 from nemo_jax._src.search import engine as engine_lib
 from nemo_jax._src.search import species as species_lib
-from nemo_jax._src.search.config import load_search_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
@@ -69,10 +70,14 @@ def test_allocation_without_growth_cap_hand_computed():
 
 
 def test_fill_counts_and_random_fill():
-  # A species grown to 7 from 2 parents + 2 offspring keeps 4 and gets 3 random slots.
-  np.testing.assert_array_equal(
-      np.asarray(engine_lib.fill_counts(jnp.array([7, 3, 2]), jnp.array([4, 6, 4]))),
-      [4, 3, 2])
+  # A species grown to 7 from 2 parents + 2 offspring keeps 4 and gets 3 random slots:
+  # the engine counts the live evaluated members of every species (its ``propose``).
+  eng = _engine()   # 3 species, capacity 8
+  num_candidates = jnp.array([4, 6, 4])
+  priority = jnp.where(jnp.arange(eng.capacity)[None] < num_candidates[:, None], 0,
+                       engine_lib.INT_MAX)
+  kept = jnp.sum(eng._alive(jnp.array([7, 3, 2])) & (priority < engine_lib.INT_MAX), axis=1)
+  np.testing.assert_array_equal(np.asarray(kept), [4, 3, 2])
   offspring = jnp.zeros((2, 5, 3))
   fresh = jnp.ones((2, 5, 3))
   out = np.asarray(engine_lib.random_fill({"g": offspring}, {"g": fresh},
@@ -143,10 +148,11 @@ def run_engine(generations, **overrides):
   cfg = load_search_config(SMOKE, registries, objectives=["top1_error", "model_ratio"],
                            species=["direct_round", "strong", "useless"], population=24,
                            min_species_size=3, generations=generations, **overrides)
-  space = species_lib.SearchSpace(num_nodes=NUM_ACTIVE, active_nodes=tuple(range(NUM_ACTIVE)),
-                                  num_choices=K, num_keep=1)
-  eng = engine_lib.Engine(cfg, space, None, 1, ("top1_error", "model_ratio"),
-                          registries.species)
+  space = SearchSpace(num_nodes=NUM_ACTIVE, active_nodes=tuple(range(NUM_ACTIVE)),
+                      num_choices=K, num_keep=1)
+  eng = engine_lib.Engine(cfg.search, space, None, 1, ("top1_error", "model_ratio"),
+                          registries.species, num_objectives=len(cfg.objectives),
+                          hv_ref=cfg.hv_ref)
   score = jax.jit(synthetic_objectives)
   state, batch = eng.init_state(jax.random.key(cfg.seed))
   n = batch.choice.shape[0]
@@ -211,15 +217,15 @@ def test_resizing_config_validation():
   with pytest.raises(ValueError, match="max_growth"):
     load_search_config(SMOKE, max_growth=0.5)
   cfg = load_search_config(SMOKE, max_growth=3, utility="hv_contribution")
-  assert cfg.max_growth == 3 and cfg.to_dict()["utility"] == "hv_contribution"
+  assert cfg.max_growth == 3 and cfg.flat_dict()["utility"] == "hv_contribution"
 
 
 def _engine(**overrides):
   cfg = load_search_config(SMOKE, objectives=["top1_error", "model_ratio"], population=12,
                            min_species_size=2, species=["direct_round"] * 3, **overrides)
-  space = species_lib.SearchSpace(num_nodes=4, active_nodes=tuple(range(4)), num_choices=K,
-                                  num_keep=1)
-  return engine_lib.Engine(cfg, space, None, 1, ("top1_error", "model_ratio"))
+  space = SearchSpace(num_nodes=4, active_nodes=tuple(range(4)), num_choices=K, num_keep=1)
+  return engine_lib.Engine(cfg.search, space, None, 1, ("top1_error", "model_ratio"),
+                           num_objectives=len(cfg.objectives), hv_ref=cfg.hv_ref)
 
 
 def test_utilities_hand_computed():

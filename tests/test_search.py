@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from nemo_jax import pareto
+from nemo_jax._src.problem import SearchSpace
+from nemo_jax._src.run import search as run_lib
+from nemo_jax._src.run.config import load_search_config
 from nemo_jax._src.search import engine as engine_lib
-from nemo_jax._src.search import run as run_lib
 from nemo_jax._src.search import species as species_lib
-from nemo_jax._src.search.config import load_search_config
-from nemo_jax._src.problem import build_problem
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
@@ -86,8 +86,7 @@ def _brute_rank(F):
 
 def _engine(problem, **overrides):
   cfg = load_search_config(SMOKE, **overrides)
-  return engine_lib.Engine(cfg, problem.space, problem.graph,
-                           int(problem.graph.nodes.shape[-1]), run_lib.raw_names_for(problem))
+  return run_lib.make_engine(cfg, problem)
 
 
 @pytest.mark.parametrize("selection", ["nsga3", "nsga2"])
@@ -189,11 +188,6 @@ def test_evosax_fitness_masks_dead_and_non_finite_members():
 
 
 # --------------------------------------------------------------------------- problem
-
-@pytest.fixture(scope="module")
-def smoke_problem():
-  return build_problem(load_search_config(SMOKE))
-
 
 def test_decode_maps_choices_to_node_bits(smoke_problem):
   p = smoke_problem
@@ -335,8 +329,10 @@ def _tiny_graph(n=6, features=3):
 
 
 def test_species_options_validate():
-  bad = [({"kind": "direct_round", "heads": 2}, r"species\[0\]\.heads.*GNN species only"),
-         ({"kind": "gcn", "depth": 2}, r"species\[0\]\.depth.*graph_unet only"),
+  # (a parameter of another kind: the error names the kind and its own parameters)
+  bad = [({"kind": "direct_round", "heads": 2},
+          r"species\[0\]\.heads: not a parameter of kind 'direct_round'"),
+         ({"kind": "gcn", "depth": 2}, r"species\[0\]\.depth: not a parameter of kind 'gcn'"),
          ({"kind": "graph_unet", "pool_ratio": 1.5}, r"species\[0\]\.pool_ratio"),
          ({"kind": "graph_unet", "heads": 0}, r"species\[0\]\.heads"),
          ({"kind": "gcn", "output_selu": "yes"}, r"species\[0\]\.output_selu"),
@@ -349,7 +345,7 @@ def test_species_options_validate():
   cfg = load_search_config(SMOKE, species=[
       {"kind": "graph_unet", "depth": 2, "heads": 2, "pool_ratio": 0.6, "output_selu": True},
       {"kind": "direct_floor", "seed_uniform": True}])
-  s = cfg.to_dict()["species"][0]
+  s = cfg.flat_dict()["species"][0]
   assert (s["depth"], s["heads"], s["pool_ratio"], s["output_selu"]) == (2, 2, 0.6, True)
 
 
@@ -361,9 +357,9 @@ def test_gnn_species_options_reach_the_policy():
        "output_selu": True},
       {"kind": "graph_unet", "hidden": 4},
       {"kind": "gcn", "hidden": 4, "heads": 3}])
-  space = species_lib.SearchSpace(num_nodes=6, active_nodes=tuple(range(6)), num_choices=7,
-                                  num_keep=1)
-  groups = species_lib.build_groups(cfg, space, 4, graph, 3)
+  space = SearchSpace(num_nodes=6, active_nodes=tuple(range(6)), num_choices=7, num_keep=1)
+  groups = species_lib.build_groups(cfg.search.species, space, 4, graph, 3,
+                                    species_lib.BUILTIN_SPECIES)
   assert [g.species for g in groups] == [(0,), (1,), (2,)]   # different structures
   _, genomes = groups[0].init(jax.random.key(0))
   params = jax.tree.map(lambda x: x[0, 1], genomes["policy"])
@@ -381,10 +377,11 @@ def test_seed_uniform_direct_species_starts_with_uniform_configs():
   cfg = load_search_config(SMOKE, population=16, min_species_size=2, species=[
       {"kind": "direct_round", "seed_uniform": True}, {"kind": "direct_floor"},
       {"kind": "direct_floor", "seed_uniform": True}, "direct_round"])
-  space = species_lib.SearchSpace(num_nodes=10, active_nodes=tuple(range(10)), num_choices=7,
-                                  num_keep=1)
-  init_sizes = engine_lib.initial_sizes(cfg)               # 4 each
-  (group,) = species_lib.build_groups(cfg, space, 10, None, 1, init_sizes=init_sizes)
+  space = SearchSpace(num_nodes=10, active_nodes=tuple(range(10)), num_choices=7,
+                      num_keep=1)
+  init_sizes = engine_lib.initial_sizes(cfg.search)        # 4 each
+  (group,) = species_lib.build_groups(cfg.search.species, space, 10, None, 1,
+                                      species_lib.BUILTIN_SPECIES, init_sizes=init_sizes)
   _, genomes = group.init(jax.random.key(0))
   choice = np.asarray(group.decode(genomes)[0])             # [4 species, 10 slots, 10]
   for s in (0, 2):                                          # 4 seeds spread over 7 choices

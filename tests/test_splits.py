@@ -15,8 +15,9 @@ from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import problem as problem_lib
 from nemo_jax._src.data import disjoint_stratified_subsets, stratified_subset
-from nemo_jax._src.search import run as run_lib
-from nemo_jax._src.search.config import load_search_config
+from nemo_jax._src.problem import core as problem_core
+from nemo_jax._src.run import search as run_lib
+from nemo_jax._src.run.config import load_search_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(REPO, "experiments", "configs", "smoke.py")
@@ -77,24 +78,29 @@ def test_disjoint_subsets_bad_sizes_name_the_field():
     disjoint_stratified_subsets(labels, [1, 1, 1], 0, names=NAMES[:2])
 
 
+def _image_sets(cfg, labels):
+  return problem_lib.image_sets(cfg.problem, labels, cfg.seed, cfg.selection_per_class)
+
+
 def test_config_sets_and_their_errors():
   cfg = load_search_config(SMOKE)
   _, labels = data_lib.load_split(cfg.dataset, cfg.eval_split)
-  sets = problem_lib.image_sets(cfg, labels)
+  sets = _image_sets(cfg, labels)
   assert {k: len(v) for k, v in sets.items()} == {"fitness": 20, "calibration": 20,
                                                   "selection": 40}
   # The search's fitness images are today's stratified subset (seed), and the
   # fitness / calibration images do not depend on the selection set's size.
   np.testing.assert_array_equal(sets["fitness"], stratified_subset(labels, 2, cfg.seed))
-  none = problem_lib.image_sets(load_search_config(SMOKE, selection_per_class=0), labels)
+  none = _image_sets(load_search_config(SMOKE, selection_per_class=0), labels)
   for k in ("fitness", "calibration"):
     np.testing.assert_array_equal(none[k], sets[k])
   assert len(none["selection"]) == 0
-  assert problem_lib.selection_data(load_search_config(SMOKE, selection_per_class=0)) is None
+  cfg0 = load_search_config(SMOKE, selection_per_class=0)
+  assert problem_lib.selection_data(cfg0.problem, cfg0.seed, cfg0.selection_per_class) is None
   with pytest.raises(ValueError, match=r"selection_per_class=997: class 0 has 996 examples "
                      r"left after eval_per_class=2, calib_per_class=2 \(1000 in all\); "
                      r"allowed: selection_per_class <= 996 \(images of eval_split='train'\)"):
-    problem_lib.image_sets(load_search_config(SMOKE, selection_per_class=997), labels)
+    _image_sets(load_search_config(SMOKE, selection_per_class=997), labels)
   with pytest.raises(ValueError, match="selection_per_class"):
     load_search_config(SMOKE, selection_per_class=-1)
 
@@ -102,7 +108,7 @@ def test_config_sets_and_their_errors():
 def test_smoke_search_images_fitness_selection_calibration_are_disjoint(monkeypatch):
   evaluated, calibrated = [], []
 
-  class Recording(problem_lib.Evaluator):
+  class Recording(problem_core.Evaluator):
     def __init__(self, model, variables, scheme, images, labels, **kw):
       evaluated.append(np.asarray(images))
       super().__init__(model, variables, scheme, images, labels, **kw)
@@ -118,7 +124,7 @@ def test_smoke_search_images_fitness_selection_calibration_are_disjoint(monkeypa
     calibrated.append(np.asarray(images))
     return original(path, model, variables, images, **kw)
 
-  monkeypatch.setattr(problem_lib, "Evaluator", Recording)
+  monkeypatch.setattr(problem_core, "Evaluator", Recording)
   monkeypatch.setattr(calib_lib, "load_or_calibrate", recording_calibrate)
   result = run_lib.search(SMOKE, out_dir=None, generations=0, progress=False)
   cfg = result.config
@@ -148,9 +154,10 @@ def test_smoke_search_images_fitness_selection_calibration_are_disjoint(monkeypa
 def test_a_resume_may_change_the_selection_set_only(tmp_path):
   # The selection set is drawn last and only used after the loop: a resumed run may
   # change its size (fitness and calibration, hence the saved state, stay the same).
-  from nemo_jax._src.search import report
+  from nemo_jax._src.faults import write_json
+  from nemo_jax._src.run.rundir import CONFIG_FILE
   cfg = load_search_config(SMOKE)
-  report.write_json(str(tmp_path / report.CONFIG_FILE), {"config": cfg.to_dict()})
+  write_json(str(tmp_path / CONFIG_FILE), {"config": cfg.to_dict()})
   resumed = run_lib._resumed_config(str(tmp_path), None, None, {"selection_per_class": 1})
   assert resumed.selection_per_class == 1 and resumed.eval_per_class == cfg.eval_per_class
   with pytest.raises(ValueError, match="calib_per_class"):

@@ -155,7 +155,7 @@ def test_graph_valid_and_deterministic(name, edges):
     assert all((2 * i, 2 * i + 1) in pairs for i in range(wl.num_layers))
     assert set(g.receivers.tolist()) >= set(range(1, n)) - {0}
   # A fresh trace (bypassing the cache) gives identical arrays.
-  again = wlmod._extract_by_name.__wrapped__(name, None, None, "conv_inputs", ())
+  again = wlmod._extract_by_name.__wrapped__(name, None, None, "conv_inputs", (), None)
   assert again is not wl
   g2 = workload_graph(again, edges=edges)
   for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g2)):

@@ -14,6 +14,7 @@ from nemo_jax import load_config_file
 
 
 def get_config():
-  d = dict(load_config_file(os.path.join(os.path.dirname(__file__), "default.py")))
-  d.update(population=16, generations=6, min_species_size=2, final_max_images=500)
+  d = load_config_file(os.path.join(os.path.dirname(__file__), "default.py"))
+  d["search"].update(population=16, generations=6, min_species_size=2)
+  d["run"].update(final_max_images=500)
   return d

@@ -22,28 +22,36 @@ def get_config(arg=None):
                            keys=("checkpoint", "data_dir"))
   model = v["model"]
   return {
-      "model": model,
-      "input_shape": [224, 224, 3],
-      "num_classes": 1000,
-      "checkpoint": v.get("checkpoint", f"{model}.msgpack"),
-      "dataset": "imagenet2012",
-      "data_dir": v["data_dir"],
-      "eval_split": "train",
-      "eval_per_class": 5,
-      "calib_per_class": 1,
-      "calib_batches": 10,
-      "selection_per_class": 10,     # 10,000 held-out training images
-      "final_split": "validation",
-      "final_max_images": 50000,
-      "placement": "nncf",          # one quantizer per tensor, as NNCF places them
-      "weight_quant": "asymmetric_per_channel",   # NEMO: uniform affine weights ...
-      "act_quant": "affine",                      # ... and activations (min/max ranges)
-      "objectives": ["top5_error", "model_ratio", "bops_ratio"],
-      "bit_choices": [2, 3, 4, 5, 6, 7, 8],
-      "population": 64,
-      "generations": 100,
-      "species": ["direct_round", "direct_floor", "gcn", "graph_unet"],
-      "min_species_size": 8,
-      "eval_batch_size": 250,
-      "seed": 0,
+      "problem": {
+          "model": model,
+          "input_shape": [224, 224, 3],
+          "num_classes": 1000,
+          "checkpoint": v.get("checkpoint", f"{model}.msgpack"),
+          "dataset": "imagenet2012",
+          "data_dir": v["data_dir"],
+          "eval_split": "train",
+          "eval_per_class": 5,
+          "calib_per_class": 1,
+          "calib_batches": 10,
+          "objectives": ["top5_error", "model_ratio", "bops_ratio"],
+          "bit_choices": [2, 3, 4, 5, 6, 7, 8],
+          "quant": {
+              "placement": "nncf",                      # one quantizer per tensor (NNCF)
+              "weight_quant": "asymmetric_per_channel",  # NEMO: uniform affine weights ...
+              "act_quant": "affine",                     # ... and activations (min/max)
+          },
+          "eval_batch_size": 250,
+      },
+      "search": {
+          "population": 64,
+          "generations": 100,
+          "species": ["direct_round", "direct_floor", "gcn", "graph_unet"],
+          "min_species_size": 8,
+          "seed": 0,
+      },
+      "run": {
+          "selection_per_class": 10,     # 10,000 held-out training images
+          "final_split": "validation",
+          "final_max_images": 50000,
+      },
   }

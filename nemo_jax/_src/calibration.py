@@ -113,12 +113,17 @@ def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
 
   @jax.jit
   def observe(variables, x):
-    ctx = QContext(observe=True, placement=placement)
-    model.apply(variables, x, ctx, train=False)
-    if not ctx.observed:
+    observed = []   # (min, max) per activation quantizer, in creation order
+
+    def record(t, q):
+      observed.append((jnp.min(t), jnp.max(t)))
+      return t
+
+    model.apply(variables, x, QContext(quantize_input=record, placement=placement), train=False)
+    if not observed:
       raise ValueError("model: no QConv/QDense layer observed; nothing to calibrate")
-    return (jnp.stack([o[0] for o in ctx.observed]).astype(jnp.float32),
-            jnp.stack([o[1] for o in ctx.observed]).astype(jnp.float32))
+    return (jnp.stack([o[0] for o in observed]).astype(jnp.float32),
+            jnp.stack([o[1] for o in observed]).astype(jnp.float32))
 
   lo_sum = hi_sum = 0.0
   for sl in slices:

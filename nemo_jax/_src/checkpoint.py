@@ -116,32 +116,37 @@ def load_default_model():
   return model, load_variables(DEFAULT_CHECKPOINT, model, shape)
 
 
-def load_model(name: str, checkpoint: str, input_shape, num_classes: int):
-  """A zoo model and its variables: the one loader of searches, libraries and exports.
+def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
+               registry: models.ModelRegistry | None = None):
+  """A registered model and its variables: the one loader of searches, libraries, exports.
 
   Args:
-    name: zoo model name.
-    checkpoint: ``"default"`` (the shipped model, only for its own name and shape) or
-      a variables file written by ``nemo-jax convert`` / ``nemo-jax train``.
+    name: registered model name (the zoo, or ``registry``).
+    checkpoint: ``"default"`` (the shipped model, only for its own name, shape and
+      classes) or a variables file written by ``nemo-jax convert`` / ``nemo-jax train``.
     input_shape: ``(H, W, C)``.
     num_classes: logits.
+    registry: where ``name`` is looked up (default: the zoo).
 
   Returns:
     ``(model, variables)``.
 
   Raises:
-    ValueError: unknown model, a missing file, or a checkpoint that does not match.
+    ValueError: unknown model, a missing file, or a checkpoint that does not match (its
+      model, input shape or number of classes).
   """
-  models.check_model_name(name)
+  models.check_model_name(name, registry=registry)
   shape = tuple(input_shape)
   if checkpoint == "default":
-    if name != models.DEFAULT_MODEL or shape != tuple(models.DEFAULT_INPUT_SHAPE):
-      raise ValueError(f"checkpoint='default' is the {models.DEFAULT_MODEL} "
-                       f"{models.DEFAULT_INPUT_SHAPE} model; for model={name!r} "
-                       f"input_shape={shape} give a checkpoint path")
+    default = (models.DEFAULT_MODEL, tuple(models.DEFAULT_INPUT_SHAPE),
+               models.DEFAULT_NUM_CLASSES)
+    if (name, shape, num_classes) != default:
+      raise ValueError(f"checkpoint='default' is the {default[0]} {default[1]} model with "
+                       f"{default[2]} classes; for model={name!r} input_shape={shape} "
+                       f"num_classes={num_classes} give a checkpoint path")
     return load_default_model()
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint={checkpoint!r}: no such file; give 'default' or a "
                      "variables file written by `nemo-jax convert` / `nemo-jax train`")
-  model = models.get_model(name, input_shape=shape, num_classes=num_classes)
+  model = models.get_model(name, input_shape=shape, num_classes=num_classes, registry=registry)
   return model, load_variables(checkpoint, model, shape)

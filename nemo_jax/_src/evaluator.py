@@ -1,7 +1,7 @@
 """Batched evaluation of a population of configurations: the one evaluator of the package.
 
 This is the hot path of every search: each generation hands a population of
-``QuantConfig`` (``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``) to an
+``QuantConfig`` (``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``) to an
 :class:`Evaluator`, which returns top-1 / top-5 accuracy and the mean cross-entropy per
 member. The search MINIMISES, so accuracy enters its objectives as error ``1 - top1``;
 a member whose logits are not finite gets NaN in all three fields, which the search
@@ -64,9 +64,10 @@ from jax.sharding import Mesh, PartitionSpec
 
 from nemo_jax._src import distributed
 from nemo_jax._src import quant
-from nemo_jax._src.config import QuantConfig, validate_configs
+from nemo_jax._src.qconfig import QuantConfig, validate_configs
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.models import trace_quantizers
+from nemo_jax._src import schemes
 from nemo_jax._src.schemes import QuantScheme
 
 STRATEGIES = ("auto", "vmap", "map", "chunked_vmap")
@@ -242,7 +243,7 @@ class Evaluator:
     prepared = scheme.prepare(model, variables, self.input_shape)
     template = scheme.variables_template(prepared)
     self.layers, self.activations = trace_quantizers(model, self.input_shape, template,
-                                                     scheme.placement)
+                                                     scheme.spec.placement)
     self.num_layers = len(self.layers)
     self.num_act_quantizers = len(self.activations)
     out = jax.eval_shape(lambda v, x: model.apply(v, x, None, train=False), template,
@@ -517,13 +518,15 @@ def member_apply_fn(model: nn.Module, scheme: QuantScheme, prepared, config: Qua
     prepared: ``scheme.prepare(model, variables, input_shape)``.
     config: one member (``w_bits[L]``, ``a_bits[La]``, scalar ``keep``).
   """
-  variables, kernels = scheme.member_weights(prepared, config)
-  quantize_input = scheme.member_inputs(prepared, config)
+  variables, kernels = scheme.member_pruned(prepared, config)
+  quantizers = scheme.member_quantizers(prepared, config)
+  kernels = schemes.quantize_kernels(scheme, config, kernels, quantizers)
+  quantize_input = schemes.member_inputs(scheme, prepared, config, quantizers)
   on_output = (None if scheme.member_outputs is None
                else scheme.member_outputs(prepared, config, kernels))
 
   def apply_fn(x):
-    ctx = QContext(quantize_input=quantize_input, placement=scheme.placement,
+    ctx = QContext(quantize_input=quantize_input, placement=scheme.spec.placement,
                    quantize_kernel=lambda kernel, i: _checked_kernel(kernels, kernel, i),
                    on_output=on_output)
     return model.apply(variables, x, ctx, train=False)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -44,11 +43,13 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from nemo_jax._src import quant
-from nemo_jax._src.config import QuantConfig, config_to_dict
+from nemo_jax._src.precision import config_to_dict
+from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.faults import write_atomic
 from nemo_jax._src.layers import ActInfo, LayerInfo, QContext
 from nemo_jax._src.models import trace_quantizers
 from nemo_jax._src.schemes import QuantScheme, kernel_paths
+from nemo_jax._src.spec import QuantSpec
 
 EXPORT_FORMAT = "nemo_jax.export.v1"
 FORMATS = ("npz", "onnx")
@@ -130,21 +131,15 @@ class ExportedMember:
     activations: per activation quantizer.
     variables: the member's variables (numpy; kernels are the float pruned ones).
     config: the member (``w_bits[L]``, ``a_bits[La]``, scalar keep; numpy).
-    weight_quant, activation_format, placement: the scheme's.
+    spec: the scheme's quantizers.
     input_shape: ``(H, W, C)``.
-    weight_range, act_quant, calibration: the scheme's.
   """
   layers: list[ExportedLayer]
   activations: list[ExportedActivation]
   variables: Any
   config: QuantConfig
-  weight_quant: str
-  activation_format: str
-  placement: str
+  spec: QuantSpec
   input_shape: tuple[int, int, int]
-  weight_range: str | None = None
-  act_quant: str = "affine"
-  calibration: str = "minmax"
 
 
 def _codes(q, zp, bits: int, mode: str):
@@ -168,8 +163,7 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
     model: zoo model.
     variables: what ``scheme.prepare`` takes (float variables, or stacked library
       entries).
-    scheme: a scheme with ``member_pruned`` / ``weight_quant`` / ``activation_format``
-      (``schemes.ptq``, ``schemes.library``).
+    scheme: the member's scheme (``schemes.ptq``, ``schemes.library``).
     config: one validated member (``w_bits[L]``, ``a_bits[La]``, scalar ``keep``).
     input_shape: ``(H, W, C)``.
     prepared: ``scheme.prepare(model, variables, input_shape)`` if already computed.
@@ -181,33 +175,26 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
     ValueError: a scheme that cannot be exported (no integer form, or bias correction,
       which adds per-layer output offsets the integer formats do not carry).
   """
-  if scheme.member_pruned is None or scheme.weight_quant is None or \
-      scheme.activation_format is None:
-    raise ValueError(f"scheme: {scheme.name!r} has no member_pruned / weight_quant / "
-                     "activation_format; allowed: schemes.ptq or schemes.library")
+  spec = scheme.spec
   if scheme.member_outputs is not None:
-    raise ValueError(f"calibration={scheme.calibration!r}: bias correction is not "
+    raise ValueError(f"calibration={spec.calibration!r}: bias correction is not "
                      "exported (the per-layer output offsets have no place in the integer "
                      "formats); allowed: a calibration without bias correction (minmax, "
                      "percentile, mse)")
   input_shape = tuple(int(s) for s in input_shape)
-  mode = scheme.weight_quant
+  mode = spec.weight_quant
   if prepared is None:
     prepared = scheme.prepare(model, variables, input_shape)
   layers, acts = trace_quantizers(model, input_shape, scheme.variables_template(prepared),
-                                  scheme.placement)
+                                  spec.placement)
 
   @jax.jit
   def integers(prepared, config):
     member_vars, kernels = scheme.member_pruned(prepared, config)
-    kwargs = (scheme.member_weight_kwargs(prepared, config)
-              if scheme.member_weight_kwargs is not None else [{}] * len(kernels))
-    out = [quant.weight_integers(k, config.w_bits[i], mode, **kwargs[i])
+    quantizers = scheme.member_quantizers(prepared, config)
+    out = [quant.weight_integers(k, config.w_bits[i], mode, **quantizers.weight_kwargs[i])
            for i, k in enumerate(kernels)]
-    ranges = (scheme.member_act_ranges(prepared, config)
-              if scheme.member_act_ranges is not None else
-              (getattr(prepared, "lo", None), getattr(prepared, "hi", None)))
-    return member_vars, kernels, out, ranges
+    return member_vars, kernels, out, (quantizers.act_lo, quantizers.act_hi)
 
   member_vars, kernels, ints, (lo, hi) = jax.device_get(integers(prepared, config))
   w_bits = np.asarray(config.w_bits).astype(int)
@@ -237,19 +224,18 @@ def quantize_member(model, variables, scheme: QuantScheme, config: QuantConfig,
   out_acts = []
   for q, info in enumerate(acts):
     bits = int(a_bits[q])
-    if scheme.activation_format != "int" or lo is None:
+    if not spec.int_activations or lo is None:
       out_acts.append(ExportedActivation(info, bits, None, None, None, None))
       continue
     l, h = float(np.asarray(lo)[q]), float(np.asarray(hi)[q])
     scale = zp = None
     if bits < quant.FLOAT_BITS:
-      s, z, _ = quant.act_params(jnp.float32(l), jnp.float32(h), bits, scheme.act_quant)
+      s, z, _ = quant.act_params(jnp.float32(l), jnp.float32(h), bits, spec.act_quant)
       scale, zp = float(np.float32(s)), int(np.float32(z))
     out_acts.append(ExportedActivation(info, bits, l, h, scale, zp))
   config = QuantConfig(w_bits=w_bits, a_bits=a_bits, keep=np.float32(keep))
   return ExportedMember(out_layers, out_acts, jax.tree.map(np.asarray, member_vars), config,
-                        mode, scheme.activation_format, scheme.placement, input_shape,
-                        scheme.weight_range, scheme.act_quant, scheme.calibration)
+                        spec, input_shape)
 
 
 # --------------------------------------------------------------------------- packing
@@ -359,7 +345,8 @@ def precision_dict(member: ExportedMember, offsets=None, model_spec: Mapping | N
         "shape": list(l.shape), "weights": int(np.prod(l.shape)), "w_bits": l.bits,
         "encoding": l.encoding, "bit_offset": int(offsets[i]),
         "num_bits": int(np.prod(l.shape)) * l.bits,
-        "per_channel": l.encoding != "float32" and member.weight_quant.endswith("per_channel"),
+        "per_channel": l.encoding != "float32" and member.spec.weight_quant.endswith(
+            "per_channel"),
         "masked": l.mask is not None,
         "kept": int(l.mask.sum()) if l.mask is not None else int(np.prod(l.shape)),
         "input_quantizer": int(q), "a_bits": int(member.activations[q].bits)})
@@ -368,9 +355,11 @@ def precision_dict(member: ExportedMember, offsets=None, model_spec: Mapping | N
           for a in member.activations]
   out = {"format": EXPORT_FORMAT,
          "config": config_to_dict(member.config, model_spec),
-         "weight_quant": member.weight_quant, "weight_range": member.weight_range,
-         "act_quant": member.act_quant, "calibration": member.calibration,
-         "activation_format": member.activation_format, "placement": member.placement,
+         "weight_quant": member.spec.weight_quant,
+         "weight_range": member.spec.resolved_weight_range,
+         "act_quant": member.spec.act_quant, "calibration": member.spec.calibration,
+         "activation_format": member.spec.activation_format,
+         "placement": member.spec.placement,
          "input_shape": list(member.input_shape),
          "sizes": member_sizes(member, -(-int(offsets[-1]) // 8)),
          "layers": layers, "activations": acts}
@@ -509,11 +498,11 @@ class _OnnxGraph:
       signed = layer.signed()
       if layer.encoding == "binary":
         q, zp = signed, np.zeros_like(layer.zero_point)
-      elif self.member.weight_quant.startswith("symmetric"):
+      elif self.member.spec.weight_quant.startswith("symmetric"):
         q, zp = signed - layer.zero_point[0], np.zeros_like(layer.zero_point)
       else:
         q, zp = signed, layer.zero_point
-      symmetric = self.member.weight_quant.startswith("symmetric")
+      symmetric = self.member.spec.weight_quant.startswith("symmetric")
       dtype = ((np.int8 if symmetric else np.uint8) if layer.bits <= 8 else np.int32)
       q = np.transpose(q, perm).astype(dtype)
       scale = layer.scale.astype(np.float32)
@@ -531,7 +520,7 @@ class _OnnxGraph:
 
   def activation(self, x, q: int):
     act = self.member.activations[q]
-    fmt = self.member.activation_format
+    fmt = self.member.spec.activation_format
     if fmt == "float32" or act.bits >= quant.FLOAT_BITS:
       return x
     x = self.tensor(x)
@@ -712,7 +701,7 @@ def to_onnx(model, member: ExportedMember, graph_name: str = "nemo_jax"):
   def fn(v, x):
     ctx = QContext(quantize_input=lambda t, q: _act_p.bind(t, index=q),
                    quantize_kernel=lambda k, i: _weight_p.bind(k, index=i),
-                   placement=member.placement)
+                   placement=member.spec.placement)
     return model.apply(v, x, ctx, train=False)
 
   closed = jax.make_jaxpr(fn)(variables, jax.ShapeDtypeStruct((1, *member.input_shape),
@@ -752,101 +741,4 @@ def save_onnx(path: str, model, member: ExportedMember, model_spec: Mapping | No
   info["onnx_bytes"] = len(data)
   write_atomic(path, lambda f: f.write(data))
   write_atomic(path + ".json", lambda f: f.write(json.dumps(info, indent=1).encode()))
-  return info
-
-
-# --------------------------------------------------------------------------- runs
-
-
-def load_run_member(run_dir: str, member: int, progress: bool = False, problem=None):
-  """The problem and the validated configuration of front member ``member`` of a run.
-
-  Args:
-    run_dir: a ``nemo-jax search`` output directory (``config.json``, ``front.json``).
-    member: index into ``front.json``.
-    progress: show progress bars (library loading).
-    problem: the run's ``Problem`` if already built (another member of the same run).
-
-  Returns:
-    ``(problem, config, front_entry)``: the run's ``Problem`` (model, source, scheme,
-    calibration, workload), one member ``QuantConfig`` and its ``front.json`` dict.
-
-  Raises:
-    ValueError: a missing directory / file or a member index out of range.
-  """
-  from nemo_jax._src.problem import build_problem
-  from nemo_jax._src.search import report
-  from nemo_jax._src.search.config import load_search_config
-
-  if not os.path.isdir(run_dir):
-    raise ValueError(f"run_dir={run_dir!r}: no such directory; allowed: a `nemo-jax "
-                     "search` output directory")
-  paths = {n: os.path.join(run_dir, n) for n in (report.CONFIG_FILE, report.FRONT_FILE)}
-  for n, p in paths.items():
-    if not os.path.exists(p):
-      raise ValueError(f"run_dir={run_dir!r}: {n} is missing; allowed: a finished "
-                       "`nemo-jax search` output directory")
-  try:
-    with open(paths[report.CONFIG_FILE]) as f:
-      saved = json.load(f)["config"]
-    with open(paths[report.FRONT_FILE]) as f:
-      front = json.load(f)
-  except (json.JSONDecodeError, KeyError, TypeError) as e:
-    raise ValueError(f"run_dir={run_dir!r}: unreadable {report.CONFIG_FILE} / "
-                     f"{report.FRONT_FILE} ({e})") from None
-  if (isinstance(member, bool) or not isinstance(member, (int, np.integer))
-      or not 0 <= member < len(front)):
-    raise ValueError(f"member={member!r} is invalid; allowed: an integer in "
-                     f"0..{len(front) - 1} ({len(front)} front members in {run_dir})")
-  entry = front[int(member)]
-  if problem is None:
-    problem = build_problem(load_search_config(saved), progress=progress)
-  configs = problem.configs([entry["keep"]], [entry["w_bits"]], [entry["a_bits"]])
-  config = jax.tree.map(lambda x: x[0], configs)
-  return problem, config, entry
-
-
-def export_problem_member(problem, config: QuantConfig, format: str, out: str,
-                          extra: Mapping | None = None) -> dict:
-  """Exports one configuration of a problem (a run's model, source and scheme)."""
-  if format not in FORMATS:
-    raise ValueError(f"format={format!r} is invalid; allowed: {list(FORMATS)}")
-  source = problem.source
-  member = quantize_member(source.model, source.variables, problem.scheme, config,
-                           source.input_shape)
-  spec = {"model": problem.cfg.model, "input_shape": list(source.input_shape),
-          "num_classes": source.num_classes, "placement": problem.cfg.placement}
-  if format == "npz":
-    return save_npz(out, member, spec, extra)
-  return save_onnx(out, source.model, member, spec, extra)
-
-
-def export_member(run_dir: str, member: int, *, format: str = "npz",
-                  out: str | None = None) -> dict:
-  """Exports front member ``member`` of a search run as integers (module docstring).
-
-  Args:
-    run_dir: a finished ``nemo-jax search`` directory.
-    member: index into its ``front.json``.
-    format: ``"npz"`` (packed integers) or ``"onnx"`` (QDQ model).
-    out: the output file (default ``RUN_DIR/member_K.FORMAT``); ``OUT.json`` gets the
-      precision JSON.
-
-  Returns:
-    The precision dict, with ``out`` and the member's ``objectives`` / ``metrics``.
-
-  Raises:
-    ValueError: a bad run directory, member index or format.
-  """
-  if format not in FORMATS:
-    raise ValueError(f"format={format!r} is invalid; allowed: {list(FORMATS)}")
-  problem, config, entry = load_run_member(run_dir, member)
-  out = out or os.path.join(run_dir, f"member_{member}.{format}")
-  parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise ValueError(f"out={out!r}: directory {parent!r} does not exist")
-  extra = {"source": {"run_dir": os.path.abspath(run_dir), "member": int(member)},
-           "objectives": entry.get("objectives", {}), "metrics": entry.get("metrics", {})}
-  info = export_problem_member(problem, config, format, out, extra)
-  info["out"] = out
   return info

@@ -11,9 +11,7 @@ Every long job (``search``, ``prune-library``, ``finetune``) follows the same ru
 * the output directory is probed before any work starts (:func:`probe_writable`): an
   unwritable directory or a disk without room for a checkpoint is a clear error;
 * a failed checkpoint write mid-run leaves the previous checkpoint intact and says so
-  (:class:`CheckpointWriteError`);
-* resuming restores the newest checkpoint step that restores completely and names the
-  step it fell back to (:func:`restore_latest_good`).
+  (:class:`CheckpointWriteError`; writing and restoring checkpoints: ``run/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +22,10 @@ import shutil
 import signal
 import tempfile
 import threading
-import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
+
+import jax
+import numpy as np
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 PROBE_BYTES = 64 * 1024
@@ -150,66 +150,6 @@ def write_json(path: str, obj, indent: int = 1) -> None:
   write_atomic(path, lambda f: json.dump(obj, f, indent=indent), mode="w")
 
 
-def checkpoint_manager(directory: str, max_to_keep: int = 2):
-  """The orbax manager of a job's checkpoint directory (created if needed)."""
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True))
-
-
-def check_resume_settings(new: dict, saved: dict, allowed: Sequence[str], directory: str,
-                          how: str) -> None:
-  """A resumed job keeps its settings: any field outside ``allowed`` that differs is an error.
-
-  Args:
-    new, saved: the settings asked for now and those the job was made with.
-    allowed: fields a resume may change.
-    directory: the job's directory (for the message).
-    how: what the user can do instead (e.g. "start a new run in another directory").
-
-  Raises:
-    ValueError naming the first differing field and both values.
-  """
-  for k in sorted(new):
-    if k not in allowed and saved.get(k) != new[k]:
-      raise ValueError(f"resume: {k}={new[k]!r} differs from the run in {directory!r}, which "
-                       f"was made with {k}={saved.get(k)!r}; a resumed run keeps its settings "
-                       f"(allowed overrides: {', '.join(allowed)}); {how}")
-
-
-def restore_latest_good(steps: Sequence[int], restore: Callable[[int], Any],
-                        directory: str) -> tuple[int, Any, list[str]]:
-  """Restores the newest step that restores completely.
-
-  Args:
-    steps: the available checkpoint steps.
-    restore: ``step -> restored`` raising on a damaged step.
-    directory: the checkpoint directory (for messages).
-
-  Returns:
-    ``(step, restored, problems)``; ``problems`` describes each newer step skipped
-    (a warning is issued for them).
-
-  Raises:
-    ValueError: no step restores; names the directory and what each step lacked.
-  """
-  problems = []
-  for step in sorted(steps, reverse=True):
-    try:
-      restored = restore(step)
-    except Exception as e:  # noqa: BLE001 - any damage: try the previous step
-      problems.append(f"step {step}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-      continue
-    if problems:
-      warnings.warn(f"{directory}: newer checkpoint(s) could not be restored "
-                    f"({'; '.join(problems)}); resumed from step {step}", stacklevel=2)
-    return step, restored, problems
-  detail = "; ".join(problems) if problems else "no checkpoint step at all"
-  raise ValueError(f"resume: no checkpoint in {directory!r} restores completely ({detail}); "
-                   "allowed: a run directory with at least one intact checkpoint (start a "
-                   "new run without --resume)")
-
-
 def check_finite(tree, what: str) -> None:
   """Rejects variables whose arrays hold NaN or inf, naming the first offending leaf.
 
@@ -217,8 +157,6 @@ def check_finite(tree, what: str) -> None:
     tree: nested dict of arrays (model variables).
     what: the file or source, for the message.
   """
-  import jax
-  import numpy as np
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     arr = np.asarray(leaf)
     if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):

@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of chosen front members of a search run.
 
 ``finetune_members(run_dir, members)`` rebuilds each member ``K`` of ``front.json``
-(``export.load_run_member``), trains its float variables with optax through the
+(``run.members.load_run_member``), trains its float variables with optax through the
 member's fake-quantized forward pass (fixed bits, fixed pruning mask, the run's
 calibrated activation ranges; the quantizers' straight-through estimators carry the
 gradients), BatchNorm statistics updated in train mode, and writes
@@ -36,9 +36,17 @@ from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import data as data_lib
 from nemo_jax._src import faults
 from nemo_jax._src import quant
+from nemo_jax._src import schemes as schemes_lib
 from nemo_jax._src import validate as v
 from nemo_jax._src.layers import QContext
 from nemo_jax._src.models import trace_quantizers
+from nemo_jax._src.problem import fitness_data, image_sets, split_arrays
+from nemo_jax._src.run import checkpoint as ckpt_lib
+from nemo_jax._src.run import final as final_lib
+from nemo_jax._src.run import report
+from nemo_jax._src.run.config import SearchConfig
+from nemo_jax._src.run.members import load_run_member
+from nemo_jax._src.run.rundir import RunDir
 from nemo_jax._src.schemes import kernel_paths
 from nemo_jax._src.train import cross_entropy
 
@@ -109,13 +117,14 @@ def member_start(problem, config):
   weights stay zero.
   """
   scheme, source = problem.scheme, problem.source
-  if scheme.name != "ptq" or scheme.member_pruned is None:
+  spec = scheme.spec
+  if scheme.name != "ptq":
     raise ValueError(f"scheme: {scheme.name!r}; allowed: 'ptq' (fine-tuning a library "
                      "run's pruned entries is not supported)")
   model = source.model
   prepared = scheme.prepare(model, source.variables, source.input_shape)
   layers, _ = trace_quantizers(model, source.input_shape, scheme.variables_template(prepared),
-                               scheme.placement)
+                               spec.placement)
   variables, kernels = jax.jit(scheme.member_pruned)(prepared, config)
   variables = jax.tree.map(jnp.asarray, variables)
   for path, k in zip(kernel_paths(layers), kernels):
@@ -124,18 +133,18 @@ def member_start(problem, config):
       node = node[key]
     node[path[-1]] = k
   masks = [k != 0 for k in kernels]
-  quantize_input = scheme.member_inputs(prepared, config)
   if scheme.member_outputs is not None:
-    raise ValueError(f"calibration={scheme.calibration!r}: bias correction is not "
+    raise ValueError(f"calibration={spec.calibration!r}: bias correction is not "
                      "fine-tuned; allowed: a run without bias correction")
-  w_bits, mode = config.w_bits, scheme.weight_quant
-  weight_kwargs = (scheme.member_weight_kwargs(prepared, config)
-                   if scheme.member_weight_kwargs is not None else [{}] * len(kernels))
+  quantizers = scheme.member_quantizers(prepared, config)
+  quantize_input = schemes_lib.member_inputs(scheme, prepared, config, quantizers)
+  w_bits, mode = config.w_bits, spec.weight_quant
 
   def apply(vars_, x, train: bool):
     def quantize_kernel(kernel, i):
-      return quant.quantize_weight(kernel * masks[i], w_bits[i], mode, **weight_kwargs[i])
-    ctx = QContext(quantize_input=quantize_input, placement=scheme.placement,
+      return quant.quantize_weight(kernel * masks[i], w_bits[i], mode,
+                                   **quantizers.weight_kwargs[i])
+    ctx = QContext(quantize_input=quantize_input, placement=spec.placement,
                    quantize_kernel=quantize_kernel)
     if train:
       return model.apply(vars_, x, ctx, train=True, mutable=["batch_stats"])
@@ -170,7 +179,7 @@ def scores(apply, variables, images, labels, batch_size: int) -> dict:
   return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
-def train_indices(search_cfg, cfg: FinetuneConfig, labels) -> np.ndarray:
+def train_indices(search_cfg: SearchConfig, cfg: FinetuneConfig, labels) -> np.ndarray:
   """Indices of the training images among ``cfg.train_split``'s labels ``[N]``.
 
   When ``train_split`` is the run's ``eval_split``, the run's selection images are left
@@ -181,27 +190,25 @@ def train_indices(search_cfg, cfg: FinetuneConfig, labels) -> np.ndarray:
     ValueError: ``train_split`` is the run's ``final_split`` (the test set is only
       reported, never trained on).
   """
-  from nemo_jax._src.problem import image_sets
-  if cfg.train_split == search_cfg.final_split:
+  problem_cfg = search_cfg.problem
+  if cfg.train_split == search_cfg.run.final_split:
     raise ValueError(f"train_split={cfg.train_split!r} is the run's final_split (the test "
                      "set, only reported); allowed: another split, e.g. the run's "
-                     f"eval_split {search_cfg.eval_split!r}")
+                     f"eval_split {problem_cfg.eval_split!r}")
   labels = np.asarray(labels)
   idx = np.arange(len(labels))
-  if cfg.train_split == search_cfg.eval_split:
-    idx = np.setdiff1d(idx, image_sets(search_cfg, labels)["selection"])
+  if cfg.train_split == problem_cfg.eval_split:
+    sets = image_sets(problem_cfg, labels, search_cfg.image_seed,
+                      search_cfg.run.selection_per_class)
+    idx = np.setdiff1d(idx, sets["selection"])
   if cfg.max_images is not None and cfg.max_images < len(idx):
-    sub = labels[idx]
-    classes = int(sub.max()) + 1
-    per_class = max(1, min(cfg.max_images // classes, int(np.bincount(sub).min())))
-    idx = idx[data_lib.stratified_subset(sub, per_class, seed=cfg.seed)]
+    idx = idx[data_lib.capped_stratified_subset(labels[idx], cfg.max_images, cfg.seed)]
   return idx
 
 
-def _train_data(problem, cfg: FinetuneConfig):
-  from nemo_jax._src.problem import split_arrays
+def _train_data(problem, search_cfg: SearchConfig, cfg: FinetuneConfig):
   images, labels = split_arrays(problem.cfg, cfg.train_split, problem.data)
-  idx = train_indices(problem.cfg, cfg, labels)
+  idx = train_indices(search_cfg, cfg, labels)
   images, labels = images[idx], labels[idx]
   if len(images) < cfg.batch_size:
     raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(images)} training "
@@ -218,9 +225,7 @@ def _read_finetuned(run_dir: str) -> dict:
 
 
 def _write_finetuned(run_dir: str, entries: dict) -> None:
-  from nemo_jax._src.search import report
-  report.write_json(os.path.join(run_dir, FINETUNED_FILE),
-                    [entries[k] for k in sorted(entries)])
+  faults.write_json(os.path.join(run_dir, FINETUNED_FILE), [entries[k] for k in sorted(entries)])
 
 
 def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
@@ -233,24 +238,22 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
     cfg: the hyper-parameters.
     stop: a ``faults.GracefulStop`` checked after every step (None: never stops).
     progress: show a tqdm bar.
-    loaded: ``export.load_run_member(run_dir, member)`` if already computed.
+    loaded: ``run.members.load_run_member(run_dir, member)`` if already computed.
 
   Returns:
     The member's ``finetuned.json`` entry.
   """
-  from nemo_jax._src.export import load_run_member
-  from nemo_jax._src.search import run as run_lib
   problem, config, entry = loaded or load_run_member(run_dir, member)
+  search_cfg = RunDir(run_dir).read_config()
   variables, masks, apply, layers = member_start(problem, config)
-  x_train, y_train = _train_data(problem, cfg)
+  x_train, y_train = _train_data(problem, search_cfg, cfg)
   directory = os.path.join(run_dir, FINETUNE_DIR, str(member))
   faults.probe_writable(directory, what="run_dir")
-  from nemo_jax._src.search import report
   tx = make_optimizer(cfg)
   state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
            "opt_state": tx.init(variables["params"])}
   meta = {"config": dataclasses.asdict(cfg), "epoch_loss": []}
-  manager = faults.checkpoint_manager(directory)
+  manager = ckpt_lib.checkpoint_manager(directory)
   if manager.all_steps():
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
 
@@ -261,15 +264,15 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
         raise ValueError(f"step {step} does not hold {step} epochs")
       return r
 
-    start, restored, _ = faults.restore_latest_good(manager.all_steps(), restore, directory)
-    faults.check_resume_settings(dataclasses.asdict(cfg), restored["meta"]["config"],
+    start, restored, _ = ckpt_lib.restore_newest_good(manager.all_steps(), restore, directory)
+    ckpt_lib.check_resume_settings(dataclasses.asdict(cfg), restored["meta"]["config"],
                                  RESUME_OVERRIDES, directory,
                                  "remove that directory to start over")
     state, meta = restored["state"], dict(restored["meta"])
     meta["config"] = dataclasses.asdict(cfg)
   else:
     start = 0
-  report.write_json(os.path.join(directory, SETTINGS_FILE), dataclasses.asdict(cfg))
+  faults.write_json(os.path.join(directory, SETTINGS_FILE), dataclasses.asdict(cfg))
   before_vars = _masked({"params": variables["params"],
                          "batch_stats": variables["batch_stats"]}, masks, layers)
 
@@ -297,7 +300,7 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
         stop.check()   # mid-epoch: the previous epoch's checkpoint is what resumes
     meta["epoch_loss"] = list(meta["epoch_loss"]) + [float(np.mean(losses))]
     bar.set_postfix(epoch=epoch + 1, loss=f"{meta['epoch_loss'][-1]:.3f}")
-    run_lib.save_checkpoint_step(manager, epoch + 1, ocp.args.Composite(
+    ckpt_lib.save_step(manager, epoch + 1, ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
     if stop is not None:
       stop.check()
@@ -308,18 +311,18 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
   out_vars = os.path.join(directory, VARIABLES_FILE)
   ckpt.save_variables(out_vars, jax.device_get(after_vars))
 
-  from nemo_jax._src.problem import fitness_data
   evals = {"train": (x_train, y_train)}
-  x_fit, y_fit, _ = fitness_data(problem.cfg, problem.data)
+  x_fit, y_fit, _ = fitness_data(problem.cfg, search_cfg.image_seed,
+                                 search_cfg.run.selection_per_class, problem.data)
   evals["fitness"] = (x_fit, y_fit)
   # The held-out sets: selection (eval_split images never trained on) and test.
-  held_out = run_lib.report_sets(problem)
+  held_out = final_lib.report_sets(problem, search_cfg)
   for name, key in (("selection", "selection_top1"), ("final", "final_top1")):
     if key in held_out:
-      evals[name] = run_lib.materialise(held_out[key])
-  result = {"member": int(member), "w_bits": entry["w_bits"], "a_bits": entry["a_bits"],
-            "keep": entry["keep"], "species": entry.get("species"),
-            "objectives": dict(entry["objectives"]), "epochs": cfg.epochs,
+      evals[name] = final_lib.materialise(held_out[key])
+  result = {"member": int(member), "w_bits": list(entry.w_bits), "a_bits": list(entry.a_bits),
+            "keep": entry.keep, "species": entry.species,
+            "objectives": dict(entry.objectives), "epochs": cfg.epochs,
             "epoch_loss": meta["epoch_loss"], "config": dataclasses.asdict(cfg),
             "train_images": int(len(x_train)), "variables": out_vars}
   for name, (x, y) in evals.items():
@@ -330,7 +333,7 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
   result["objectives_finetuned"] = {
       k: (1.0 - result["fitness"]["after"]["top1"] if k == "top1_error" else
           1.0 - result["fitness"]["after"]["top5"] if k == "top5_error" else val)
-      for k, val in entry["objectives"].items()}
+      for k, val in entry.objectives.items()}
   return result
 
 
@@ -369,7 +372,6 @@ def finetune_members(run_dir: str, members: Sequence[int], epochs: int | None = 
     ValueError: a bad run directory, member index or setting.
     faults.StopRequested: a stop signal; the finished epochs are checkpointed.
   """
-  from nemo_jax._src.export import load_run_member
   if isinstance(config, FinetuneConfig):
     config = dataclasses.asdict(config)
   asked = {k: x for k, x in (config or {}).items() if x is not None}
@@ -415,14 +417,12 @@ def _saved_settings(run_dir: str, member: int) -> dict:
 
 def plot_finetuned(run_dir: str) -> str | None:
   """Redraws ``front_finetuned.png``: the front and the fine-tuned members beside it."""
-  from nemo_jax._src.search import report
   entries = _read_finetuned(run_dir)
   if not entries:
     return None
-  with open(os.path.join(run_dir, report.FRONT_FILE)) as f:
-    front = json.load(f)
-  with open(os.path.join(run_dir, report.CONFIG_FILE)) as f:
-    objectives = json.load(f)["config"]["objectives"]
+  run = RunDir(run_dir)
+  front = [m.to_dict() for m in run.read_front()]
+  objectives = run.read_config().problem.objectives
   tuned = [{"objectives": e["objectives_finetuned"], "member": k}
            for k, e in sorted(entries.items())]
   return report.plot_front(run_dir, front, objectives, finetuned=tuned,

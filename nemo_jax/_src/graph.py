@@ -32,6 +32,8 @@ Edges carry a single feature 1.0, so padded edges (feature 0) double as a mask.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jraph
 import numpy as np
 
@@ -172,3 +174,28 @@ def workload_graph(workload: Workload, edges: str = "sequential",
   if pad_edges < len(pairs):
     raise ValueError(f"pad_edges: {pad_edges} is smaller than the {len(pairs)} edges")
   return jraph.pad_with_graphs(graph, n_node=pad_nodes, n_edge=pad_edges, n_graph=2)
+
+
+def policy_graph(workload: Workload, edges: str = "sequential",
+                 node_features: Sequence[str] | None = None) -> jraph.GraphsTuple:
+  """The GNN species' input: :func:`workload_graph` with the chosen feature columns.
+
+  Args:
+    workload: the workload.
+    edges: ``"sequential"`` or ``"dataflow"`` (:func:`workload_graph`).
+    node_features: names of the columns to keep (None: all of :func:`feature_names`).
+
+  Raises:
+    ValueError: a feature name this workload does not have (e.g. a site feature under
+      the ``conv_inputs`` placement).
+  """
+  graph = workload_graph(workload, edges=edges)
+  if node_features is None:
+    return graph
+  names = feature_names(workload)
+  missing = [f for f in node_features if f not in names]
+  if missing:
+    raise ValueError(f"node_features: {missing} do not exist for this workload "
+                     f"({workload.placement} placement); allowed: {list(names)}")
+  columns = [names.index(f) for f in node_features]
+  return graph._replace(nodes=graph.nodes[:, np.asarray(columns)])

@@ -22,7 +22,9 @@ bit-width and keep ratio from the context's (traced) config arrays. So:
 * the config is data, not structure: one compiled function serves every config and a
   population of configs can be ``vmap``-ed / ``lax.map``-ed over the same params.
 
-``ctx=None`` (or ``QContext()``) runs the plain float model.
+``ctx=None`` (or ``QContext()``) runs the plain float model;
+``QContext.from_config(config, calibration, spec)`` the standard quantizers of one
+configuration.
 
 BatchNorm is NOT folded into the conv weights before quantization: weights are
 quantized as stored (like NNCF's default and EMOMC's reference code), BatchNorm runs
@@ -41,11 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import quant
+from nemo_jax._src.spec import NEMO, PLACEMENTS, QuantSpec
 
 Array = jax.Array
 
-PLACEMENTS = ("conv_inputs", "nncf")
-"""Where activation quantizers sit (module docstring)."""
 
 SITE_KINDS = ("input", "residual", "pool")
 """Why an activation quantizer exists: a layer reads it, a residual add, a max-pool."""
@@ -81,67 +82,38 @@ class LayerInfo:
 
 
 class QContext:
-  """Carries one configuration through a model call (not a pytree; build it inside jit).
+  """The per-call hooks of one model call (not a pytree; build it inside jit).
 
-  A context is two functions the quantized layers call, ``quantize_input(x, i)`` on the
-  input of layer ``i`` and ``quantize_kernel(kernel, i)`` on its kernel, plus an optional
-  ``on_layer(LayerInfo)`` callback (tracing). The keyword arguments build the standard
-  functions from a configuration; ``quantize_input`` / ``quantize_kernel`` replace them
-  (injection instead of subclassing: a quantization scheme hands in precomputed
-  kernels, the workload tracer a marker, calibration an observer).
+  Quantized layers call ``quantize_input(x, q)`` on the tensor of activation quantizer
+  ``q``, ``quantize_kernel(kernel, i)`` on layer ``i``'s kernel and ``on_output(y, i)`` on
+  its output; tracing passes ``on_layer`` / ``on_activation`` callbacks. A context holds
+  nothing else: what the hooks do is decided by whoever builds them (a quantization
+  scheme hands in precomputed kernels, the workload tracer a recorder, calibration an
+  observer, :meth:`from_config` the standard quantizers of one configuration).
 
   Args:
-    w_bits: int array ``[L]`` of weight bit-widths (``>= 32``: float), or None (float).
-    a_bits: int array ``[La]`` of activation bit-widths (one per activation quantizer,
-      ``placement`` decides how many), or None (float).
-    keep: keep ratio, scalar or ``[L]`` (None: no pruning).
-    act_ranges: ``(lo[La], hi[La])`` calibrated activation ranges; None uses the
-      current batch's min/max (dynamic quantization, useful for QAT).
-    prune_ranks: optional tuple of precomputed ``quant.magnitude_ranks`` per layer.
-    weight_quant: weight quantizer mode (``quant.WEIGHT_MODES``).
-    weight_range: its integer range (``quant.WEIGHT_RANGES``; None: the mode's own).
-    activation_format: ``quant.ACTIVATION_FORMATS``: ``"int"`` (uniform affine at
-      ``a_bits``), ``"fp16"`` (inputs rounded to float16 unless ``a_bits >= 32``) or
-      ``"float32"`` (inputs untouched).
-    observe: if True, each layer records the (min, max) of its input in
-      ``self.observed`` (calibration).
-    placement: one of :data:`PLACEMENTS`.
+    quantize_input: ``(x, q) -> x`` for activation quantizer ``q`` (default: identity).
+    quantize_kernel: ``(kernel, i) -> kernel`` for layer ``i`` (default: identity).
+    on_output: ``(y, i) -> y`` on every layer's output (default: identity).
     on_layer: optional callback receiving a :class:`LayerInfo` per layer (tracing).
     on_activation: optional callback receiving an :class:`ActInfo` per activation
-      quantizer, and ``on_output(y, i) -> y`` on every layer's output (tracing).
-    quantize_input: ``(x, q) -> x`` replacing activation quantizer ``q``.
-    quantize_kernel: ``(kernel, i) -> kernel`` replacing pruning + weight quantization.
+      quantizer (tracing).
+    placement: where activation quantizers sit (:data:`PLACEMENTS`).
   """
 
-  def __init__(self, w_bits=None, a_bits=None, keep=None, act_ranges=None,
-               prune_ranks=None, weight_quant="symmetric_per_channel",
-               activation_format="int", observe=False, placement="conv_inputs",
+  def __init__(self, quantize_input: Callable | None = None,
+               quantize_kernel: Callable | None = None, on_output: Callable | None = None,
                on_layer: Callable[[LayerInfo], Any] | None = None,
                on_activation: Callable[[ActInfo], Any] | None = None,
-               on_output: Callable | None = None,
-               quantize_input: Callable | None = None,
-               quantize_kernel: Callable | None = None, weight_range=None):
-    self.weight_range = quant.resolve_weight_quantizer(weight_quant, weight_range)
-    if activation_format not in quant.ACTIVATION_FORMATS:
-      raise ValueError(f"activation_format={activation_format!r} is invalid; allowed: "
-                       f"{quant.ACTIVATION_FORMATS}")
-    self.w_bits = w_bits
-    self.a_bits = a_bits
-    self.keep = keep
-    self.act_ranges = act_ranges
-    self.prune_ranks = prune_ranks
-    self.weight_quant = weight_quant
-    self.activation_format = activation_format
+               placement: str = "conv_inputs"):
     if placement not in PLACEMENTS:
       raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
-    self.observe = observe
     self.placement = placement
     self.on_layer = on_layer
     self.on_activation = on_activation
     self.on_output = on_output
-    self._input_fn = quantize_input or self._default_input
-    self._kernel_fn = quantize_kernel or self._default_kernel
-    self.observed: list[tuple[Array, Array]] = []
+    self._input_fn = quantize_input
+    self._kernel_fn = quantize_kernel
     self.num_layers = 0
     self.num_activations = 0
     self.layer_inputs: list[int] = []   # activation quantizer read by layer i
@@ -150,23 +122,32 @@ class QContext:
     self._quantized: dict[int, tuple[Any, int, Any]] = {}
 
   @classmethod
-  def from_config(cls, config, calibration=None, **kwargs):
-    """Context for a ``QuantConfig`` (one member, no population axis)."""
-    ranges = None if calibration is None else (calibration.lo, calibration.hi)
-    return cls(w_bits=config.w_bits, a_bits=config.a_bits, keep=config.keep,
-               act_ranges=ranges, **kwargs)
+  def from_config(cls, config, calibration=None, spec: QuantSpec = NEMO, prune_ranks=None,
+                  **hooks) -> "QContext":
+    """The standard quantizers of ONE configuration (no population axis).
+
+    Args:
+      config: a ``QuantConfig`` of one member (``w_bits [L]``, ``a_bits [La]``, ``keep``
+        scalar or ``[L]``); a field that is None stays float (no pruning for ``keep``).
+      calibration: activation ranges: a ``Calibration`` (``.lo`` / ``.hi``) or a pair
+        ``(lo [La], hi [La])``; None uses each batch's own min / max (dynamic ranges,
+        for quantization-aware training).
+      spec: the quantizers (default: NEMO's, what a default search evaluates).
+      prune_ranks: optional precomputed ``quant.magnitude_ranks`` per layer.
+      **hooks: ``on_output`` / ``on_layer`` / ``on_activation``.
+    """
+    ranges = calibration
+    if calibration is not None and hasattr(calibration, "lo"):
+      ranges = (calibration.lo, calibration.hi)
+    lo, hi = (None, None) if ranges is None else ranges
+    return cls(quantize_input=input_quantizer(spec, config.a_bits, lo, hi),
+               quantize_kernel=kernel_quantizer(spec, config.w_bits, config.keep, prune_ranks),
+               placement=spec.placement, **hooks)
 
   def next_index(self) -> int:
     i = self.num_layers
     self.num_layers += 1
     return i
-
-  @staticmethod
-  def _pick(values, i):
-    if values is None:
-      return None
-    values = jnp.asarray(values)
-    return values if values.ndim == 0 else values[i]
 
   def quantize_input(self, x, i, name: str = ""):
     """The (quantized) input of layer ``i``; records which quantizer it reads."""
@@ -189,44 +170,65 @@ class QContext:
   def _new_quantizer(self, x, kind, name, index=None):
     q = self.num_activations if index is None else index
     self.num_activations = max(self.num_activations, q + 1)
-    if self.observe:
-      self.observed.append((jnp.min(x), jnp.max(x)))
     if self.on_activation is not None:
       shape = tuple(x.shape[1:])
       self.on_activation(ActInfo(index=q, kind=kind, name=name,
                                  elems=int(np.prod(shape, dtype=np.int64)), shape=shape))
-    return q, self._input_fn(x, q)
+    return q, (x if self._input_fn is None else self._input_fn(x, q))
 
   def output(self, y, i):
     """Layer ``i``'s output (a tracing hook; the identity otherwise)."""
     return y if self.on_output is None else self.on_output(y, i)
 
   def quantize_kernel(self, kernel, i):
-    return self._kernel_fn(kernel, i)
+    return kernel if self._kernel_fn is None else self._kernel_fn(kernel, i)
 
-  def _default_input(self, x, i):
-    bits = self._pick(self.a_bits, i)
-    if self.activation_format == "float32":
-      return x
-    if self.activation_format == "fp16":
-      return quant.round_fp16(x, bits)
-    if bits is None:
-      return x
-    if self.act_ranges is None:
-      lo, hi = jax.lax.stop_gradient(jnp.min(x)), jax.lax.stop_gradient(jnp.max(x))
+
+def _pick(values, i):
+  if values is None:
+    return None
+  values = jnp.asarray(values)
+  return values if values.ndim == 0 else values[i]
+
+
+def input_quantizer(spec: QuantSpec, a_bits, lo=None, hi=None) -> Callable:
+  """``quantize_input(x, q)`` of one member: activation quantizer ``q`` at ``a_bits[q]``.
+
+  Args:
+    spec: the quantizers (``activation_format``, ``act_quant``).
+    a_bits: int ``[La]`` bit-widths (``>= 32``: float), or None (float).
+    lo, hi: float ``[La]`` calibrated ranges, or None: each batch's own min / max
+      (gradients stopped), integer activations only.
+  """
+  fmt = spec.activation_format
+  if fmt == "float32" or a_bits is None:
+    return lambda x, q: x
+  if fmt == "fp16":
+    return lambda x, q: quant.round_fp16(x, a_bits[q])
+
+  def quantize(x, q):
+    if lo is None:
+      l, h = jax.lax.stop_gradient(jnp.min(x)), jax.lax.stop_gradient(jnp.max(x))
     else:
-      lo, hi = self.act_ranges[0][i], self.act_ranges[1][i]
-    return quant.quantize_affine(x, bits, lo, hi)
+      l, h = lo[q], hi[q]
+    return quant.quantize_affine(x, a_bits[q], l, h, act_quant=spec.act_quant)
 
-  def _default_kernel(self, kernel, i):
-    keep = self._pick(self.keep, i)
-    if keep is not None:
-      ranks = None if self.prune_ranks is None else self.prune_ranks[i]
-      kernel = quant.prune(kernel, keep, ranks)
-    bits = self._pick(self.w_bits, i)
+  return quantize
+
+
+def kernel_quantizer(spec: QuantSpec, w_bits, keep=None, prune_ranks=None) -> Callable:
+  """``quantize_kernel(kernel, i)`` of one member: magnitude pruning to ``keep`` (scalar
+  or ``[L]``; None: none), then the weight quantizer at ``w_bits[i]`` (None: float)."""
+  def quantize(kernel, i):
+    k = _pick(keep, i)
+    if k is not None:
+      kernel = quant.prune(kernel, k, None if prune_ranks is None else prune_ranks[i])
+    bits = _pick(w_bits, i)
     if bits is None:
       return kernel
-    return quant.quantize_weight(kernel, bits, self.weight_quant, self.weight_range)
+    return quant.quantize_weight(kernel, bits, spec.weight_quant, spec.weight_range)
+
+  return quantize
 
 
 def quantize_activation(x, ctx: QContext | None, kind: str, name: str = ""):

@@ -524,6 +524,12 @@ def _hv_masked(F: jax.Array, ref: jax.Array, mask: jax.Array,
   return jnp.sum(sections * sweep.thickness)
 
 
+def reference_point(ref, num_objectives: int) -> tuple[float, ...]:
+  """A hypervolume reference point: ``ref``, or 1 per objective (the FP32 model's
+  normalised costs; error 1) when it is None."""
+  return tuple(float(r) for r in ref) if ref is not None else (1.0,) * num_objectives
+
+
 def hypervolume(F, ref, valid=None) -> jax.Array:
   """Exact hypervolume (Lebesgue measure) dominated by ``F`` and bounded by ``ref``.
 

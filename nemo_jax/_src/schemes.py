@@ -1,25 +1,32 @@
 """Quantization schemes: how a configuration turns a float model into a quantized one.
 
-A :class:`QuantScheme` is a NamedTuple of three pure functions, injected into the one
-:class:`~nemo_jax._src.evaluator.Evaluator` (as big_vision injects a ``predict_fn``):
+A :class:`QuantScheme` is its :class:`~nemo_jax._src.spec.QuantSpec` plus a few pure
+functions, injected into the one :class:`~nemo_jax._src.evaluator.Evaluator` (as
+big_vision injects a ``predict_fn``):
 
 * ``prepare(model, variables, input_shape) -> prepared``: once per model, on the host
-  (a ``flax.struct`` pytree); everything a
-  member needs that does not depend on its configuration (float kernels in execution
-  order, magnitude ranks, calibrated ranges, stacked library entries). The evaluator
-  puts ``prepared`` on the device(s) once.
-* ``member_weights(prepared, config) -> (variables, kernels)``: per member (traced): the
-  variables the model runs with and every layer's pruned + quantized kernel, computed
-  ONCE per configuration and reused for every image batch.
-* ``member_inputs(prepared, config) -> quantize_input(x, i)``: per member (traced): the
-  activation quantizer of layer ``i``'s input.
+  (a ``flax.struct`` pytree): everything a member needs that does not depend on its
+  configuration (float kernels in execution order, magnitude ranks, calibrated ranges,
+  stacked library entries). The evaluator puts ``prepared`` on the device(s) once.
+* ``member_pruned(prepared, config) -> (variables, kernels)``: per member (traced): the
+  variables the model runs with and every layer's pruned (or selected) float kernel.
+* ``member_quantizers(prepared, config) -> MemberQuantizers``: per member (traced): the
+  keyword arguments of every layer's weight quantizer beyond ``(kernel, bits, mode)``
+  (range, clip ratio, learned rounding) and the activation ranges.
+* optionally ``member_outputs(prepared, config, kernels) -> on_output(y, i)``: a
+  per-layer output correction (bias correction).
 
-Two instances (``docs/DESIGN.md``, "Quantization schemes"):
+:func:`member_weights` and :func:`member_inputs` derive the quantized kernels (computed
+ONCE per configuration, reused for every image batch) and the input quantizer from
+those and the spec; export and fine-tuning use the same pieces, so they write and train
+exactly what the evaluator scored.
+
+Two instances (``docs/DESIGN.md``, "Quantization schemes"), registered by name in
+:data:`BUILTIN_SCHEMES` the same way a user's scheme is (``Registries.with_scheme``):
 
 * :func:`ptq` (NEMO): one float checkpoint; kernels are magnitude-pruned to the
-  member's ``keep`` and fake-quantized with ``weight_quant``; inputs are fake-quantized
-  to ``a_bits`` with calibrated ranges (``activation_format="int"``), rounded to FP16 or
-  left in float32.
+  member's ``keep`` and fake-quantized; inputs are fake-quantized to ``a_bits`` with
+  calibrated ranges (``activation_format="int"``), rounded to FP16 or left in float32.
 * :func:`library` (EMOMC): a library of pre-pruned, retrained models stacked ``[K, ...]``;
   each member gathers the entry of its ``keep`` (its kernels are already pruned, its
   biases and BatchNorm are the retrained ones), then quantizes the kernels.
@@ -30,7 +37,7 @@ keep 1) is the float reference of the same evaluator.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -39,12 +46,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import quant
+from nemo_jax._src import tables as tables_lib
 from nemo_jax._src.calibration import Calibration
-from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.layers import PLACEMENTS, LayerInfo
+from nemo_jax._src.layers import LayerInfo, input_quantizer
 from nemo_jax._src.models import trace_quantizers
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.spec import EMOMC, NEMO, QuantSpec
 
 KEEP_MATCH_TOLERANCE = 1e-6
+
+
+class MemberQuantizers(NamedTuple):
+  """One member's quantizer parameters (traced).
+
+  Attributes:
+    weight_kwargs: per layer, the keyword arguments of ``quant.quantize_weight`` /
+      ``quant.weight_integers`` beyond ``(kernel, bits, weight_quant)``.
+    act_lo, act_hi: float32 ``[La]`` activation ranges (None without integer
+      activations).
+  """
+  weight_kwargs: list
+  act_lo: Any = None
+  act_hi: Any = None
 
 
 class QuantScheme(NamedTuple):
@@ -52,46 +75,47 @@ class QuantScheme(NamedTuple):
 
   Attributes:
     name: ``"ptq"`` or ``"library"`` (or a user's name), for reports.
+    spec: the quantizers (weight / activation quantizer, placement, calibration).
     prepare: ``(model, variables, input_shape) -> prepared`` pytree (host, once per
       model).
-    member_weights: ``(prepared, config) -> (variables, kernels)`` (traced, per member).
-    member_inputs: ``(prepared, config) -> quantize_input(x, i)`` (traced, per member).
+    member_pruned: ``(prepared, config) -> (variables, kernels)``: the pruned / selected
+      float kernels (traced, per member).
+    member_quantizers: ``(prepared, config) -> MemberQuantizers`` (traced, per member).
     variables_template: ``prepared -> variables`` of ONE model (shapes for tracing).
     allowed_keep: the keep ratios the scheme can evaluate (a library's), or None (any).
-    placement: where activation quantizers sit (``layers.PLACEMENTS``); ``a_bits`` has
-      one entry per activation quantizer of that placement.
-    member_pruned: ``(prepared, config) -> (variables, kernels)`` before weight
-      quantization (pruned / selected float kernels), or None; with ``weight_quant``
-      and ``activation_format`` it lets ``export.py`` write real integers.
-    weight_quant: the weight quantizer mode (``quant.WEIGHT_MODES``), or None.
-    activation_format: ``quant.ACTIVATION_FORMATS``, or None.
-    weight_range: the weight integer range (``quant.WEIGHT_RANGES``; resolved).
-    act_quant: the integer activation quantizer (``quant.ACT_QUANTS``).
-    calibration: the calibration method (``tables.CALIBRATIONS``).
-    member_weight_kwargs: ``(prepared, config) -> [dict]``, per layer the keyword
-      arguments of ``quant.quantize_weight`` / ``quant.weight_integers`` beyond
-      ``(kernel, bits, weight_quant)`` (range, table clip ratio), or None (none).
-    member_act_ranges: ``(prepared, config) -> (lo[La], hi[La])`` the member's
-      activation ranges (per-bit tables looked up), or None.
     member_outputs: ``(prepared, config, kernels) -> on_output(y, i)`` adding a
       per-layer output correction (bias correction), or None.
   """
   name: str
+  spec: QuantSpec
   prepare: Callable[[nn.Module, Any, tuple[int, int, int]], Any]
-  member_weights: Callable[[Any, QuantConfig], tuple[Any, list]]
-  member_inputs: Callable[[Any, QuantConfig], Callable]
+  member_pruned: Callable[[Any, QuantConfig], tuple[Any, list]]
+  member_quantizers: Callable[[Any, QuantConfig], MemberQuantizers]
   variables_template: Callable[[Any], Any]
   allowed_keep: tuple[float, ...] | None = None
-  placement: str = "conv_inputs"
-  member_pruned: Callable[[Any, QuantConfig], tuple[Any, list]] | None = None
-  weight_quant: str | None = None
-  activation_format: str | None = None
-  weight_range: str | None = None
-  act_quant: str = "affine"
-  calibration: str = "minmax"
-  member_weight_kwargs: Callable[[Any, QuantConfig], list] | None = None
-  member_act_ranges: Callable[[Any, QuantConfig], tuple] | None = None
   member_outputs: Callable[[Any, QuantConfig, list], Callable] | None = None
+
+
+def quantize_kernels(scheme: QuantScheme, config: QuantConfig, kernels,
+                     quantizers: MemberQuantizers) -> list:
+  """Every layer's fake-quantized kernel of one member (``kernels``: ``member_pruned``'s)."""
+  mode = scheme.spec.weight_quant
+  return [quant.quantize_weight(k, config.w_bits[i], mode, **quantizers.weight_kwargs[i])
+          for i, k in enumerate(kernels)]
+
+
+def member_weights(scheme: QuantScheme, prepared, config: QuantConfig):
+  """``(variables, kernels)``: the member's variables and quantized kernels (traced)."""
+  variables, kernels = scheme.member_pruned(prepared, config)
+  return variables, quantize_kernels(scheme, config, kernels,
+                                     scheme.member_quantizers(prepared, config))
+
+
+def member_inputs(scheme: QuantScheme, prepared, config: QuantConfig,
+                  quantizers: MemberQuantizers | None = None) -> Callable:
+  """``quantize_input(x, q)`` of one member (traced)."""
+  quantizers = quantizers or scheme.member_quantizers(prepared, config)
+  return input_quantizer(scheme.spec, config.a_bits, quantizers.act_lo, quantizers.act_hi)
 
 
 # --------------------------------------------------------------------------- tracing
@@ -108,33 +132,9 @@ def get_path(tree, path: Sequence[str]):
   return tree
 
 
-def _one_member(config: QuantConfig, i: int):
+def _member_keep(config: QuantConfig, i: int):
   keep = jnp.asarray(config.keep)
-  return config.w_bits[i], keep if keep.ndim == 0 else keep[i]
-
-
-def _input_quantizer(activation_format: str, a_bits, lo=None, hi=None,
-                     act_quant: str = "affine") -> Callable:
-  """``quantize_input(x, i)`` of one member."""
-  if activation_format == "float32":
-    return lambda x, i: x
-  if activation_format == "fp16":
-    return lambda x, i: quant.round_fp16(x, a_bits[i])
-  return lambda x, i: quant.quantize_affine(x, a_bits[i], lo[i], hi[i], act_quant=act_quant)
-
-
-def _check_formats(weight_quant: str, activation_format: str, placement: str,
-                   weight_range: str | None = None, act_quant: str = "affine") -> str:
-  """Checks the quantizer settings; returns the resolved weight range."""
-  if placement not in PLACEMENTS:
-    raise ValueError(f"placement={placement!r} is invalid; allowed: {PLACEMENTS}")
-  weight_range = quant.resolve_weight_quantizer(weight_quant, weight_range)
-  if act_quant not in quant.ACT_QUANTS:
-    raise ValueError(f"act_quant={act_quant!r} is invalid; allowed: {quant.ACT_QUANTS}")
-  if activation_format not in quant.ACTIVATION_FORMATS:
-    raise ValueError(f"activation_format={activation_format!r} is invalid; allowed: "
-                     f"{quant.ACTIVATION_FORMATS}")
-  return weight_range
+  return keep if keep.ndim == 0 else keep[i]
 
 
 # --------------------------------------------------------------------------- schemes
@@ -143,7 +143,7 @@ def _check_formats(weight_quant: str, activation_format: str, placement: str,
 @flax.struct.dataclass
 class PTQPrepared:
   """What :func:`ptq` precomputes: float variables, kernels (execution order), magnitude
-  ranks (pruning is one comparison per member), calibrated ranges ``lo/hi [L]`` or None,
+  ranks (pruning is one comparison per member), calibrated ranges ``lo/hi [La]`` or None,
   and the calibration tables (``tables.CalibrationTables``) or None (``minmax``)."""
   variables: Any
   kernels: list
@@ -162,24 +162,20 @@ class LibraryPrepared:
   paths: tuple = flax.struct.field(pytree_node=False, default=())
 
 
-
-def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_channel",
-        activation_format: str = "int", placement: str = "conv_inputs",
-        weight_range: str | None = None, act_quant: str = "affine",
-        tables=None) -> QuantScheme:
+def ptq(calibration: Calibration | None, spec: QuantSpec = NEMO, tables=None) -> QuantScheme:
   """NEMO's post-training quantization of one float checkpoint.
 
+  With the defaults (``QuantSpec()``, ``tables=None``) this is exactly what a default
+  search evaluates.
+
   Args:
-    calibration: activation ranges ``lo[La]``/``hi[La]`` (required for ``"int"``),
-      calibrated with the same ``placement``.
-    weight_quant: one of ``quant.WEIGHT_MODES``.
-    activation_format: one of ``quant.ACTIVATION_FORMATS``.
-    placement: one of ``layers.PLACEMENTS``.
-    weight_range: one of ``quant.WEIGHT_RANGES`` or None (the mode's default).
-    act_quant: one of ``quant.ACT_QUANTS`` (integer activations).
-    tables: ``tables.CalibrationTables`` (per layer and bit-width: weight clip ratios,
-      activation ranges, bias-correction statistics), looked up by each member's bits
-      inside jit; None: ``minmax`` (the calibration's ranges, full weight ranges).
+    calibration: activation ranges ``lo[La]`` / ``hi[La]`` (required for integer
+      activations), calibrated with the same placement.
+    spec: the quantizers (default: NEMO's).
+    tables: ``tables.CalibrationTables`` of ``spec.calibration`` (per layer and
+      bit-width: weight clip ratios, activation ranges, bias-correction statistics),
+      looked up by each member's bits inside jit; None: ``minmax`` (the calibration's
+      ranges, full weight ranges).
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the float variables.
@@ -187,22 +183,23 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
   Raises:
     ValueError naming a bad setting.
   """
-  from nemo_jax._src import tables as tables_lib
-  weight_range = _check_formats(weight_quant, activation_format, placement, weight_range,
-                                act_quant)
-  if activation_format == "int" and calibration is None:
+  if spec.int_activations and calibration is None:
     raise ValueError("calibration: required for activation_format='int' (integer "
                      "activations need calibrated ranges); allowed: a Calibration")
-  method = "minmax" if tables is None else tables.method
+  if (tables is None) != (spec.calibration == "minmax"):
+    raise ValueError(f"tables: {'missing' if tables is None else tables.method!r} for "
+                     f"calibration={spec.calibration!r}; allowed: the tables of that "
+                     "calibration (tables.load_or_compute), None for 'minmax'")
+  weight_range = spec.resolved_weight_range
 
   def prepare(model, variables, input_shape):
-    layers, acts = trace_quantizers(model, input_shape, _shapes(variables), placement)
+    layers, acts = trace_quantizers(model, input_shape, _shapes(variables), spec.placement)
     kernels = [jnp.asarray(get_path(variables, p)) for p in kernel_paths(layers)]
     lo = hi = None
     if calibration is not None:
       if calibration.num_layers != len(acts):
         raise ValueError(f"calibration: {calibration.num_layers} activation ranges, the model "
-                         f"has {len(acts)} activation quantizers ({placement}); allowed: "
+                         f"has {len(acts)} activation quantizers ({spec.placement}); allowed: "
                          "equal counts")
       lo, hi = calibration.lo, calibration.hi
     if tables is not None:
@@ -212,40 +209,25 @@ def ptq(calibration: Calibration | None, weight_quant: str = "symmetric_per_chan
                        tables=tables)
 
   def member_pruned(prepared, config):
-    kernels = []
-    for i, k in enumerate(prepared.kernels):
-      _, keep = _one_member(config, i)
-      kernels.append(quant.prune(k, keep, prepared.ranks[i]))
+    kernels = [quant.prune(k, _member_keep(config, i), prepared.ranks[i])
+               for i, k in enumerate(prepared.kernels)]
     return prepared.variables, kernels
 
-  def member_weight_kwargs(prepared, config):
+  def member_quantizers(prepared, config):
     L = len(prepared.kernels)
     clips = tables_lib.weight_clips(prepared.tables, config.w_bits, L)
     ups = tables_lib.weight_ups(prepared.tables, config.w_bits, L)
-    return [{"weight_range": weight_range, "clip": c, "up": u} for c, u in zip(clips, ups)]
-
-  def member_weights(prepared, config):
-    variables, kernels = member_pruned(prepared, config)
-    kwargs = member_weight_kwargs(prepared, config)
-    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant, **kwargs[i])
-                       for i, k in enumerate(kernels)]
-
-  def member_act_ranges(prepared, config):
-    return tables_lib.act_ranges(prepared.tables, config.a_bits, prepared.lo, prepared.hi)
-
-  def member_inputs(prepared, config):
-    lo, hi = member_act_ranges(prepared, config)
-    return _input_quantizer(activation_format, config.a_bits, lo, hi, act_quant)
+    lo, hi = tables_lib.act_ranges(prepared.tables, config.a_bits, prepared.lo, prepared.hi)
+    return MemberQuantizers([{"weight_range": weight_range, "clip": c, "up": u}
+                             for c, u in zip(clips, ups)], lo, hi)
 
   member_outputs = None
   if tables is not None and tables.bias is not None:
     def member_outputs(prepared, config, kernels):
       return tables_lib.bias_correction(prepared.tables, prepared.kernels, kernels)
 
-  return QuantScheme("ptq", prepare, member_weights, member_inputs,
-                     lambda prepared: _shapes(prepared.variables), None, placement,
-                     member_pruned, weight_quant, activation_format, weight_range, act_quant,
-                     method, member_weight_kwargs, member_act_ranges, member_outputs)
+  return QuantScheme("ptq", spec, prepare, member_pruned, member_quantizers,
+                     lambda prepared: _shapes(prepared.variables), None, member_outputs)
 
 
 def stack_variables(entries: Sequence[Any]):
@@ -253,29 +235,28 @@ def stack_variables(entries: Sequence[Any]):
   return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *entries)
 
 
-def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
-            activation_format: str = "fp16", placement: str = "conv_inputs",
-            weight_range: str | None = None) -> QuantScheme:
+def library(ratios: Sequence[float], spec: QuantSpec = EMOMC) -> QuantScheme:
   """EMOMC stage II: members pick a pre-pruned model of a library by their keep ratio.
 
   Args:
     ratios: the K keep ratios of the stacked entries (a member's ``keep`` selects the
       nearest one; configurations are validated to hold exactly these ratios).
-    weight_quant: EMOMC: ``"symmetric_per_tensor"`` (``step = max|w| / (2^(q-1) - 1)``).
-    activation_format: EMOMC: ``"fp16"``; ``"float32"`` keeps them in float32.
-      (``"int"`` would need one calibration per library entry and is not offered.)
-    placement: one of ``layers.PLACEMENTS`` (where the FP16 rounding happens).
-    weight_range: one of ``quant.WEIGHT_RANGES`` or None (the mode's default; EMOMC:
-      narrow).
+    spec: the quantizers (default EMOMC's: ``symmetric_per_tensor`` weights,
+      ``step = max|w| / (2^(q-1) - 1)``, FP16 activations; ``float32`` keeps them in
+      float32). Integer activations would need one calibration per library entry and
+      are not offered; the entries are not calibrated (``minmax`` only).
 
   Returns:
     The scheme; ``prepare(model, variables)`` takes the entries stacked ``[K, ...]``
     (:func:`stack_variables`). Memory: ``K * 4 * params`` bytes resident.
   """
-  weight_range = _check_formats(weight_quant, activation_format, placement, weight_range)
-  if activation_format == "int":
+  if spec.int_activations:
     raise ValueError("activation_format='int' is invalid with a library; allowed: 'fp16' "
                      "(EMOMC) or 'float32'")
+  if spec.calibration != "minmax":
+    raise ValueError(f"calibration={spec.calibration!r} is invalid with a library (its "
+                     "entries are not calibrated); allowed: 'minmax'")
+  weight_range = spec.resolved_weight_range
   ratios = np.asarray(ratios, np.float32)
 
   def one(stacked):
@@ -286,7 +267,7 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     if len(ratios) != len(jax.tree.leaves(stacked)[0]):
       raise ValueError(f"ratios: {len(ratios)} keep ratios for "
                        f"{len(jax.tree.leaves(stacked)[0])} stacked entries; allowed: one each")
-    layers, _ = trace_quantizers(model, input_shape, one(stacked), placement)
+    layers, _ = trace_quantizers(model, input_shape, one(stacked), spec.placement)
     return LibraryPrepared(variables=stacked, ratios=jnp.asarray(ratios),
                            paths=kernel_paths(layers))
 
@@ -295,23 +276,31 @@ def library(ratios: Sequence[float], weight_quant: str = "symmetric_per_tensor",
     variables = jax.tree.map(lambda v: v[index], prepared.variables)
     return variables, [get_path(variables, p) for p in prepared.paths]
 
-  def member_weight_kwargs(prepared, config):
-    return [{"weight_range": weight_range} for _ in prepared.paths]
+  def member_quantizers(prepared, config):
+    return MemberQuantizers([{"weight_range": weight_range} for _ in prepared.paths])
 
-  def member_weights(prepared, config):
-    variables, kernels = member_pruned(prepared, config)
-    return variables, [quant.quantize_weight(k, config.w_bits[i], weight_quant, weight_range)
-                       for i, k in enumerate(kernels)]
-
-  def member_inputs(prepared, config):
-    return _input_quantizer(activation_format, config.a_bits)
-
-  return QuantScheme("library", prepare, member_weights, member_inputs,
-                     lambda prepared: one(prepared.variables),
-                     tuple(float(r) for r in ratios), placement, member_pruned, weight_quant,
-                     activation_format, weight_range, "affine", "minmax",
-                     member_weight_kwargs)
+  return QuantScheme("library", spec, prepare, member_pruned, member_quantizers,
+                     lambda prepared: one(prepared.variables), tuple(float(r) for r in ratios))
 
 
 def _shapes(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+SchemeBuilder = Callable[..., QuantScheme]
+"""``builder(source, spec, calibration, tables) -> QuantScheme`` for a problem's model
+source (``problem.ModelSource``: ``kind``, ``variables``, ``ratios``, ...), its spec and
+the calibration / tables computed for it (None where not needed)."""
+
+
+def _ptq_builder(source, spec, calibration, tables):
+  return ptq(calibration, spec, tables)
+
+
+def _library_builder(source, spec, calibration, tables):
+  return library(source.ratios, spec)
+
+
+BUILTIN_SCHEMES: Mapping[str, SchemeBuilder] = {"ptq": _ptq_builder, "library": _library_builder}
+"""The built-in schemes by name: ``ptq`` for a float checkpoint, ``library`` for an EMOMC
+library (``Registries.schemes`` starts from these)."""

@@ -50,25 +50,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import quant
 from nemo_jax._src.faults import write_atomic
 from nemo_jax._src.layers import QContext
+from nemo_jax._src.spec import CALIBRATIONS, QuantSpec
 
 TABLES_FORMAT = "nemo_jax.tables.v1"
-
-CALIBRATIONS = {
-    "minmax": ("minmax", "minmax", False),
-    "percentile": ("minmax", "percentile", False),
-    "mse": ("mse", "mse", False),
-    "bias_correction": ("minmax", "minmax", True),
-    "mse_bias_correction": ("mse", "mse", True),
-    "output_mse": ("output_mse", "mse", False),
-    "output_mse_bias_correction": ("output_mse", "mse", True),
-    "adaround": ("adaround", "mse", False),
-}
-"""Calibration method -> (weight method, activation method, bias correction)."""
 
 CLIP_GRID = tuple(np.round(np.arange(100, 0, -1) / 100.0, 2).tolist())
 """Clip ratios searched by ``mse`` (1.00, 0.99, ..., 0.01; ties go to the larger)."""
@@ -135,13 +125,6 @@ class CalibrationTables:
                        "this model and placement")
 
 
-def check_method(method: str) -> tuple[str, str, bool]:
-  """``(weights, activations, bias correction)`` of a method, or a ValueError."""
-  if method not in CALIBRATIONS:
-    raise ValueError(f"calibration={method!r} is invalid; allowed: {tuple(CALIBRATIONS)}")
-  return CALIBRATIONS[method]
-
-
 def table_bits(bit_choices: Sequence[int], extra: Sequence[int] = ()) -> tuple[int, ...]:
   """The bit-widths worth a table row: the choices (and ``extra``) below 32."""
   return tuple(sorted({int(b) for b in tuple(bit_choices) + tuple(extra)
@@ -204,14 +187,13 @@ def correction(patch, w_float, w_quant):
 # --------------------------------------------------------------------------- weights
 
 
-def mse_weight_clip(w, bits, mode: str = "symmetric_per_channel",
-                    weight_range: str | None = None, grid: Sequence[float] = CLIP_GRID):
+def mse_weight_clip(w, bits, spec: QuantSpec, grid: Sequence[float] = CLIP_GRID):
   """Per channel (or per tensor) and bit-width, the MSE-optimal clip ratio of ``grid``.
 
   Args:
     w: kernel, output channels last.
     bits: int ``[B]`` bit-widths.
-    mode, weight_range: the weight quantizer.
+    spec: the quantizers (``weight_quant``, ``weight_range``).
     grid: candidate ratios, descending (the first minimum wins: ties keep the wider
       range, so a bit-width where clipping cannot help keeps ratio 1).
 
@@ -219,6 +201,7 @@ def mse_weight_clip(w, bits, mode: str = "symmetric_per_channel",
     float32 ``[B, C]`` (per channel) or ``[B]`` (per tensor).
   """
   w = jnp.asarray(w, jnp.float32)
+  mode, weight_range = spec.weight_quant, spec.weight_range
   axes = tuple(range(w.ndim - 1)) if mode.endswith("per_channel") else None
   grid = jnp.asarray(grid, jnp.float32)
 
@@ -255,9 +238,7 @@ def _record_layers(model, variables, x, placement):
   return record(variables, x)
 
 
-def output_mse_weight_clip(model: nn.Module, variables, images, bits,
-                           mode: str = "symmetric_per_channel",
-                           weight_range: str | None = None, placement: str = "conv_inputs",
+def output_mse_weight_clip(model: nn.Module, variables, images, bits, spec: QuantSpec,
                            grid: Sequence[float] = OUTPUT_GRID):
   """Per layer, channel and bit-width, the clip ratio minimising the layer's output error.
 
@@ -270,14 +251,14 @@ def output_mse_weight_clip(model: nn.Module, variables, images, bits,
     model, variables: the float model.
     images: calibration images ``[N, H, W, C]`` (one batch).
     bits: int ``[B]`` bit-widths.
-    mode, weight_range: the weight quantizer.
-    placement: where activation quantizers sit.
+    spec: the quantizers (``weight_quant``, ``weight_range``, ``placement``).
     grid: candidate ratios, descending (ties keep the wider range).
 
   Returns:
     Per layer float32 ``[B, C]`` (per channel) or ``[B]`` (per tensor).
   """
   x = jnp.asarray(np.asarray(images, np.float32))
+  mode, weight_range, placement = spec.weight_quant, spec.weight_range, spec.placement
   per_channel = mode.endswith("per_channel")
   ins, outs = _record_layers(model, variables, x, placement)
 
@@ -315,10 +296,8 @@ def _rectified_sigmoid(v):
   return jnp.clip(jax.nn.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA, 0.0, 1.0)
 
 
-def adaround(model: nn.Module, variables, images, bits, clips=None,
-             mode: str = "symmetric_per_channel", weight_range: str | None = None,
-             placement: str = "conv_inputs", steps: int = ADAROUND_STEPS,
-             lr: float = ADAROUND_LR, reg: float = ADAROUND_REG):
+def adaround(model: nn.Module, variables, images, bits, spec: QuantSpec, clips=None,
+             steps: int = ADAROUND_STEPS, lr: float = ADAROUND_LR, reg: float = ADAROUND_REG):
   """Layer-wise AdaRound: per layer and bit-width, each weight's rounding direction.
 
   For bit-width ``b`` every layer's soft kernel is
@@ -336,15 +315,15 @@ def adaround(model: nn.Module, variables, images, bits, clips=None,
     model, variables: the float model.
     images: calibration images (one batch).
     bits: the bit-widths ``[B]``.
+    spec: the quantizers (``weight_quant``, ``weight_range``, ``placement``).
     clips: per layer ``[B, C]`` / ``[B]`` clip ratios, or None (min / max ranges).
-    mode, weight_range, placement: the quantizer and placement.
     steps, lr, reg: Adam steps, learning rate, regulariser weight.
 
   Returns:
     Per layer int8 ``[B, *kernel]``: 1 = round up, 0 = round down (2 = nearest).
   """
-  import optax
   x = jnp.asarray(np.asarray(images, np.float32))
+  mode, weight_range, placement = spec.weight_quant, spec.weight_range, spec.placement
   ins, outs = _record_layers(model, variables, x, placement)
   kernels = float_kernels(model, variables, x.shape[1:], placement)
   warmup = int(0.2 * steps)
@@ -396,10 +375,8 @@ def adaround(model: nn.Module, variables, images, bits, clips=None,
     ups = [(vi >= 0).astype(jnp.int8) for vi in v]
     # Keep a layer's learned rounding only where it beats nearest rounding (hard).
     clip_j = [None if clips is None else jnp.asarray(clips[i])[j] for i in range(len(kernels))]
-    learned = _hard_errors(model, variables, ins, outs, x, b, clip_j, ups, mode,
-                           weight_range, placement)
-    nearest = _hard_errors(model, variables, ins, outs, x, b, clip_j, None, mode,
-                           weight_range, placement)
+    learned = _hard_errors(model, variables, ins, outs, x, b, clip_j, ups, spec)
+    nearest = _hard_errors(model, variables, ins, outs, x, b, clip_j, None, spec)
     return [jnp.where(l < n, u, jnp.int8(2)) for u, l, n in zip(ups, learned, nearest)]
 
   per_bit = []
@@ -411,36 +388,33 @@ def adaround(model: nn.Module, variables, images, bits, clips=None,
   return [np.stack([pb[i] for pb in per_bit]).astype(np.int8) for i in range(len(kernels))]
 
 
-def _hard_errors(model, variables, ins, outs, x, bits, clips, ups, mode, weight_range,
-                 placement):
+def _hard_errors(model, variables, ins, outs, x, bits, clips, ups, spec: QuantSpec):
   """Per layer ``mean((y(W_q) - y)^2)`` with every layer on its recorded float input."""
   errs = {}
 
   def quantize_kernel(k, i):
     up = None if ups is None else ups[i]
-    return quant.quantize_weight(k, bits, mode, weight_range, clips[i], up)
+    return quant.quantize_weight(k, bits, spec.weight_quant, spec.weight_range, clips[i], up)
 
   def on_output(y, i):
     errs[i] = jnp.mean(jnp.square(y - outs[i]))
     return y
 
   ctx = QContext(quantize_input=lambda t, q: ins[q], quantize_kernel=quantize_kernel,
-                 on_output=on_output, placement=placement)
+                 on_output=on_output, placement=spec.placement)
   model.apply(variables, x, ctx, train=False)
   return [errs[i] for i in range(len(errs))]
 
 
-def reconstruction_errors(model: nn.Module, variables, images, bits: int, clips=None,
-                          ups=None, mode: str = "symmetric_per_channel",
-                          weight_range: str | None = None, placement: str = "conv_inputs"):
+def reconstruction_errors(model: nn.Module, variables, images, bits: int, spec: QuantSpec,
+                          clips=None, ups=None):
   """Per layer ``mean((y(W_q) - y)^2)`` on its float input (``clips`` / ``ups``: per layer,
   this bit-width's clip ratio / rounding, or None)."""
   x = jnp.asarray(np.asarray(images, np.float32))
-  ins, outs = _record_layers(model, variables, x, placement)
+  ins, outs = _record_layers(model, variables, x, spec.placement)
   n = len(outs)
   errs = _hard_errors(model, variables, ins, outs, x, bits,
-                      [None] * n if clips is None else clips, ups, mode, weight_range,
-                      placement)
+                      [None] * n if clips is None else clips, ups, spec)
   return [float(e) for e in errs]
 
 
@@ -581,26 +555,23 @@ def mean_patches(model: nn.Module, variables, images, batch_size: int,
 # --------------------------------------------------------------------------- build / cache
 
 
-def compute_tables(method: str, model: nn.Module, variables, images, bits: Sequence[int],
+def compute_tables(spec: QuantSpec, model: nn.Module, variables, images, bits: Sequence[int],
                    calibration: calib_lib.Calibration | None, batch_size: int,
-                   num_batches: int | None = None, placement: str = "conv_inputs",
-                   weight_quant: str = "symmetric_per_channel",
-                   weight_range: str | None = None, act_quant: str = "affine",
-                   activations: bool = True) -> CalibrationTables | None:
-  """The tables of a method (None for ``minmax``).
+                   num_batches: int | None = None) -> CalibrationTables | None:
+  """The tables of ``spec.calibration`` (None for ``minmax``).
 
   Args:
-    method: one of ``CALIBRATIONS``.
+    spec: the quantizers the tables are for (``calibration`` names the method; integer
+      activations get activation tables).
     model, variables: the float model.
     images: preprocessed calibration images.
     bits: the bit-widths to tabulate (:func:`table_bits`).
     calibration: the ``minmax`` calibration (row 0 of the activation tables); required
-      when ``activations``.
-    batch_size, num_batches, placement: as ``calibration.calibrate``.
-    weight_quant, weight_range, act_quant: the quantizers the tables are for.
-    activations: whether integer activations exist (``activation_format="int"``).
+      with integer activations.
+    batch_size, num_batches: as ``calibration.calibrate``.
   """
-  w_method, a_method, bias = check_method(method)
+  method, placement, activations = spec.calibration, spec.placement, spec.int_activations
+  w_method, a_method, bias = CALIBRATIONS[method]
   if method == "minmax":
     return None
   bits = table_bits(bits)
@@ -608,18 +579,16 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
   images = np.asarray(images, np.float32)
   w_clip = act_lo = act_hi = patches = None
   if w_method == "mse":
-    clips = [np.asarray(mse_weight_clip(k, bits_arr, weight_quant, weight_range))
+    clips = [np.asarray(mse_weight_clip(k, bits_arr, spec))
              for k in float_kernels(model, variables, images.shape[1:], placement)]
   elif w_method in ("output_mse", "adaround"):
-    clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr,
-                                   weight_quant, weight_range, placement)
+    clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr, spec)
   if w_method != "minmax":
     w_clip = [jnp.asarray(np.concatenate([np.ones_like(c[:1]), c]), jnp.float32)
               for c in clips]
   w_up = None
   if w_method == "adaround":
-    ups = adaround(model, variables, images[:ADAROUND_IMAGES], bits_arr, clips, weight_quant,
-                   weight_range, placement)
+    ups = adaround(model, variables, images[:ADAROUND_IMAGES], bits_arr, spec, clips)
     w_up = [jnp.asarray(np.concatenate([np.full_like(u[:1], 2), u]), jnp.int8) for u in ups]
   if activations and a_method != "minmax":
     if calibration is None:
@@ -634,7 +603,7 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
       rows_lo += [pr[:, 0]] * len(bits)
       rows_hi += [pr[:, 1]] * len(bits)
     else:
-      per_q = [jax.device_get(mse_act_range(s, lo[q], hi[q], bits_arr, act_quant))
+      per_q = [jax.device_get(mse_act_range(s, lo[q], hi[q], bits_arr, spec.act_quant))
                for q, s in enumerate(samples)]
       rows_lo += [np.asarray([r[0][j] for r in per_q], np.float32) for j in range(len(bits))]
       rows_hi += [np.asarray([r[1][j] for r in per_q], np.float32) for j in range(len(bits))]
@@ -646,15 +615,14 @@ def compute_tables(method: str, model: nn.Module, variables, images, bits: Seque
                            bias=patches, w_up=w_up, method=method)
 
 
-def tables_fingerprint(method: str, variables, images, bits: Sequence[int], batch_size: int,
-                       num_batches: int | None, placement: str, weight_quant: str,
-                       weight_range: str | None, act_quant: str, activations: bool) -> str:
+def tables_fingerprint(spec: QuantSpec, variables, images, bits: Sequence[int],
+                       batch_size: int, num_batches: int | None) -> str:
   """SHA-256 (16 hex) of everything the tables depend on (see ``calibration.fingerprint``)."""
-  base = calib_lib.fingerprint(variables, images, batch_size, num_batches, placement)
-  settings = (TABLES_FORMAT, method, tuple(table_bits(bits)), weight_quant,
-              quant.resolve_weight_quantizer(weight_quant, weight_range), act_quant,
-              bool(activations), CLIP_GRID, ACT_PERCENTILE, SAMPLES_PER_BATCH, OUTPUT_GRID,
-              OUTPUT_IMAGES, ADAROUND_STEPS, ADAROUND_IMAGES, ADAROUND_LR, ADAROUND_REG)
+  base = calib_lib.fingerprint(variables, images, batch_size, num_batches, spec.placement)
+  settings = (TABLES_FORMAT, spec.calibration, tuple(table_bits(bits)), spec.weight_quant,
+              spec.resolved_weight_range, spec.act_quant, spec.int_activations, CLIP_GRID,
+              ACT_PERCENTILE, SAMPLES_PER_BATCH, OUTPUT_GRID, OUTPUT_IMAGES, ADAROUND_STEPS,
+              ADAROUND_IMAGES, ADAROUND_LR, ADAROUND_REG)
   return hashlib.sha256(f"{base}|{settings!r}".encode()).hexdigest()[:16]
 
 
@@ -700,12 +668,9 @@ def load_tables(path: str | os.PathLike) -> CalibrationTables:
       bias=listed("bias"), w_up=listed("w_up"), method=str(data["method"]), fingerprint=str(data["fingerprint"]))
 
 
-def load_or_compute(path: str | os.PathLike | None, method: str, model: nn.Module, variables,
-                    images, bits: Sequence[int], calibration, batch_size: int,
-                    num_batches: int | None = None, placement: str = "conv_inputs",
-                    weight_quant: str = "symmetric_per_channel",
-                    weight_range: str | None = None, act_quant: str = "affine",
-                    activations: bool = True) -> CalibrationTables | None:
+def load_or_compute(path: str | os.PathLike | None, spec: QuantSpec, model: nn.Module,
+                    variables, images, bits: Sequence[int], calibration, batch_size: int,
+                    num_batches: int | None = None) -> CalibrationTables | None:
   """The cached tables if their fingerprint matches, else new ones (written to the cache).
 
   Args:
@@ -715,16 +680,13 @@ def load_or_compute(path: str | os.PathLike | None, method: str, model: nn.Modul
   Returns:
     The tables (None for ``minmax``). A read-only cache is skipped silently.
   """
-  check_method(method)
-  if method == "minmax":
+  if spec.calibration == "minmax":
     return None
   images = np.asarray(images, np.float32)
-  expected = tables_fingerprint(method, variables, images, bits, batch_size, num_batches,
-                                placement, weight_quant, weight_range, act_quant, activations)
+  expected = tables_fingerprint(spec, variables, images, bits, batch_size, num_batches)
   if path is None:
     path = os.path.join(calib_lib.cache_dir(), f"{expected}.tables.npz")
   return calib_lib.cached_result(
       path, expected, load_tables, save_tables,
-      lambda: compute_tables(method, model, variables, images, bits, calibration, batch_size,
-                             num_batches, placement, weight_quant, weight_range, act_quant,
-                             activations).replace(fingerprint=expected))
+      lambda: compute_tables(spec, model, variables, images, bits, calibration, batch_size,
+                             num_batches).replace(fingerprint=expected))

@@ -7,7 +7,7 @@ so any model built from ``QConv`` / ``QDense`` works without a table.
 Quantizers and node order
   Quantized layer ``i`` (0-based, execution order) has a weight quantizer
   (``w_bits[i]``); activation quantizers (``a_bits[q]``) sit where the context's
-  ``placement`` puts them (``layers.PLACEMENTS``): with ``"conv_inputs"`` quantizer
+  ``placement`` puts them (``spec.PLACEMENTS``): with ``"conv_inputs"`` quantizer
   ``q = i`` is layer ``i``'s input; with ``"nncf"`` one quantizer per tensor is shared
   by the layers that read it and residual adds / max-pools have their own.
   ``input_quantizer[i]`` is the activation quantizer layer ``i`` reads (what its BOPs
@@ -56,7 +56,8 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from nemo_jax._src import models as zoo
-from nemo_jax._src.layers import PLACEMENTS, ActInfo, LayerInfo, QContext
+from nemo_jax._src.layers import ActInfo, LayerInfo, QContext
+from nemo_jax._src.spec import PLACEMENTS
 
 OP_TYPES = ("conv", "depthwise", "dense")
 """Op type codes (``Workload.op_codes``): index into this tuple."""
@@ -77,7 +78,7 @@ class Workload:
     model_name: zoo name (or class name for a module instance).
     input_shape: ``(H, W, C)`` the model was traced with.
     num_classes: number of output classes (None if unknown).
-    placement: where activation quantizers sit (``layers.PLACEMENTS``).
+    placement: where activation quantizers sit (``spec.PLACEMENTS``).
     layer_names: module path of each quantized layer, execution order.
     ops: op type per layer (``"conv"``, ``"depthwise"``, ``"dense"``).
     op_codes: int32 ``[L]`` index into :data:`OP_TYPES`.
@@ -345,19 +346,19 @@ def _count_params(variables) -> int:
   return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs):
+def _resolve_model(model_or_name, input_shape, num_classes, model_kwargs, registry=None):
   """Returns ``(module, name, input_shape, num_classes)``."""
   if isinstance(model_or_name, str):
     name = model_or_name
     kwargs = dict(model_kwargs)
-    default_shape, default_classes = zoo.default_spec(name)
+    default_shape, default_classes = zoo.default_spec(name, registry)
     input_shape = tuple(input_shape) if input_shape is not None else default_shape
     num_classes = num_classes if num_classes is not None else default_classes
     if input_shape is not None:
       kwargs["input_shape"] = input_shape
     if num_classes is not None:
       kwargs["num_classes"] = num_classes
-    module = zoo.get_model(name, **kwargs)
+    module = zoo.get_model(name, registry=registry, **kwargs)
   else:
     module = model_or_name
     name = getattr(module, "model_name", None) or type(module).__name__
@@ -426,14 +427,16 @@ def _extract(module, name, input_shape, num_classes, placement) -> Workload:
 
 
 @functools.lru_cache(maxsize=64)
-def _extract_by_name(name, input_shape, num_classes, placement, kwargs_items) -> Workload:
+def _extract_by_name(name, input_shape, num_classes, placement, kwargs_items,
+                     registry) -> Workload:
   module, name, input_shape, num_classes = _resolve_model(
-      name, input_shape, num_classes, dict(kwargs_items))
+      name, input_shape, num_classes, dict(kwargs_items), registry)
   return _extract(module, name, input_shape, num_classes, placement)
 
 
 def extract_workload(model_or_name, input_shape=None, num_classes=None,
-                     placement: str = "conv_inputs", **model_kwargs) -> Workload:
+                     placement: str = "conv_inputs", registry=None,
+                     **model_kwargs) -> Workload:
   """Traces a model once (abstractly) and returns its :class:`Workload`.
 
   Args:
@@ -443,7 +446,8 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
       (its ``nn.Conv`` / ``nn.Dense`` / ... calls are traced the same way).
     input_shape: ``(H, W, C)``; default: the zoo's default for the name.
     num_classes: classes of the classifier; default: the zoo's default.
-    placement: where activation quantizers sit (``layers.PLACEMENTS``).
+    placement: where activation quantizers sit (``spec.PLACEMENTS``).
+    registry: the ``models.ModelRegistry`` a name is looked up in (default: the zoo).
     **model_kwargs: extra ``get_model`` keyword arguments (names only).
 
   Returns:
@@ -461,9 +465,9 @@ def extract_workload(model_or_name, input_shape=None, num_classes=None,
       hash(items)
     except TypeError:
       module, name, shape, classes = _resolve_model(model_or_name, shape, num_classes,
-                                                    model_kwargs)
+                                                    model_kwargs, registry)
       return _extract(module, name, shape, classes, placement)
-    return _extract_by_name(model_or_name, shape, num_classes, placement, items)
+    return _extract_by_name(model_or_name, shape, num_classes, placement, items, registry)
   if model_kwargs:
     raise ValueError(f"model_kwargs: only allowed with a model name, got "
                      f"{sorted(model_kwargs)} for a module instance")

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax._src.config import QuantConfig
+from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.quant import FLOAT_BITS
 from nemo_jax._src.workload import Workload
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax._src.config import QuantConfig, validate_configs
+from nemo_jax._src.qconfig import QuantConfig, validate_configs
 from nemo_jax._src.costs.formulas import (COST_KEYS, _CODING_KEYS, _DATAFLOW_KEYS,
                                               check_coding, check_dataflow, cost_matrix)
 from nemo_jax._src.workload import Workload

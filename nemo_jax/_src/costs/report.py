@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemo_jax._src.config import QuantConfig, validate_configs
+from nemo_jax._src.qconfig import QuantConfig, validate_configs
 from nemo_jax._src.costs.formulas import (BITS_PER_KB, CODINGS, CSR_INDEX_BITS, DATAFLOWS,
                                               E_MAC, E_READ, E_WRITE, ENERGY_SCALE,
                                               IC_OC_SPARSE_LIMIT, _CODING_KEYS,

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import pickle
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from nemo_jax._src.data import idx
 from nemo_jax._src.data.files import (IMAGENET_CROP, IMAGENET_LAYOUT, IMAGENET_RESIZE,
@@ -138,99 +138,6 @@ def read_cifar10_split(source_dir: Optional[str], split: str) -> tuple[np.ndarra
 
 # ----------------------------------------------------------------- builders
 
-_VERSION = tfds.core.Version("1.0.0")
-
-
-class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """MNIST-style IDX files in the manual directory (see `MNIST_LAYOUT`)."""
-
-  VERSION = _VERSION
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the IDX files as {MNIST_LAYOUT}."
-  DATASET_NAME = ""
-  IMAGE_SHAPE = (28, 28, 1)
-  NUM_CLASSES = 10
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=f"{self.DATASET_NAME} read from local IDX files.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        # Keep the file order so that index i of a split is example i of the source.
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    source_dir = os.fspath(dl_manager.manual_dir)
-    return {split: self._generate_examples(*idx_split_files(self.DATASET_NAME, source_dir, split))
-            for split in ("train", "test")}
-
-  def _generate_examples(self, images_path: str, labels_path: str):
-    images, labels = idx.read_idx_pair(images_path, labels_path)
-    if images.shape[1:] != self.IMAGE_SHAPE:
-      raise ValueError(f"IDX file {images_path}: images of shape {images.shape[1:]}, expected "
-                       f"{self.IMAGE_SHAPE} for {self.DATASET_NAME}")
-    if labels.size and (labels.min() < 0 or labels.max() >= self.NUM_CLASSES):
-      raise ValueError(f"IDX file {labels_path}: labels span [{labels.min()}, {labels.max()}], "
-                       f"expected [0, {self.NUM_CLASSES - 1}]")
-    for i in range(images.shape[0]):
-      yield i, {"image": images[i], "label": int(labels[i])}
-
-
-class NemoMnist(_IdxBuilder):
-  """MNIST from local IDX files."""
-
-  name = "nemo_mnist"
-  DATASET_NAME = "mnist"
-
-
-class NemoFashionMnist(_IdxBuilder):
-  """Fashion-MNIST from local IDX files (e.g. Debian's dataset-fashion-mnist)."""
-
-  name = "nemo_fashion_mnist"
-  DATASET_NAME = "fashion_mnist"
-
-
-class NemoCifar10(tfds.core.GeneratorBasedBuilder):
-  """CIFAR-10 from the python pickle batches (see `CIFAR10_LAYOUT`)."""
-
-  name = "nemo_cifar10"
-  VERSION = _VERSION
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract cifar-10-python.tar.gz as {CIFAR10_LAYOUT}."
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="CIFAR-10 read from the local python pickle batches.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=CIFAR10_CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,
-    )
-
-  def _split_generators(self, dl_manager):
-    source_dir = os.fspath(dl_manager.manual_dir)
-    cifar10_batch_dir(source_dir)  # Fails early, naming the first missing file.
-    return {split: self._generate_examples(source_dir, split) for split in ("train", "test")}
-
-  def _generate_examples(self, source_dir: str, split: str):
-    images, labels = read_cifar10_split(source_dir, split)
-    for i in range(images.shape[0]):
-      yield i, {"image": images[i], "label": int(labels[i])}
-
-
-@dataclasses.dataclass
-class ImagenetSplitConfig(tfds.core.BuilderConfig):
-  """Which ImageNet split a `nemo_imagenet2012` config builds."""
-
-  split: str = "validation"
-
-
 def _decode_in_order(paths: Sequence[str], chunk: int = 256) -> Iterator[np.ndarray]:
   """Decodes images with `imagenet_eval_crop` on a thread pool, yielding in order.
 
@@ -243,61 +150,161 @@ def _decode_in_order(paths: Sequence[str], chunk: int = 256) -> Iterator[np.ndar
       yield from pool.map(imagenet_eval_crop, paths[start:start + chunk])
 
 
-class NemoImagenet2012(tfds.core.GeneratorBasedBuilder):
-  """ImageNet-1k from a local `train/<wnid>/`, `val/<wnid>/` folder tree.
+@functools.cache
+def builder_classes() -> dict[str, type]:
+  """Public dataset name -> its tfds builder class.
 
-  Stores each image after torchvision's eval geometry (resize 256, center crop
-  224) as uint8; one builder config per split.
+  The classes subclass tfds' builders, so they are defined on first use: tensorflow_datasets
+  takes ~1 s to import and only a non-embedded dataset needs it.
   """
+  import tensorflow_datasets as tfds
 
-  name = "nemo_imagenet2012"
-  VERSION = _VERSION
-  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Arrange the JPEG files as {IMAGENET_LAYOUT}."
-  BUILDER_CONFIGS = [
-      ImagenetSplitConfig(name="train", split="train",
-                          description="ImageNet train/<wnid>/*.JPEG only."),
-      ImagenetSplitConfig(name="validation", split="validation",
-                          description="ImageNet val/<wnid>/*.JPEG only."),
-  ]
-  NUM_CLASSES = 1000
+  _VERSION = tfds.core.Version("1.0.0")
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description="ImageNet-1k read from local JPEG folders, stored resized (shorter side 256, "
-                    "PIL bilinear) and center-cropped to 224x224 RGB uint8.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(IMAGENET_CROP, IMAGENET_CROP, 3),
-                                          dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,
-    )
 
-  def _split_generators(self, dl_manager):
-    source_dir = os.fspath(dl_manager.manual_dir)
-    split = self.builder_config.split
-    paths, labels = imagenet_split_files(source_dir, split)
-    if labels.max() >= self.NUM_CLASSES:
-      raise ValueError(f"dataset 'imagenet2012': {labels.max() + 1} classes in {source_dir}, "
-                       f"at most {self.NUM_CLASSES} allowed")
-    return {split: self._generate_examples(paths, labels)}
+  class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """MNIST-style IDX files in the manual directory (see `MNIST_LAYOUT`)."""
 
-  def _generate_examples(self, paths: list[str], labels: np.ndarray):
-    for i, image in enumerate(_decode_in_order(paths)):
-      yield i, {"image": image, "label": int(labels[i])}
+    VERSION = _VERSION
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Place the IDX files as {MNIST_LAYOUT}."
+    DATASET_NAME = ""
+    IMAGE_SHAPE = (28, 28, 1)
+    NUM_CLASSES = 10
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=f"{self.DATASET_NAME} read from local IDX files.",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Tensor(shape=self.IMAGE_SHAPE, dtype=np.uint8),
+              "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
+          }),
+          supervised_keys=("image", "label"),
+          # Keep the file order so that index i of a split is example i of the source.
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      source_dir = os.fspath(dl_manager.manual_dir)
+      return {split: self._generate_examples(*idx_split_files(self.DATASET_NAME, source_dir, split))
+              for split in ("train", "test")}
+
+    def _generate_examples(self, images_path: str, labels_path: str):
+      images, labels = idx.read_idx_pair(images_path, labels_path)
+      if images.shape[1:] != self.IMAGE_SHAPE:
+        raise ValueError(f"IDX file {images_path}: images of shape {images.shape[1:]}, expected "
+                         f"{self.IMAGE_SHAPE} for {self.DATASET_NAME}")
+      if labels.size and (labels.min() < 0 or labels.max() >= self.NUM_CLASSES):
+        raise ValueError(f"IDX file {labels_path}: labels span [{labels.min()}, {labels.max()}], "
+                         f"expected [0, {self.NUM_CLASSES - 1}]")
+      for i in range(images.shape[0]):
+        yield i, {"image": images[i], "label": int(labels[i])}
+
+
+  class NemoMnist(_IdxBuilder):
+    """MNIST from local IDX files."""
+
+    name = "nemo_mnist"
+    DATASET_NAME = "mnist"
+
+
+  class NemoFashionMnist(_IdxBuilder):
+    """Fashion-MNIST from local IDX files (e.g. Debian's dataset-fashion-mnist)."""
+
+    name = "nemo_fashion_mnist"
+    DATASET_NAME = "fashion_mnist"
+
+
+  class NemoCifar10(tfds.core.GeneratorBasedBuilder):
+    """CIFAR-10 from the python pickle batches (see `CIFAR10_LAYOUT`)."""
+
+    name = "nemo_cifar10"
+    VERSION = _VERSION
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Extract cifar-10-python.tar.gz as {CIFAR10_LAYOUT}."
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description="CIFAR-10 read from the local python pickle batches.",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+              "label": tfds.features.ClassLabel(names=CIFAR10_CLASS_NAMES),
+          }),
+          supervised_keys=("image", "label"),
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      source_dir = os.fspath(dl_manager.manual_dir)
+      cifar10_batch_dir(source_dir)  # Fails early, naming the first missing file.
+      return {split: self._generate_examples(source_dir, split) for split in ("train", "test")}
+
+    def _generate_examples(self, source_dir: str, split: str):
+      images, labels = read_cifar10_split(source_dir, split)
+      for i in range(images.shape[0]):
+        yield i, {"image": images[i], "label": int(labels[i])}
+
+
+  @dataclasses.dataclass
+  class ImagenetSplitConfig(tfds.core.BuilderConfig):
+    """Which ImageNet split a `nemo_imagenet2012` config builds."""
+
+    split: str = "validation"
+
+
+  class NemoImagenet2012(tfds.core.GeneratorBasedBuilder):
+    """ImageNet-1k from a local `train/<wnid>/`, `val/<wnid>/` folder tree.
+
+    Stores each image after torchvision's eval geometry (resize 256, center crop
+    224) as uint8; one builder config per split.
+    """
+
+    name = "nemo_imagenet2012"
+    VERSION = _VERSION
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"Arrange the JPEG files as {IMAGENET_LAYOUT}."
+    BUILDER_CONFIGS = [
+        ImagenetSplitConfig(name="train", split="train",
+                            description="ImageNet train/<wnid>/*.JPEG only."),
+        ImagenetSplitConfig(name="validation", split="validation",
+                            description="ImageNet val/<wnid>/*.JPEG only."),
+    ]
+    NUM_CLASSES = 1000
+
+    def _info(self) -> tfds.core.DatasetInfo:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description="ImageNet-1k read from local JPEG folders, stored resized (shorter side 256, "
+                      "PIL bilinear) and center-cropped to 224x224 RGB uint8.",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Tensor(shape=(IMAGENET_CROP, IMAGENET_CROP, 3),
+                                            dtype=np.uint8),
+              "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES),
+          }),
+          supervised_keys=("image", "label"),
+          disable_shuffling=True,
+      )
+
+    def _split_generators(self, dl_manager):
+      source_dir = os.fspath(dl_manager.manual_dir)
+      split = self.builder_config.split
+      paths, labels = imagenet_split_files(source_dir, split)
+      if labels.max() >= self.NUM_CLASSES:
+        raise ValueError(f"dataset 'imagenet2012': {labels.max() + 1} classes in {source_dir}, "
+                         f"at most {self.NUM_CLASSES} allowed")
+      return {split: self._generate_examples(paths, labels)}
+
+    def _generate_examples(self, paths: list[str], labels: np.ndarray):
+      for i, image in enumerate(_decode_in_order(paths)):
+        yield i, {"image": image, "label": int(labels[i])}
+
+  return {"mnist": NemoMnist, "fashion_mnist": NemoFashionMnist, "cifar10": NemoCifar10,
+          "imagenet2012": NemoImagenet2012}
 
 
 # ------------------------------------------------------------ build + read
 
-# Public dataset name -> (tfds builder class, builder config per split or None).
-BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "mnist": NemoMnist,
-    "fashion_mnist": NemoFashionMnist,
-    "cifar10": NemoCifar10,
-    "imagenet2012": NemoImagenet2012,
-}
+BUILDER_NAMES = ("mnist", "fashion_mnist", "cifar10", "imagenet2012")
+"""The datasets read through a tfds builder (``builder_classes``)."""
 
 
 def check_layout(name: str, source_dir: Optional[str], split: str) -> None:
@@ -319,7 +326,7 @@ def check_layout(name: str, source_dir: Optional[str], split: str) -> None:
                        f"{split!r}; expected layout {IMAGENET_LAYOUT}")
     imagenet_class_names(source_dir)
   else:
-    raise ValueError(f"name={name!r} has no tfds builder, allowed: {sorted(BUILDERS)}")
+    raise ValueError(f"name={name!r} has no tfds builder, allowed: {sorted(BUILDER_NAMES)}")
 
 
 def prepare_and_open(name: str, split: str, source_dir: str, data_dir: str):
@@ -338,7 +345,8 @@ def prepare_and_open(name: str, split: str, source_dir: str, data_dir: str):
   """
   base_split = split.split("[", 1)[0]
   check_layout(name, source_dir, base_split)
-  builder_cls = BUILDERS[name]
+  import tensorflow_datasets as tfds
+  builder_cls = builder_classes()[name]
   tfds_data_dir = cache_dir_for(data_dir, source_dir)
   tfds_name = builder_cls.name
   kwargs = {}

@@ -16,6 +16,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from nemo_jax._src.data import builders
+from nemo_jax._src.data import files
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "assets")
 EMBEDDED_FILE = os.path.join(ASSETS_DIR, "fashion_mnist_subset.npz")
@@ -138,7 +141,6 @@ def open_split(name: str, split: str, data_dir: Optional[str] = None,
     source_dir = DEBIAN_FASHION_MNIST_DIR
   if data_dir is None:
     data_dir = os.environ.get("NEMO_JAX_DATA_DIR", DEFAULT_DATA_DIR)
-  from nemo_jax._src.data import builders  # Imported lazily: tfds takes ~1 s to import.
   return builders.prepare_and_open(name, full_split, source_dir, os.path.expanduser(data_dir))
 
 
@@ -195,7 +197,6 @@ def open_image_files(split: str, data_dir: Optional[str] = None,
   Raises:
     ValueError: a missing split directory or an empty class directory (naming it).
   """
-  from nemo_jax._src.data import files  # pylint: disable=import-outside-toplevel
   base, _ = _parse_split("imagenet2012", split)
   paths, labels = files.imagenet_split_files(source_dir, base)
   if data_dir is None:
@@ -220,8 +221,7 @@ def preprocess(name: str, images: np.ndarray) -> np.ndarray:
     float32 [N, H, W, C].
   """
   spec = _spec(name)
-  from nemo_jax._src.data.files import ImageFiles  # pylint: disable=import-outside-toplevel
-  if isinstance(images, ImageFiles):  # lazy: each decoded stack is preprocessed
+  if isinstance(images, files.ImageFiles):  # lazy: each decoded stack is preprocessed
     return images.map(lambda x: preprocess(name, x))
   images = np.asarray(images)
   if images.dtype != np.uint8:
@@ -259,6 +259,24 @@ def stratified_subset(labels: np.ndarray, per_class: int, seed: int,
     raise ValueError(f"class {cls} has {count} examples, fewer than per_class={per_class}")
 
   return _draw(labels, available, classes, per_class, np.random.default_rng(seed), fail)
+
+
+def capped_stratified_subset(labels: np.ndarray, max_images: int, seed: int,
+                             num_classes: Optional[int] = None) -> np.ndarray:
+  """A stratified subset of at most ``max_images`` examples (at least one per class).
+
+  ``per_class = max(1, min(max_images // classes, smallest class))`` examples of every
+  class (``stratified_subset``); ``classes`` is ``num_classes`` or the number of label
+  values (``max(labels) + 1``).
+
+  Returns:
+    int64 indices into ``labels``, sorted ascending.
+  """
+  labels = np.asarray(labels)
+  counts = np.bincount(labels)
+  classes = len(counts) if num_classes is None else int(num_classes)
+  per_class = max(1, min(int(max_images) // classes, int(counts.min())))
+  return stratified_subset(labels, per_class, seed=seed)
 
 
 def disjoint_stratified_subsets(labels: np.ndarray, per_class: Sequence[int], seed: int,

@@ -91,14 +91,9 @@ def _checkpointer() -> ocp.StandardCheckpointer:
   return ocp.StandardCheckpointer()
 
 
-def save_entry(out_dir: str, keep: float, variables) -> str:
-  """Writes one library entry (orbax); returns its directory relative to ``out_dir``."""
-  rel = os.path.join(CHECKPOINT_DIR, str(ratio_id(keep)))
-  ckptr = _checkpointer()
-  ckptr.save(_abs(os.path.join(out_dir, rel)), jax.tree.map(np.asarray, dict(variables)),
-             force=True)
-  ckptr.wait_until_finished()
-  return rel
+def entry_dir(keep: float) -> str:
+  """The checkpoint directory of a keep ratio's entry, relative to the library."""
+  return os.path.join(CHECKPOINT_DIR, str(ratio_id(keep)))
 
 
 def read_library(library_dir: str) -> dict:

@@ -40,11 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nemo_jax._src import costs as costs_lib
-from nemo_jax._src import data as data_lib
 from nemo_jax._src import quant
-from nemo_jax._src.config import QuantConfig
-from nemo_jax._src.problem import build_problem, selection_data
-from nemo_jax._src.search.config import ACCURACY_OBJECTIVES, load_search_config
+from nemo_jax._src.problem import ACCURACY_OBJECTIVES, capped_split, selection_data
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE, RunDir
+from nemo_jax._src.run.search import build_problem
 
 DEFAULT_MAX_LOSS = 0.005
 TABLE_JSON = "emomc_table.json"
@@ -205,7 +205,7 @@ def _evaluate_top1(problem, evaluator, keep, w_bits) -> np.ndarray:
   keep = np.asarray(keep, np.float64)
   w = np.asarray(w_bits)
   out = []
-  step = problem.cfg.population
+  step = problem.population
   for s in range(0, len(keep), step):
     configs = problem.configs(keep[s:s + step], w[s:s + step])
     out.append(np.asarray(evaluator.run(configs).top1, np.float64))
@@ -258,30 +258,22 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   """
   if not 0 <= max_loss <= 1:
     raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1]")
-  cfg_path = os.path.join(run_dir, "config.json")
-  front_path = os.path.join(run_dir, "front.json")
-  for p in (cfg_path, front_path):
-    if not os.path.exists(p):
-      raise ValueError(f"run_dir={run_dir!r}: {os.path.basename(p)} is missing; allowed: a "
-                       "finished `nemo-jax search` directory")
-  with open(cfg_path) as f:
-    cfg = load_search_config(json.load(f)["config"])
-  if getattr(cfg, "library", None) is None and problem is None:
+  run = RunDir(run_dir)
+  run.require(CONFIG_FILE, FRONT_FILE)
+  cfg = run.read_config()
+  if cfg.problem.library is None and problem is None:
     raise ValueError(f"run_dir={run_dir!r}: the run has no library; allowed: an EMOMC run "
                      "(a search config with 'library')")
   problem = problem or build_problem(cfg, progress=progress)
-  criterion = criterion or next(n for n in cfg.objectives if n not in ACCURACY_OBJECTIVES)
+  criterion = criterion or next(n for n in cfg.problem.objectives
+                                if n not in ACCURACY_OBJECTIVES)
   if criterion not in ENERGY_NAMES + SIZE_NAMES:
     raise ValueError(f"criterion={criterion!r} is invalid; allowed: {ENERGY_NAMES + SIZE_NAMES}")
 
-  split = cfg.final_split or "test"
-  images, labels = data_lib.load_split(cfg.dataset, split, source_dir=cfg.data_dir)
-  classes = data_lib.DATASETS[cfg.dataset].num_classes
-  per_class = max(1, min(cfg.final_max_images // classes, int(np.bincount(labels).min())))
-  idx = data_lib.stratified_subset(labels, per_class, seed=cfg.seed)
-  x, y = data_lib.preprocess(cfg.dataset, images[idx]), labels[idx]
-  evaluators = {"final_top1": problem.make_evaluator(x, y)}
-  selection = selection_data(cfg)
+  split = cfg.run.final_split or "test"
+  x, y = capped_split(cfg.problem, split, cfg.run.final_max_images, cfg.image_seed)
+  evaluators = {"final_top1": problem.make_evaluator(np.asarray(x), y)}
+  selection = selection_data(cfg.problem, cfg.image_seed, cfg.run.selection_per_class)
   if selection is None:   # no selection set: choose on the test set (and say so)
     evaluators[SELECTION_KEY], selected_on = evaluators["final_top1"], split
   else:
@@ -294,12 +286,11 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
     return choose(_candidates(problem, evaluators, members), fp32[SELECTION_KEY], max_loss,
                   criterion, key=SELECTION_KEY)
 
-  with open(front_path) as f:
-    front = json.load(f)
+  front = [m.to_dict() for m in run.read_front()]
   emomc = chosen(front)
-  keeps = [float(p) for p in cfg.keep_choices]
+  keeps = [float(p) for p in cfg.problem.keep_choices]
   pruning = chosen([{"keep": p, "w_bits": [quant.FLOAT_BITS] * L} for p in keeps])
-  uniform = chosen([{"keep": 1.0, "w_bits": [int(b)] * L} for b in cfg.bit_choices])
+  uniform = chosen([{"keep": 1.0, "w_bits": [int(b)] * L} for b in cfg.problem.bit_choices])
 
   labels_ = ["EMOMC (pruning + quantization)", "pruning only (FP32 weights)",
              "quantization only (uniform)"]
@@ -307,11 +298,9 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
           _row(labels_[1], pruning, reference, fp32),
           _row(labels_[2], uniform, reference, fp32)]
   if quant_run is not None:
-    qpath = os.path.join(quant_run, "front.json")
-    if not os.path.exists(qpath):
-      raise ValueError(f"quant_run={quant_run!r}: front.json is missing")
-    with open(qpath) as f:
-      qfront = json.load(f)
+    quant_dir = RunDir(quant_run)
+    quant_dir.require(FRONT_FILE)
+    qfront = [m.to_dict() for m in quant_dir.read_front()]
     bad = sorted({m["keep"] for m in qfront if m["keep"] != 1.0})
     if bad:
       raise ValueError(f"quant_run={quant_run!r}: keep ratios {bad} found; allowed: a "

@@ -37,7 +37,7 @@ import dataclasses
 import os
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +51,11 @@ from nemo_jax._src import models as models_lib
 from nemo_jax._src import train as train_lib
 from nemo_jax._src import validate as v
 from nemo_jax._src.emomc.io import (DENSE_KEEP, LIBRARY_FILE, LIBRARY_FORMAT,
-                                    check_keep_ratios, load_entry, parse_keep_range,
-                                    ratio_id, ratio_key, read_library, save_entry)
-from nemo_jax._src.faults import (CheckpointWriteError, GracefulStop, probe_writable,
-                                  write_json)
+                                    check_keep_ratios, entry_dir, load_entry,
+                                    parse_keep_range, ratio_id, ratio_key, read_library)
 from nemo_jax._src.emomc.masks import is_kernel_path, magnitude_masks, nonzero_counts
+from nemo_jax._src.faults import GracefulStop, probe_writable, write_json
+from nemo_jax._src.run.checkpoint import save_tree
 
 SCHEDULES = ("independent", "chain")
 
@@ -203,13 +203,11 @@ def _load_data(cfg: LibraryConfig) -> _Data:
   x_train, y_train = data_lib.load_split(cfg.dataset, "train", source_dir=cfg.data_dir)
   classes = data_lib.DATASETS[cfg.dataset].num_classes
   if cfg.train_max_images is not None and cfg.train_max_images < len(x_train):
-    idx = data_lib.stratified_subset(y_train, max(1, cfg.train_max_images // classes),
-                                     seed=cfg.seed)
+    idx = data_lib.capped_stratified_subset(y_train, cfg.train_max_images, cfg.seed, classes)
     x_train, y_train = x_train[idx], y_train[idx]
   x_eval, y_eval = data_lib.load_split(cfg.dataset, cfg.eval_split, source_dir=cfg.data_dir)
   if cfg.eval_max_images is not None and cfg.eval_max_images < len(x_eval):
-    per_class = max(1, min(cfg.eval_max_images // classes, int(np.bincount(y_eval).min())))
-    idx = data_lib.stratified_subset(y_eval, per_class, seed=cfg.seed)
+    idx = data_lib.capped_stratified_subset(y_eval, cfg.eval_max_images, cfg.seed, classes)
     x_eval, y_eval = x_eval[idx], y_eval[idx]
   return _Data(x_train, y_train, data_lib.preprocess(cfg.dataset, x_eval), y_eval)
 
@@ -289,14 +287,10 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
   def record(p, v, seconds, start_keep):
     top1 = train_lib.float_accuracy(model, v, data.x_eval, data.y_eval)
     counts = nonzero_counts(v["params"])
-    try:
-      rel = save_entry(out_dir, p, v)
-    except Exception as e:  # noqa: BLE001 - orbax wraps OS errors in several types
-      raise CheckpointWriteError(
-          f"writing library entry keep={p!r} to {out_dir!r} failed ({type(e).__name__}: "
-          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the entries already in "
-          f"{LIBRARY_FILE} are intact: free space and run the same command again to resume"
-      ) from e
+    rel = entry_dir(p)
+    save_tree(os.path.join(out_dir, rel), jax.tree.map(np.asarray, dict(v)),
+              f"the entries already in {LIBRARY_FILE} are intact: free space and run the "
+              "same command again to resume")
     meta["entries"][ratio_key(p)] = {
         "keep": p, "id": ratio_id(p), "checkpoint": rel, "top1": top1,
         "nonzero": int(sum(c[0] for c in counts.values())),

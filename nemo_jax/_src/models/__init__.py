@@ -1,4 +1,4 @@
-"""Model zoo registry: quantization-aware Flax (linen) models by name.
+"""The model zoo: quantization-aware Flax (linen) models by name, in a registry value.
 
 Every model is a ``flax.linen.Module`` with ``__call__(x, ctx=None, train=False)``
 taking NHWC float images and returning logits; every conv / dense is a
@@ -18,8 +18,9 @@ Usage::
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,49 +35,87 @@ DEFAULT_INPUT_SHAPE = (28, 28, 1)
 DEFAULT_NUM_CLASSES = 10
 
 ModelConstructor = Callable[..., nn.Module]
-_REGISTRY: dict[str, ModelConstructor] = {}
-_DEFAULT_SPECS: dict[str, tuple[tuple[int, int, int], int]] = {}
 
 
-def register_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000):
-  """Decorator registering ``constructor(input_shape, num_classes, **kwargs) -> Module``.
+class ModelEntry(NamedTuple):
+  """A registered model: ``constructor(input_shape, num_classes, **kwargs) -> Module``
+  and the input shape / classes it is built for when only its name is given."""
+  constructor: ModelConstructor
+  input_shape: tuple[int, int, int]
+  num_classes: int
 
-  Args:
-    name: the model's name in ``get_model`` / configs / the CLI.
-    input_shape, num_classes: the model's defaults (``default_spec``), used wherever a
-      user gives only the name (``nemo-jax layers resnet50``).
 
-  Returns:
-    The decorator (returns the constructor unchanged).
+@dataclasses.dataclass(frozen=True)
+class ModelRegistry:
+  """Models by name, a value (``with_model`` returns a new registry; nothing global).
+
+  The zoo is :data:`ZOO`; a user's model is added the same way
+  (``nemo_jax.Registries().with_model(name, constructor, input_shape, num_classes)``).
   """
-  if not isinstance(name, str) or not name:
-    raise ValueError(f"model name: expected a non-empty string, got {name!r}")
-  spec = (check_input_shape(input_shape), check_num_classes(num_classes))
+  entries: tuple[tuple[str, ModelEntry], ...] = ()
 
-  def decorator(constructor: ModelConstructor) -> ModelConstructor:
-    if name in _REGISTRY and _REGISTRY[name] is not constructor:
+  def with_model(self, name: str, constructor: ModelConstructor,
+                 input_shape=(224, 224, 3), num_classes: int = 1000) -> "ModelRegistry":
+    """A copy with ``constructor(input_shape, num_classes, **kwargs) -> Module`` as ``name``.
+
+    Args:
+      name: the model's name in configs, the CLI and :meth:`get`.
+      constructor: builds the unbound module (``__call__(x, ctx, train)``).
+      input_shape, num_classes: the model's defaults, used wherever a user gives only
+        the name (``nemo-jax layers resnet50``).
+    """
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"model name: expected a non-empty string, got {name!r}")
+    if not callable(constructor):
+      raise ValueError(f"model {name!r}: constructor {constructor!r} is not callable")
+    entry = ModelEntry(constructor, check_input_shape(input_shape),
+                       check_num_classes(num_classes))
+    old = dict(self.entries)
+    if name in old and old[name].constructor is not constructor:
       raise ValueError(f"model name {name!r} is already registered")
-    _REGISTRY[name] = constructor
-    _DEFAULT_SPECS[name] = spec
-    return constructor
+    return ModelRegistry(tuple({**old, name: entry}.items()))
 
-  return decorator
+  def __contains__(self, name) -> bool:
+    return name in dict(self.entries)
+
+  def names(self) -> list[str]:
+    """The registered names, sorted."""
+    return sorted(dict(self.entries))
+
+  def entry(self, name, field: str = "model") -> ModelEntry:
+    """The entry of ``name``; ValueError naming ``field`` and the allowed names."""
+    found = dict(self.entries).get(name) if isinstance(name, str) else None
+    if found is None:
+      raise ValueError(f"{field}={name!r} is invalid; allowed: {self.names()}")
+    return found
+
+  def get(self, name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
+          **kwargs) -> nn.Module:
+    """Builds a registered model (see :func:`get_model`)."""
+    constructor = self.entry(name).constructor
+    input_shape = check_input_shape(input_shape)
+    num_classes = check_num_classes(num_classes)
+    try:
+      return constructor(input_shape, num_classes, **kwargs)
+    except TypeError as e:  # an unknown keyword reaches the module's dataclass
+      raise ValueError(f"model {name!r}: bad option(s) {sorted(kwargs)}: {e}") from None
 
 
-def list_models() -> list[str]:
+def list_models(registry: ModelRegistry | None = None) -> list[str]:
   """Names accepted by :func:`get_model`, sorted."""
-  return sorted(_REGISTRY)
+  return (registry or ZOO).names()
 
 
-def check_model_name(name, field: str = "model") -> str:
-  if name not in _REGISTRY:
-    raise ValueError(f"{field}={name!r} is invalid; allowed: {list_models()}")
+def check_model_name(name, field: str = "model", registry: ModelRegistry | None = None) -> str:
+  (registry or ZOO).entry(name, field)
   return name
 
 
-def default_spec(name: str) -> tuple[tuple[int, int, int], int]:
-  """``(input_shape, num_classes)`` a zoo model is built for when nothing else is given."""
-  return _DEFAULT_SPECS[check_model_name(name)]
+def default_spec(name: str, registry: ModelRegistry | None = None
+                 ) -> tuple[tuple[int, int, int], int]:
+  """``(input_shape, num_classes)`` a model is built for when nothing else is given."""
+  entry = (registry or ZOO).entry(name)
+  return entry.input_shape, entry.num_classes
 
 
 def check_input_shape(input_shape) -> tuple[int, int, int]:
@@ -99,7 +138,7 @@ def check_num_classes(num_classes) -> int:
 
 
 def get_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
-              **kwargs) -> nn.Module:
+              registry: ModelRegistry | None = None, **kwargs) -> nn.Module:
   """Builds a registered model.
 
   Args:
@@ -107,6 +146,7 @@ def get_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
     input_shape: ``(H, W, C)`` of one image (the module itself is shape-agnostic;
       the shape is validated and passed to the constructor).
     num_classes: number of logits.
+    registry: where ``name`` is looked up (default: the zoo, :data:`ZOO`).
     **kwargs: model options (e.g. ``width_mult`` for mobilenet_v2, layer
       constructors ``conv=``, ``dense=``, ``norm=``).
 
@@ -116,13 +156,7 @@ def get_model(name: str, input_shape=(224, 224, 3), num_classes: int = 1000,
   Raises:
     ValueError: unknown name, bad ``input_shape`` / ``num_classes`` / options.
   """
-  check_model_name(name)
-  input_shape = check_input_shape(input_shape)
-  num_classes = check_num_classes(num_classes)
-  try:
-    return _REGISTRY[name](input_shape, num_classes, **kwargs)
-  except TypeError as e:  # an unknown keyword reaches the module's dataclass
-    raise ValueError(f"model {name!r}: bad option(s) {sorted(kwargs)}: {e}") from None
+  return (registry or ZOO).get(name, input_shape, num_classes, **kwargs)
 
 
 def dummy_input(input_shape, batch_size: int = 1, dtype=jnp.float32) -> jax.Array:
@@ -192,16 +226,19 @@ def trace_layers(model: nn.Module, input_shape, variables=None) -> list[LayerInf
   return trace_quantizers(model, input_shape, variables)[0]
 
 
-register_model("mobilenet_v2")(mobilenet.mobilenet_v2)
-register_model("resnet18")(resnet.resnet18)
-register_model("resnet50")(resnet.resnet50)
-register_model("resnext101_32x8d")(resnet.resnext101_32x8d)
-register_model("resnet20", DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES)(resnet.resnet20)
-register_model("vgg16_cifar", (32, 32, 3), 10)(vgg.vgg16_cifar)
+ZOO = (ModelRegistry()
+       .with_model("mobilenet_v2", mobilenet.mobilenet_v2)
+       .with_model("resnet18", resnet.resnet18)
+       .with_model("resnet50", resnet.resnet50)
+       .with_model("resnext101_32x8d", resnet.resnext101_32x8d)
+       .with_model("resnet20", resnet.resnet20, DEFAULT_INPUT_SHAPE, DEFAULT_NUM_CLASSES)
+       .with_model("vgg16_cifar", vgg.vgg16_cifar, (32, 32, 3), 10))
+"""The model zoo: the built-in models, registered as a user's are."""
 
 __all__ = [
     "DEFAULT_INPUT_SHAPE", "DEFAULT_MODEL", "DEFAULT_NUM_CLASSES", "abstract_variables",
     "check_input_shape", "check_model_name", "check_num_classes", "count_params",
     "default_spec", "dummy_input", "get_model",
-    "init_variables", "list_models", "register_model", "trace_layers", "trace_quantizers",
+    "ModelEntry", "ModelRegistry", "ZOO", "init_variables", "list_models", "trace_layers",
+    "trace_quantizers",
 ]

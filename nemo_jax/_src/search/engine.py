@@ -18,7 +18,7 @@ A generation (NEMO's Algorithm 1, with static shapes throughout):
    (minimum size per species; optionally a growth cap ``max_growth``) -> each species
    keeps its best-ranked candidates (every group's ``tell``); slots beyond its
    evaluated candidates get random offspring, evaluated in the next generation
-   (:func:`fill_counts`) -> the archive of every non-dominated configuration seen
+   (:func:`random_fill`) -> the archive of every non-dominated configuration seen
    (deduplicated) is updated.
 
 Every species group follows one evosax-style protocol (``species.SpeciesGroup``:
@@ -32,17 +32,17 @@ an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from nemo_jax import pareto
+from nemo_jax._src import pareto
+from nemo_jax._src.problem.space import SearchSpace
 from nemo_jax._src.search import species as species_lib
-from nemo_jax._src.search.config import SearchConfig
-
+from nemo_jax._src.search.config import EvolutionConfig, SpeciesKind
 
 
 @struct.dataclass
@@ -160,12 +160,12 @@ class GenerationMetrics:
   front_counts: jax.Array
 
 
-def species_capacity(cfg: SearchConfig) -> int:
+def species_capacity(cfg: EvolutionConfig) -> int:
   """Largest size a species can reach: population - (S-1) * min_species_size."""
   return cfg.population - (len(cfg.species) - 1) * cfg.min_species_size
 
 
-def initial_sizes(cfg: SearchConfig) -> np.ndarray:
+def initial_sizes(cfg: EvolutionConfig) -> np.ndarray:
   s = len(cfg.species)
   sizes = np.full(s, cfg.population // s, np.int32)
   sizes[: cfg.population % s] += 1
@@ -238,7 +238,7 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
   still below their cap: ``capacity``, and with ``max_growth`` also
   ``floor(max_growth * old_size)`` (``None``: no growth cap, NEMO's Algorithm 1; slots
   beyond a species' evaluated candidates are filled with random offspring, see
-  :func:`fill_counts`).
+  :func:`random_fill`).
 
   Returns:
     int32 sizes ``[S]`` summing to ``total``.
@@ -257,23 +257,6 @@ def allocate_sizes(value, evals, old_sizes, total: int, min_size: int, capacity:
     return sizes.at[jnp.argmax(quotient)].add(1)
 
   return jax.lax.fori_loop(0, total - min_size * old_sizes.shape[0], seat, sizes)
-
-
-def fill_counts(sizes, num_candidates):
-  """How many of each species' slots its evaluated candidates fill (the rest: random).
-
-  A species of next size ``sizes[s]`` keeps its ``min(sizes[s], num_candidates[s])``
-  best-ranked evaluated candidates (parents + offspring); its remaining slots get
-  random offspring, evaluated in the next generation (NEMO's Algorithm 1).
-
-  Args:
-    sizes: int32 ``[S]`` next sizes.
-    num_candidates: int ``[S]`` evaluated candidates per species.
-
-  Returns:
-    int32 ``[S]`` slots filled by kept members.
-  """
-  return jnp.minimum(sizes, num_candidates.astype(sizes.dtype))
 
 
 def random_fill(offspring, fresh, num_parents, species_axis_size: int):
@@ -355,30 +338,37 @@ class Engine:
   """Builds the jitted ``init``, ``propose`` and ``select`` functions for one problem.
 
   Args:
-    cfg: the validated search config.
-    space: the species' decode space (``species.SearchSpace``).
-    graph: the workload ``jraph.GraphsTuple`` (GNN species input).
+    cfg: the validated search section.
+    space: the species' decode space (``problem.SearchSpace``).
+    graph: the workload ``jraph.GraphsTuple`` (GNN species input; ``graph.policy_graph``).
     feature_dim: node feature width.
     raw_names: names of the raw quantities stored per member (for reports).
-    custom_species: builders of custom species kinds (``Registries.species``).
+    species_kinds: the species kinds the config names (``Registries.species``;
+      default: the built-in kinds).
+    num_objectives: ``M``, the number of (minimised) objectives.
+    hv_ref: hypervolume reference point on the normalised objectives (None: all 1).
   """
-  cfg: SearchConfig
-  space: species_lib.SearchSpace
+  cfg: EvolutionConfig
+  space: SearchSpace
   graph: Any
   feature_dim: int
   raw_names: tuple[str, ...]
-  custom_species: Any = None
+  species_kinds: Mapping[str, SpeciesKind] | None = None
+  num_objectives: int = 3
+  hv_ref: tuple[float, ...] | None = None
 
   def __post_init__(self):
     cfg = self.cfg
+    kinds = species_lib.BUILTIN_SPECIES if self.species_kinds is None else self.species_kinds
     self.num_species = len(cfg.species)
     self.capacity = species_capacity(cfg)
-    self.groups = species_lib.build_groups(cfg, self.space, self.capacity, self.graph,
-                                           self.feature_dim, self.custom_species,
+    self.groups = species_lib.build_groups(cfg.species, self.space, self.capacity, self.graph,
+                                           self.feature_dim, kinds,
                                            init_sizes=initial_sizes(cfg))
     order = [i for g in self.groups for i in g.species]
     self._species_perm = np.argsort(np.asarray(order))
-    m = len(cfg.objectives)
+    m = self.num_objectives
+    self.ref = jnp.asarray(pareto.reference_point(self.hv_ref, m), jnp.float32)
     self.ref_dirs = jnp.asarray(pareto.uniform_weights(m, cfg.r2_partitions), jnp.float32)
     self.propose = jax.jit(self._propose)
     self.select = jax.jit(self._select)
@@ -480,7 +470,7 @@ class Engine:
     sizes = jnp.asarray(initial_sizes(cfg))
     choice, keep_idx = self._decode_all(genomes)
     live = self._gather_live(sizes)
-    s, c, m, r = self.num_species, self.capacity, len(cfg.objectives), len(self.raw_names)
+    s, c, m, r = self.num_species, self.capacity, self.num_objectives, len(self.raw_names)
     state = SearchState(
         generation=jnp.zeros((), jnp.int32),
         key=jax.random.key_data(key),
@@ -565,8 +555,7 @@ class Engine:
       raw = jnp.sum(valid & (rank == 0), axis=1).astype(jnp.float32)
     elif cfg.utility == "hv_contribution":
       ok = valid & (violation <= 0)
-      ref = jnp.asarray(cfg.hv_ref if cfg.hv_ref is not None else [1.0] * F.shape[-1],
-                        jnp.float32)
+      ref = self.ref
       flat_F = F.reshape(-1, F.shape[-1])
       total = pareto.hypervolume(flat_F, ref, valid=ok.reshape(-1))
       owner = jnp.repeat(jnp.arange(F.shape[0]), F.shape[1])
@@ -638,7 +627,8 @@ class Engine:
                                 front_counts=jnp.sum(finite & (rank == 0), axis=1))
     return new_state, metrics
 
-  def hypervolume(self, archive: Archive, ref):
-    """Hypervolume of the feasible archive front on the normalised objectives."""
+  def hypervolume(self, archive: Archive):
+    """Hypervolume (reference ``hv_ref``) of the feasible archive front on the normalised
+    objectives."""
     ok = archive.valid & (archive.violation <= 0)
-    return pareto.hypervolume(archive.F, ref, valid=ok)
+    return pareto.hypervolume(archive.F, self.ref, valid=ok)

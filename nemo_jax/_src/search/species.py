@@ -24,39 +24,21 @@ ignored padding, so shapes never change between generations.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Mapping, NamedTuple
+import inspect
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from nemo_jax._src.problem.space import SearchSpace
 from nemo_jax._src.search import operators as ops
 from nemo_jax._src.search import policies
-from nemo_jax._src.search.config import SearchConfig, SpeciesConfig
+from nemo_jax._src.search.config import (DirectParams, GNNParams, GraphUNetParams,
+                                         SpeciesConfig, SpeciesKind)
 
 ROUNDING = {"direct_round": 0, "direct_floor": 1, "random": 0}
 BIG = 1e6  # finite "very bad" fitness for evosax (NaN-free fitness shaping)
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchSpace:
-  """What the genomes decode to.
-
-  Attributes:
-    num_nodes: quantizer nodes of the workload graph (2 per layer: a_i, w_i).
-    active_nodes: indices of the nodes whose bit-width is searched.
-    num_choices: number of bit choices K.
-    num_keep: number of keep-ratio choices (1: no keep gene).
-  """
-  num_nodes: int
-  active_nodes: tuple[int, ...]
-  num_choices: int
-  num_keep: int
-
-  @property
-  def num_genes(self) -> int:
-    return len(self.active_nodes) + (1 if self.num_keep > 1 else 0)
 
 
 class TellInfo(NamedTuple):
@@ -211,9 +193,9 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
   low = jnp.zeros_like(high)
   floor_mode = jnp.asarray([ROUNDING[s.kind] for s in specs], jnp.int32)
   is_random = jnp.asarray([s.kind == "random" for s in specs])
-  sbx_eta = jnp.asarray([s.sbx_eta for s in specs], jnp.float32)
-  sbx_prob = jnp.asarray([s.sbx_prob for s in specs], jnp.float32)
-  pm_eta = jnp.asarray([s.pm_eta for s in specs], jnp.float32)
+  sbx_eta = jnp.asarray([s.params.sbx_eta for s in specs], jnp.float32)
+  sbx_prob = jnp.asarray([s.params.sbx_prob for s in specs], jnp.float32)
+  pm_eta = jnp.asarray([s.params.pm_eta for s in specs], jnp.float32)
 
   def init_one(key):
     return jax.random.uniform(key, (capacity, genes), minval=low, maxval=high)
@@ -222,11 +204,11 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
     return jax.vmap(init_one)(jax.random.split(key, len(specs)))
 
   seeded = None
-  if any(s.seed_uniform for s in specs):
+  if any(s.params.seed_uniform for s in specs):
     rows = []
     for i, spec in zip(idx, specs):
       n0 = capacity if init_sizes is None else int(init_sizes[i])
-      m = min(space.num_choices, n0, capacity) if spec.seed_uniform else 0
+      m = min(space.num_choices, n0, capacity) if spec.params.seed_uniform else 0
       row = jnp.full((capacity, genes), jnp.nan, jnp.float32)
       if m:
         row = row.at[:m].set(uniform_seed_genes(m, len(space.active_nodes), genes,
@@ -271,17 +253,20 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
 
 
 def _gnn_policy(spec: SpeciesConfig, num_choices: int):
-  if spec.kind == "gcn":
-    return policies.gcn_policy(hidden=spec.hidden, n_choices=num_choices, heads=spec.heads,
-                               output_selu=spec.output_selu)
-  return policies.graph_unet_policy(hidden=spec.hidden, n_choices=num_choices,
-                                    depth=spec.depth, pool_ratio=spec.pool_ratio,
-                                    heads=spec.heads, output_selu=spec.output_selu)
+  p = spec.params
+  if isinstance(p, GraphUNetParams):
+    return policies.graph_unet_policy(hidden=p.hidden, n_choices=num_choices, depth=p.depth,
+                                      pool_ratio=p.pool_ratio, heads=p.heads,
+                                      output_selu=p.output_selu)
+  return policies.gcn_policy(hidden=p.hidden, n_choices=num_choices, heads=p.heads,
+                             output_selu=p.output_selu)
 
 
 def gnn_structure(spec: SpeciesConfig) -> tuple:
   """What GNN species must share to be stacked in one group (same parameter shapes)."""
-  return (spec.kind, spec.hidden, spec.heads, spec.depth, spec.pool_ratio, spec.output_selu)
+  p = spec.params
+  return (spec.kind, p.hidden, p.heads, getattr(p, "depth", 1), getattr(p, "pool_ratio", 0.5),
+          p.output_selu)
 
 
 def _gnn_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
@@ -289,9 +274,9 @@ def _gnn_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, .
   """SSNE on GNN policy weights (genomes ``[S_g, C]`` pytrees)."""
   policy = _gnn_policy(specs[0], space.num_choices)
   active = jnp.asarray(space.active_nodes, jnp.int32)
-  mut_prob = jnp.asarray([s.mutation_prob for s in specs], jnp.float32)
-  mut_strength = jnp.asarray([s.mutation_strength for s in specs], jnp.float32)
-  cx_prob = jnp.asarray([s.crossover_prob for s in specs], jnp.float32)
+  mut_prob = jnp.asarray([s.params.mutation_prob for s in specs], jnp.float32)
+  mut_strength = jnp.asarray([s.params.mutation_strength for s in specs], jnp.float32)
+  cx_prob = jnp.asarray([s.params.crossover_prob for s in specs], jnp.float32)
 
   def init_member(key):
     k_p, k_k = jax.random.split(key)
@@ -375,7 +360,8 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
   ``[P, ...]`` (``P`` = C rounded up to even; decode uses the first C).
   """
   name = spec.evosax_name
-  if spec.is_gnn:
+  is_gnn = isinstance(spec.params, GNNParams)
+  if is_gnn:
     base = _gnn_group(space, [spec], (i,), 1, graph, feature_dim)
     template = jax.tree.map(lambda x: x[0, 0], base.init(jax.random.key(0))[1])
 
@@ -392,17 +378,17 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
   pop = capacity + (capacity % 2)  # Open_ES's antithetic sampling needs an even size
   kwargs = {}
   if name in ("Open_ES", "SimpleGA"):
-    kwargs["std_schedule"] = optax.constant_schedule(spec.sigma_init)
+    kwargs["std_schedule"] = optax.constant_schedule(spec.params.sigma_init)
   if name == "Open_ES":
     kwargs["optimizer"] = optax.adam(0.05)
   strategy = cls(population_size=pop, solution=template, **kwargs)
   params = strategy.default_params
   if hasattr(params, "std_init"):
-    params = params.replace(std_init=jnp.asarray(spec.sigma_init, jnp.float32))
+    params = params.replace(std_init=jnp.asarray(spec.params.sigma_init, jnp.float32))
 
   def init_strategy(key):
     k_init, k_pop = jax.random.split(key)
-    if spec.is_gnn:
+    if is_gnn:
       sample = jax.vmap(lambda k: base.init(k)[1])(jax.random.split(k_pop, pop))
       population = jax.tree.map(lambda x: x[:, 0, 0], sample)
     else:
@@ -434,53 +420,79 @@ def _evosax_group(space: SearchSpace, spec: SpeciesConfig, i: int, capacity: int
 
 
 GroupBuilder = Callable[..., SpeciesGroup]
-"""A custom species: ``builder(space, specs, species_indices, capacity, graph,
-feature_dim) -> SpeciesGroup`` for the species of its kind (``specs``, at
-``species_indices`` in the config), with genomes stacked ``[len(specs), capacity, ...]``.
-A genetic algorithm only needs ``ga_group(kind, species_indices, init, vary, decode)``;
-any other optimiser implements the init/ask/tell protocol of :class:`SpeciesGroup`.
-``decode`` returns choice indices into the config's ``bit_choices`` for
-``space.active_nodes`` and keep indices. Builders are passed explicitly, in
-``nemo_jax.Registries(species={kind: builder})`` (``registries.py``)."""
+"""A species kind's builder: ``builder(space, specs, species_indices, capacity, graph,
+feature_dim) -> SpeciesGroup`` for the species of one group (``specs``, at
+``species_indices`` in the config), with genomes stacked ``[len(specs), capacity, ...]``;
+``spec.params`` holds each species' parameters (its kind's ``SpeciesKind.params``). A
+builder that declares an ``init_sizes`` parameter also gets the generation-0 sizes
+``[S]`` of all species. A genetic algorithm only needs ``ga_group(kind,
+species_indices, init, vary, decode)``; any other optimiser implements the
+init/ask/tell protocol of :class:`SpeciesGroup`. ``decode`` returns choice indices into
+the config's ``bit_choices`` for ``space.active_nodes`` and keep indices. Builders are
+registered by value: :data:`BUILTIN_SPECIES`, ``nemo_jax.Registries.with_species``."""
 
 
-def build_groups(cfg: SearchConfig, space: SearchSpace, capacity: int, graph,
-                 feature_dim: int, custom: Mapping[str, GroupBuilder] | None = None,
+def _direct_builder(space, specs, species_indices, capacity, graph, feature_dim,
+                    init_sizes=None) -> SpeciesGroup:
+  return _direct_group(space, list(specs), tuple(species_indices), capacity, init_sizes)
+
+
+def _gnn_builder(space, specs, species_indices, capacity, graph, feature_dim) -> SpeciesGroup:
+  return _gnn_group(space, list(specs), tuple(species_indices), capacity, graph, feature_dim)
+
+
+def _direct_key(spec: SpeciesConfig):
+  return ("direct",)
+
+
+BUILTIN_SPECIES: Mapping[str, SpeciesKind] = {
+    "direct_round": SpeciesKind(_direct_builder, DirectParams, _direct_key),
+    "direct_floor": SpeciesKind(_direct_builder, DirectParams, _direct_key),
+    "random": SpeciesKind(_direct_builder, DirectParams, _direct_key),
+    "gcn": SpeciesKind(_gnn_builder, GNNParams, gnn_structure),
+    "graph_unet": SpeciesKind(_gnn_builder, GraphUNetParams, gnn_structure),
+}
+"""The built-in species kinds (``Registries.species`` starts from these): the direct
+encodings share one group, GNN species one group per structure (``gnn_structure``)."""
+
+
+def wants_init_sizes(builder: Callable) -> bool:
+  """Whether a builder declares the ``init_sizes`` parameter (:data:`GroupBuilder`)."""
+  try:
+    return "init_sizes" in inspect.signature(builder).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def build_groups(species: Sequence[SpeciesConfig], space: SearchSpace, capacity: int, graph,
+                 feature_dim: int, kinds: Mapping[str, SpeciesKind],
                  init_sizes=None) -> list[SpeciesGroup]:
-  """Partitions ``cfg.species`` into groups (order of first appearance).
+  """Partitions the species into groups (order of first appearance).
 
-  ``custom`` maps the kinds of custom species to their builders (:data:`GroupBuilder`);
-  ``init_sizes`` (int ``[S]``, default the capacity) are the generation-0 sizes (how
-  many uniform seeds a ``seed_uniform`` species evaluates).
+  A species driven by an evosax strategy is a group of its own; the others are grouped
+  by their kind's ``SpeciesKind.group`` key (default: the kind) and built by the kind's
+  builder. ``init_sizes`` (int ``[S]``, default the capacity) are the generation-0
+  sizes (how many uniform seeds a ``seed_uniform`` species evaluates).
   """
-  custom = dict(custom or {})
   keyed: dict[tuple, list[int]] = {}
   groups: list[tuple[tuple, list[int]]] = []
-  for i, s in enumerate(cfg.species):
-    if s.kind in custom:
-      key = ("custom", s.kind)
-      if key not in keyed:
-        keyed[key] = []
-        groups.append((key, keyed[key]))
-      keyed[key].append(i)
-      continue
+  for i, s in enumerate(species):
     if s.evosax_name is not None:
       groups.append((("evosax", i), [i]))
       continue
-    key = ("direct",) if not s.is_gnn else gnn_structure(s)
+    entry = kinds[s.kind]
+    key = ("kind", entry.group(s) if entry.group is not None else (s.kind,))
     if key not in keyed:
       keyed[key] = []
       groups.append((key, keyed[key]))
     keyed[key].append(i)
   out = []
   for key, members in groups:
-    specs = [cfg.species[i] for i in members]
-    if key[0] == "custom":
-      out.append(custom[key[1]](space, specs, tuple(members), capacity, graph, feature_dim))
-    elif key[0] == "evosax":
+    specs = [species[i] for i in members]
+    if key[0] == "evosax":
       out.append(_evosax_group(space, specs[0], members[0], capacity, graph, feature_dim))
-    elif key[0] == "direct":
-      out.append(_direct_group(space, specs, tuple(members), capacity, init_sizes))
-    else:
-      out.append(_gnn_group(space, specs, tuple(members), capacity, graph, feature_dim))
+      continue
+    builder = kinds[specs[0].kind].builder
+    extra = {"init_sizes": init_sizes} if wants_init_sizes(builder) else {}
+    out.append(builder(space, specs, tuple(members), capacity, graph, feature_dim, **extra))
   return out

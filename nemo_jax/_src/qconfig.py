@@ -1,34 +1,27 @@
-"""The configuration pytree shared by search, costs and evaluation, and its JSON form.
+"""The configuration pytree shared by search, costs and evaluation, and its one check.
 
-``QuantConfig`` is THE contract between search and evaluation (``docs/DESIGN.md``): every species
-decodes its genomes to it; costs and accuracy never know where a config came from.
+``QuantConfig`` is THE contract between search and evaluation (``docs/DESIGN.md``): every
+species decodes its genomes to it; costs and accuracy never know where a config came
+from. This module is a leaf of the package (it imports only ``quant``);
+the JSON form of one member is read and written next to the workload (``precision.py``).
 
-Shapes: one member has ``w_bits[L]``, ``a_bits[L]`` (int32) and ``keep[]`` (float32); a
-population stacks them: ``w_bits[P, L]``, ``a_bits[P, L]``, ``keep[P]``. ``L`` is the
-number of quantized (conv/dense) layers of the model, in execution order. A bit-width
-of 32 means float.
-
-JSON form (hand-written or from search results; omitted lists mean float, omitted
-keep means 1)::
-
-    {"model": "resnet20", "input_shape": [28, 28, 1], "num_classes": 10,
-     "w_bits": [8, 4, ...], "a_bits": [8, 8, ...], "keep": 1.0}
+Shapes: one member has ``w_bits[L]``, ``a_bits[La]`` (int32) and ``keep[]`` (float32); a
+population stacks them: ``w_bits[P, L]``, ``a_bits[P, La]``, ``keep[P]``. ``L`` is the
+number of quantized (conv / dense) layers of the model, in execution order; ``La`` the
+number of activation quantizers (``La = L`` for the ``conv_inputs`` placement, more for
+``nncf``). A bit-width of 32 means float.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
-from typing import Any, Mapping
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nemo_jax._src import validate
-from nemo_jax._src import workload as workload_lib
-from nemo_jax._src.layers import PLACEMENTS
 from nemo_jax._src.quant import FLOAT_BITS, MAX_BITS, MIN_BITS
 
 
@@ -82,8 +75,8 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
   re-checked (``docs/DESIGN.md``, "Contracts").
 
   Args:
-    config: ``w_bits[L]``/``a_bits[L]``/scalar ``keep`` (one member) or
-      ``w_bits[P, L]``/``a_bits[P, L]``/``keep[P]`` (a scalar keep is broadcast).
+    config: ``w_bits[L]``/``a_bits[La]``/scalar ``keep`` (one member) or
+      ``w_bits[P, L]``/``a_bits[P, La]``/``keep[P]`` (a scalar keep is broadcast).
     num_layers: ``L`` (weight quantizers).
     layer_names, act_names: optional names of the weight / activation quantizers for
       messages.
@@ -162,65 +155,3 @@ def validate_configs(config: QuantConfig, num_layers: int, layer_names=None,
   if population and w.ndim == 1:
     out = jax.tree.map(lambda x: x[None], out)
   return out
-
-
-_JSON_KEYS = {"model", "input_shape", "num_classes", "placement", "w_bits", "a_bits", "keep"}
-
-
-def config_from_dict(d: Mapping[str, Any], workload=None) -> tuple[dict, QuantConfig]:
-  """Parses the JSON form. Returns ``(model_spec, config)``.
-
-  ``model_spec`` holds ``model``, ``input_shape``, ``num_classes`` and ``placement``
-  (those present). Without ``workload`` it is extracted from the model spec (requires
-  ``model``); ``len(w_bits)`` must be its number of layers and ``len(a_bits)`` its number
-  of activation quantizers.
-  """
-  if not isinstance(d, Mapping):
-    raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
-  validate.known_keys("config", d, _JSON_KEYS)
-  spec = {k: d[k] for k in ("model", "input_shape", "num_classes", "placement") if k in d}
-  if "input_shape" in spec:
-    spec["input_shape"] = validate.input_shape("input_shape", spec["input_shape"])
-  if "num_classes" in spec:
-    spec["num_classes"] = validate.integer("num_classes", spec["num_classes"], 1)
-  if "placement" in spec:
-    validate.choice("placement", spec["placement"], PLACEMENTS)
-  if workload is None:
-    if "model" not in spec:
-      raise ValueError("config: 'model' is required to know the number of layers")
-    workload = workload_lib.extract_workload(spec["model"], spec.get("input_shape"),
-                                             spec.get("num_classes"),
-                                             spec.get("placement", "conv_inputs"))
-  elif spec.get("placement", workload.placement) != workload.placement:
-    raise ValueError(f"placement={spec['placement']!r} is invalid for this workload; "
-                     f"allowed: {workload.placement!r}")
-  w = d.get("w_bits", [FLOAT_BITS] * workload.num_layers)
-  a = d.get("a_bits", [FLOAT_BITS] * workload.num_act_quantizers)
-  keep = d.get("keep", 1.0)
-  return spec, validate_configs(QuantConfig(w_bits=w, a_bits=a, keep=keep), workload.num_layers,
-                                workload.layer_names,
-                                num_act_quantizers=workload.num_act_quantizers,
-                                act_names=workload.act_names)
-
-
-def config_to_dict(config: QuantConfig, model_spec: Mapping[str, Any] | None = None) -> dict:
-  """The JSON form of one member."""
-  out = dict(model_spec or {})
-  if "input_shape" in out:
-    out["input_shape"] = list(out["input_shape"])
-  out["w_bits"] = [int(b) for b in np.asarray(config.w_bits).tolist()]
-  out["a_bits"] = [int(b) for b in np.asarray(config.a_bits).tolist()]
-  out["keep"] = float(np.asarray(config.keep))
-  return out
-
-
-def load_config(path, workload=None) -> tuple[dict, QuantConfig]:
-  """Reads a config JSON file (see module docstring)."""
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"config file {path}: not valid JSON ({e})") from None
-  except OSError as e:
-    raise ValueError(f"config file {path}: cannot be read ({e.strerror})") from None
-  return config_from_dict(d, workload)

@@ -1,53 +1,28 @@
-"""Human-readable results of a search: front.json, history.csv, front.png, species.png.
+"""Pictures and tables of a run: front.png, species.png and the front as text.
 
-``write_outputs`` is called at the end of a run; ``redraw`` (``nemo-jax report DIR``)
-rebuilds the pictures and prints the front as a table from the files alone.
+``write_outputs`` (``search.py``) draws them at the end of a run; ``redraw``
+(``nemo-jax report DIR``) rebuilds them from the run directory's files alone.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
-from nemo_jax._src.faults import write_json  # noqa: F401  (the run's JSON writer)
+from nemo_jax._src.run.rundir import FRONT_FILE, HISTORY_FILE, RunDir
 from nemo_jax._src.search.config import species_labels
 
-FRONT_FILE = "front.json"
-HISTORY_FILE = "history.csv"
-UNIFORM_FILE = "uniform.json"
-CONFIG_FILE = "config.json"
 
-
-def write_history(path: str, rows: Sequence[dict]) -> None:
-  """One row per generation (keys of the first row are the columns)."""
-  if not rows:
-    return
-  cols = list(rows[0].keys())
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    for r in rows:
-      w.writerow(r)
-  os.replace(tmp, path)
-
-
-def read_history(path: str) -> list[dict]:
-  with open(path) as f:
-    return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def _num(v):
-  try:
-    f = float(v)
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
-  except (TypeError, ValueError):
-    return v
+def _pyplot():
+  # matplotlib loads on the first picture, with a non-interactive backend chosen then
+  # (not at ``import nemo_jax``, where it would override a notebook's backend).
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
 
 
 def plot_front(out_dir: str, front: list[dict], objectives: Sequence[str],
@@ -63,10 +38,7 @@ def plot_front(out_dir: str, front: list[dict], objectives: Sequence[str],
       drawn as stars joined to front member ``K``.
     filename: the image's name in ``out_dir``.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _pyplot()
   pairs = list(itertools.combinations(objectives, 2))
   fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
   species = sorted({m["species"] for m in front})
@@ -102,10 +74,7 @@ def plot_front(out_dir: str, front: list[dict], objectives: Sequence[str],
 
 def plot_species(out_dir: str, history: list[dict], species: Sequence[str]) -> str:
   """Species sizes (stacked) and hypervolume over generations."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
+  plt = _pyplot()
   gens = [r["generation"] for r in history]
   sizes = np.array([[r[f"size:{s}"] for s in species] for r in history]).T
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -146,23 +115,25 @@ def front_table(front: list[dict], objectives: Sequence[str], max_rows: int = 40
 
 
 def redraw(out_dir: str) -> str:
-  """Rebuilds front.png / species.png from a run directory; returns the front table."""
-  for f in (FRONT_FILE, HISTORY_FILE, CONFIG_FILE):
-    if not os.path.exists(os.path.join(out_dir, f)):
-      raise ValueError(f"report: {out_dir!r} is not a search output directory "
-                       f"(missing {f})")
-  with open(os.path.join(out_dir, FRONT_FILE)) as f:
-    front = json.load(f)
-  with open(os.path.join(out_dir, CONFIG_FILE)) as f:
-    cfg = json.load(f)["config"]
-  uniform = None
-  if os.path.exists(os.path.join(out_dir, UNIFORM_FILE)):
-    with open(os.path.join(out_dir, UNIFORM_FILE)) as f:
-      uniform = json.load(f)
-  history = read_history(os.path.join(out_dir, HISTORY_FILE))
-  species = species_labels(cfg["species"])
+  """Rebuilds front.png / species.png from a run directory; returns the front table.
+
+  Raises:
+    ValueError naming the directory and the missing or unreadable file.
+  """
+  run = RunDir(out_dir)
+  run.require(FRONT_FILE, HISTORY_FILE, "config.json", what="a search output directory")
+  cfg = run.read_config()
+  front = [m.to_dict() for m in run.read_front()]
+  uniform = run.read_uniform()
+  history = run.read_history()
+  species = species_labels(cfg.search.species)
+  missing = [f"size:{s}" for s in species if history and f"size:{s}" not in history[0]]
+  if missing:
+    raise ValueError(f"run_dir={out_dir!r}: {HISTORY_FILE} lacks the column(s) {missing}; "
+                     "allowed: the history.csv written by nemo-jax search")
   if front:
-    plot_front(out_dir, front, cfg["objectives"], uniform)
+    plot_front(out_dir, front, cfg.problem.objectives,
+               None if uniform is None else [m.to_dict() for m in uniform])
   if history:
     plot_species(out_dir, history, species)
-  return front_table(front, cfg["objectives"])
+  return front_table(front, cfg.problem.objectives)
