@@ -34,9 +34,11 @@ from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.run.config import RunConfig, SearchConfig, load_search_config
 from nemo_jax._src.run.final import front_hypervolume, front_objectives
+from nemo_jax._src.run.quality import quality_report
+from nemo_jax._src.run.quality import summary_lines as quality_summary
 from nemo_jax._src.run.report import front_table, redraw
 from nemo_jax._src.run.rundir import FrontMember, RunDir
-from nemo_jax._src.run.search import SearchResult, build_problem, search
+from nemo_jax._src.run.search import SearchResult, build_problem, search, sensitivity
 from nemo_jax._src.search.config import EvolutionConfig, SpeciesConfig
 from nemo_jax._src.spec import QuantSpec
 
@@ -49,6 +51,7 @@ __all__ = [
     "SearchResult", "SpeciesConfig", "build_problem", "config_from_dict", "config_to_dict",
     "costs", "data", "emomc", "evaluation", "evolution", "export", "finetune_members",
     "front_hypervolume", "front_objectives", "front_table", "load_config", "load_config_file",
-    "load_search_config", "models", "pareto", "parse_config_variant", "quant", "redraw",
+    "load_search_config", "models", "pareto", "parse_config_variant", "quality_report",
+    "quality_summary", "quant", "redraw", "sensitivity",
     "search",
 ]

@@ -116,8 +116,25 @@ def cmd_search(args) -> int:
                            generations=args.generations,
                            population=args.population, seed=args.seed)
   print(nemo_jax.front_table(result.front, result.config.objectives))
-  print(f"\n{len(result.front)} configurations on the front; results in {out}/ "
-        f"(front.json, history.csv, front.png, species.png)")
+  print()
+  for line in nemo_jax.quality_summary(result.quality):
+    print(line)
+  t = result.timing
+  print(f"{len(result.front)} configurations on the front in {t.get('total_seconds', 0):.0f} s "
+        f"(search {t.get('search_seconds', 0):.0f} s, final phase "
+        f"{t.get('final_seconds', 0):.0f} s); results in {out}/: front.json, uniform.json, "
+        "history.csv, config.json (timing, quality), front.png, species.png")
+  return 0
+
+
+def cmd_sensitivity(args) -> int:
+  import nemo_jax
+  from nemo_jax._src.run import sensitivity as sens_lib
+  table = nemo_jax.sensitivity(args.config, out_dir=args.out, base_bits=args.base_bits,
+                               progress=not args.quiet)
+  print(sens_lib.format_table(table))
+  if args.out:
+    print(f"\nwrote {args.out}/{sens_lib.SENSITIVITY_FILE} and {sens_lib.SENSITIVITY_PLOT}")
   return 0
 
 
@@ -255,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
   ft.add_argument("--max-images", type=int, help="a stratified subset of the training split")
   ft.add_argument("--quiet", action="store_true")
   ft.set_defaults(func=cmd_finetune)
+
+  sv = sub.add_parser("sensitivity", help="top-1 drop of every quantizer alone at every "
+                      "bit-width (the rest at --base-bits); JSON + heat map with --out")
+  sv.add_argument("--config", help="experiments/configs/*.py[:VARIANT] or .json (default: "
+                  "the embedded default)")
+  sv.add_argument("--out", help="directory for sensitivity.json and sensitivity.png")
+  sv.add_argument("--base-bits", type=int, default=8, help="the other quantizers' bits "
+                  "(default 8; 32 = float)")
+  sv.add_argument("--quiet", action="store_true")
+  sv.set_defaults(func=cmd_sensitivity)
 
   r = sub.add_parser("report", help="redraw the plots of a search directory and print its front")
   r.add_argument("dir")

@@ -241,3 +241,16 @@ def test_public_building_blocks_with_defaults_evaluate_what_a_default_search_doe
       one, calibration, spec=QuantSpec(weight_quant="symmetric_per_channel")),
       train=False))(variables, x_fit))
   assert not np.all(np.abs(other - member) <= 1e-4 * np.abs(member).max(), axis=1).mean() > 0.9
+
+
+def test_label_free_fitness_scores_disagreement_with_the_float_model():
+  cfg = nemo_jax.load_search_config(SMOKE, fitness_labels="float", final_split=None,
+                                    selection_per_class=0)
+  problem = nemo_jax.build_problem(cfg, progress=False)
+  L, La = problem.workload.num_layers, problem.workload.num_act_quantizers
+  fp32 = problem.configs([1.0], [[32] * L], [[32] * La])
+  assert problem.accuracy(fp32)["top1_error"][0] == 0.0   # the float model agrees with itself
+  w2 = problem.configs([1.0], [[2] * L], [[2] * La])
+  assert problem.accuracy(w2)["top1_error"][0] > 0.3
+  with pytest.raises(ValueError, match="fitness_labels='soft' is invalid"):
+    nemo_jax.load_search_config(SMOKE, fitness_labels="soft")

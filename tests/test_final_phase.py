@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -67,10 +68,43 @@ def test_final_size_pads_to_a_small_multiple():
   assert final_lib.final_size(P, 17) == 32
 
 
+def test_no_compile_after_generation_0_and_the_cache_answers_repeats(smoke_problem):
+  # propose / select compile beside generation 0 (Engine.precompile), the evaluator's
+  # padding is built on the host and repeated configurations come from the cache: JAX's
+  # compile events count no XLA compilation in generations 1, 2, ...
+  res = run_lib.search(SMOKE, out_dir=None, progress=False, problem=smoke_problem,
+                       generations=4, final_split=None, selection_per_class=0)
+  compiles = [r["compiles"] for r in res.history]
+  assert compiles[0] > 0 and compiles[1:] == [0, 0, 0, 0], compiles
+  assert all(r["compile_seconds"] == 0.0 for r in res.history[1:])
+  # Every repeat was answered by the cache: the unique evaluations were scored once.
+  hits = sum(r["cache_hits"] for r in res.history)
+  assert res.timing["cache_hits"] == hits and hits > 0
+  assert smoke_problem.cache.misses + smoke_problem.cache.hits >= res.history[-1]["evaluations"]
+
+
+def test_the_cache_returns_the_evaluators_scores_bit_for_bit(smoke_problem):
+  p = smoke_problem
+  configs = _random_configs(p, 6, seed=3)
+  fresh = p.evaluator.run(configs)
+  cached = p.accuracy(configs)        # evaluated (or looked up) through the cache
+  again = p.accuracy(configs)         # now certainly from the cache
+  np.testing.assert_array_equal(cached["top1_error"], 1.0 - np.asarray(fresh.top1, np.float64))
+  np.testing.assert_array_equal(again["top1_error"], cached["top1_error"])
+  np.testing.assert_array_equal(again["top5_error"], 1.0 - np.asarray(fresh.top5, np.float64))
+  # Duplicates inside one batch are evaluated once.
+  import jax
+  doubled = jax.tree.map(lambda x: np.concatenate([np.asarray(x)] * 2), configs)
+  misses = p.cache.misses
+  out = p.accuracy(doubled)
+  assert p.cache.misses == misses
+  np.testing.assert_array_equal(out["top1_error"], np.tile(again["top1_error"], 2))
+
+
 def test_search_compiles_each_generation_function_once_and_records_timing(tmp_path,
                                                                           smoke_problem):
-  # Generations 1..3 run the same propose / select executables: generation 0's state
-  # and generation 1's have identical shapes and dtypes (one trace each).
+  # Generations 1..3 run the same propose / select executables: compiled once, ahead,
+  # for the state's canonical shapes (Engine.precompile).
   from nemo_jax._src.search import engine as engine_lib
   engines = []
   original = engine_lib.Engine.__init__
@@ -86,16 +120,18 @@ def test_search_compiles_each_generation_function_once_and_records_timing(tmp_pa
   finally:
     engine_lib.Engine.__init__ = original
   (engine,) = engines
-  assert engine.propose._cache_size() == 1
-  assert engine.select._cache_size() == 1
+  assert isinstance(engine.propose, jax.stages.Compiled)
+  assert isinstance(engine.select, jax.stages.Compiled)
   # Generations and the final phase: the generation's size (8) and at most one more.
   assert len(smoke_problem.evaluator.compiled_sizes()) <= 2
   # ... each traced once: generations' batches and the streamed final blocks share it.
   assert all(fn._cache_size() == 1 for fn in smoke_problem.evaluator._compiled.values())
   assert all("compile_seconds" in r for r in res.history)
   timing = json.load(open(os.path.join(tmp_path, CONFIG_FILE)))["timing"]
-  assert {"search_seconds", "final_seconds", "final_compile_seconds",
-          "search_compile_seconds", "final_population"} <= set(timing)
+  assert {"setup_seconds", "search_seconds", "final_seconds", "final_compile_seconds",
+          "search_compile_seconds", "final_population", "output_seconds",
+          "total_seconds", "cache_hits"} <= set(timing)
+  assert timing["total_seconds"] >= timing["search_seconds"] + timing["final_seconds"]
   assert timing["final_population"] % final_lib.FINAL_PAD == 0
   assert all(0.0 <= m["final_top1"] <= 1.0 for m in res.front + res.uniform)
   # The final front's hypervolume per image set: in sample it is the archive's.

@@ -20,6 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from nemo_jax._src.faults import write_json
 from nemo_jax._src.layers import QContext
@@ -90,7 +91,8 @@ def fingerprint(variables, images, batch_size: int = 0, num_batches: int | None 
 
 
 def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
-              num_batches: int | None = None, placement: str = "conv_inputs") -> Calibration:
+              num_batches: int | None = None, placement: str = "conv_inputs",
+              progress: bool = False) -> Calibration:
   """NEMO post-training calibration of the activation quantizers.
 
   Runs the FLOAT model (BatchNorm in inference mode) on consecutive batches of
@@ -126,7 +128,7 @@ def calibrate(model: nn.Module, variables, images, batch_size: int = 256,
             jnp.stack([o[1] for o in observed]).astype(jnp.float32))
 
   lo_sum = hi_sum = 0.0
-  for sl in slices:
+  for sl in tqdm(slices, disable=not progress, desc="calibrate", unit="batch"):
     lo, hi = observe(variables, jnp.asarray(images[sl]))
     # Accumulate in float64 so the mean does not depend on summation rounding.
     lo_sum = lo_sum + np.asarray(lo, np.float64)
@@ -170,12 +172,13 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
 
 def load_or_calibrate(path: str | os.PathLike | None, model: nn.Module, variables, images,
                       batch_size: int = 256, num_batches: int | None = None,
-                      placement: str = "conv_inputs") -> Calibration:
+                      placement: str = "conv_inputs", progress: bool = False) -> Calibration:
   """The cached calibration if it matches (variables, images, batching), else a new one.
 
   Args:
     path: the cache file; None: ``cache_dir()/<fingerprint>.json``.
-    model, variables, images, batch_size, num_batches, placement: as :func:`calibrate`.
+    model, variables, images, batch_size, num_batches, placement, progress: as
+      :func:`calibrate`.
 
   Returns:
     The calibration; a new one is written to the cache (a read-only cache location
@@ -187,7 +190,7 @@ def load_or_calibrate(path: str | os.PathLike | None, model: nn.Module, variable
     path = os.path.join(cache_dir(), f"{expected}.json")
   return cached_result(path, expected, load_calibration, save_calibration,
                        lambda: calibrate(model, variables, images, batch_size, num_batches,
-                                         placement))
+                                         placement, progress))
 
 
 def cached_result(path: str, expected: str, load: Callable, save: Callable,

@@ -51,6 +51,7 @@ strategy above; results are gathered to every host. P is padded with copies of m
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -145,6 +146,18 @@ def _scan_images(apply_fn: Callable, images, labels, mask, k: int):
   init = (jnp.int32(0), jnp.int32(0), jnp.float32(0.0), jnp.int32(0))
   acc, _ = jax.lax.scan(body, init, (images, labels, mask))
   return acc
+
+
+def _add_block(totals, item, population: int, on_block):
+  stats, count = item
+  totals = _add_stats(totals, _host_stats(stats, population))
+  if on_block is not None:
+    on_block(count)
+  return totals
+
+
+_NO_STATS = (jnp.int32(0), jnp.int32(0), jnp.float32(0.0), jnp.int32(0))
+"""The statistics of a padding slot (never read: padding is sliced off)."""
 
 
 def _host_stats(stats, population: int | None = None):
@@ -275,6 +288,13 @@ class Evaluator:
     self.memory_budget = memory_budget(self.mesh.devices.flat[0], memory_fraction)
     self._chunk_size = chunk_size
 
+    digest = hashlib.sha256()
+    for a in (images, labels, mask):
+      digest.update(np.ascontiguousarray(a).tobytes())
+    self.images_fingerprint = digest.hexdigest()[:16]
+    """SHA-256 (16 hex) of the resident images, labels and mask (cache keys)."""
+    self.prepared = prepared
+    """What ``scheme.prepare`` computed (host copy)."""
     replicated = distributed.replicated_sharding(self.mesh)
     self._data = distributed.put_global(
         {"prepared": prepared, "images": images.reshape(*shape, *images.shape[1:]),
@@ -317,16 +337,19 @@ class Evaluator:
     chunk = self.chunk_size_for(members_per_device)
     strategy = self.strategy
 
-    def local(data, configs):
+    def local(data, configs, live):
       member = partial(self._member, data)
       if strategy == "map":
-        return jax.lax.map(member, configs)
+        # One member after the other: a padding slot skips its work (lax.cond runs one
+        # branch), so a population costs its live members, whatever size it is padded to.
+        return jax.lax.map(
+            lambda a: jax.lax.cond(a[1], member, lambda c: _NO_STATS, a[0]), (configs, live))
       if chunk >= configs.w_bits.shape[0]:
         return jax.vmap(member)(configs)
       return jax.lax.map(member, configs, batch_size=chunk)
 
     pop = PartitionSpec(distributed.POP_AXIS)
-    sharded = jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), pop),
+    sharded = jax.shard_map(local, mesh=self.mesh, in_specs=(PartitionSpec(), pop, pop),
                             out_specs=pop, check_vma=False)
     # Replicated outputs: XLA all-gathers the (tiny) results so every host can read them.
     return jax.jit(sharded, out_shardings=distributed.replicated_sharding(self.mesh))
@@ -364,7 +387,8 @@ class Evaluator:
     return tuple(sorted(self._compiled))
 
   def _prepare_configs(self, configs: QuantConfig, pad_to: int | None):
-    """Pads ``configs`` to its compiled size; returns ``(fn, sharded configs, P)``."""
+    """Pads ``configs`` to its compiled size; returns ``(fn, (sharded configs, live
+    mask), P)``."""
     population = int(np.shape(configs.w_bits)[0])
     if pad_to is None:
       padded = self.padded_size(population)
@@ -373,37 +397,43 @@ class Evaluator:
         raise ValueError(f"pad_to={pad_to!r} is invalid; allowed: a multiple of the "
                          f"{self.num_devices} device(s) >= the {population} members")
       padded = int(pad_to)
-    configs = QuantConfig(w_bits=jnp.asarray(configs.w_bits, jnp.int32),
-                          a_bits=jnp.asarray(configs.a_bits, jnp.int32),
-                          keep=jnp.broadcast_to(jnp.asarray(configs.keep, jnp.float32),
-                                                (population,)))
+    # Padded on the host (a few integers per member): eager device ops would compile
+    # once per population size.
+    configs = QuantConfig(w_bits=np.asarray(configs.w_bits, np.int32),
+                          a_bits=np.asarray(configs.a_bits, np.int32),
+                          keep=np.broadcast_to(np.asarray(configs.keep, np.float32),
+                                               (population,)))
     if padded > population:
       configs = jax.tree.map(
-          lambda v: jnp.concatenate([v, jnp.repeat(v[:1], padded - population, axis=0)]),
+          lambda v: np.concatenate([v, np.repeat(v[:1], padded - population, axis=0)]),
           configs)
     fn = self._compiled.get(padded)
     if fn is None:
       fn = self._compiled[padded] = self._build(padded)
-    configs = distributed.put_global(configs, distributed.population_sharding(self.mesh))
-    return fn, configs, population
+    live = np.arange(padded) < population
+    configs, live = distributed.put_global((configs, live),
+                                           distributed.population_sharding(self.mesh))
+    return fn, (configs, live), population
 
   def run(self, configs: QuantConfig, pad_to: int | None = None) -> EvalResult:
     """Evaluates an already validated population ``[P]`` (device arrays stay there).
 
     Members are padded with copies of member 0 to :meth:`padded_size` (results sliced
-    off), so one compilation serves many population sizes.
+    off), so one compilation serves many population sizes; with the ``map`` strategy a
+    padding slot costs nothing (it is skipped inside the compiled loop).
 
     Args:
       configs: the population.
       pad_to: evaluate as exactly this many members (a compiled size shared with
         another call, e.g. :meth:`run_images`); None: :meth:`padded_size`.
     """
-    fn, configs, population = self._prepare_configs(configs, pad_to)
-    return _finalize(fn(self._data, configs), self.num_images, population)
+    fn, members, population = self._prepare_configs(configs, pad_to)
+    return _finalize(fn(self._data, *members), self.num_images, population)
 
   def run_images(self, configs: QuantConfig, images, labels,
                  preprocess: Callable | None = None, pad_to: int | None = None,
-                 prefetch: int = 1) -> EvalResult:
+                 prefetch: int = 1, on_block: Callable[[int], None] | None = None
+                 ) -> EvalResult:
     """Evaluates a population on OTHER images, streamed in blocks of this evaluator's shape.
 
     The images are cut into blocks of :attr:`block_images` (the resident set's
@@ -429,6 +459,8 @@ class Evaluator:
       preprocess: applied to each block (e.g. ``partial(data.preprocess, name)``).
       pad_to: as :meth:`run`.
       prefetch: blocks prepared ahead on the host (>= 1).
+      on_block: called with the number of images of every block once it is computed
+        (progress).
 
     Returns:
       :class:`EvalResult` over the N images.
@@ -443,7 +475,7 @@ class Evaluator:
                        f"0..{self.num_classes - 1}")
     if not isinstance(prefetch, int) or prefetch < 1:
       raise ValueError(f"prefetch={prefetch!r} is invalid; allowed: an integer >= 1")
-    fn, configs, population = self._prepare_configs(configs, pad_to)
+    fn, members, population = self._prepare_configs(configs, pad_to)
     block = self.block_images
     shape = (self._num_batches, self.batch_size)
     replicated = distributed.replicated_sharding(self.mesh)
@@ -475,11 +507,11 @@ class Evaluator:
           pending.append(pool.submit(host_block, starts[i + prefetch]))
         data = dict(distributed.put_global(host, replicated), prepared=self._data["prepared"])
         del host
-        in_flight.append(fn(data, configs))
+        in_flight.append((fn(data, *members), min(block, n - starts[i])))
         if len(in_flight) == 2:  # bound the device: wait for the older block
-          totals = _add_stats(totals, _host_stats(in_flight.pop(0), population))
-      for stats in in_flight:
-        totals = _add_stats(totals, _host_stats(stats, population))
+          totals = _add_block(totals, in_flight.pop(0), population, on_block)
+      for item in in_flight:
+        totals = _add_block(totals, item, population, on_block)
     return _finalize(totals, n, population, on_host=True)
 
   def evaluate_float(self, cached: bool = True) -> EvalResult:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import quant
@@ -239,7 +240,7 @@ def _record_layers(model, variables, x, placement):
 
 
 def output_mse_weight_clip(model: nn.Module, variables, images, bits, spec: QuantSpec,
-                           grid: Sequence[float] = OUTPUT_GRID):
+                           grid: Sequence[float] = OUTPUT_GRID, on_bit=None):
   """Per layer, channel and bit-width, the clip ratio minimising the layer's output error.
 
   Every layer reads its recorded float input (so the layers are independent and are
@@ -253,6 +254,7 @@ def output_mse_weight_clip(model: nn.Module, variables, images, bits, spec: Quan
     bits: int ``[B]`` bit-widths.
     spec: the quantizers (``weight_quant``, ``weight_range``, ``placement``).
     grid: candidate ratios, descending (ties keep the wider range).
+    on_bit: called after each bit-width (progress).
 
   Returns:
     Per layer float32 ``[B, C]`` (per channel) or ``[B]`` (per tensor).
@@ -283,8 +285,11 @@ def output_mse_weight_clip(model: nn.Module, variables, images, bits, spec: Quan
     return [grid[jnp.argmin(e, axis=0)] for e in per_layer]
 
   grid = jnp.asarray(grid, jnp.float32)
-  per_bit = [jax.device_get(errors(variables, ins, outs, x, jnp.int32(b), grid))
-             for b in np.asarray(bits).tolist()]
+  per_bit = []
+  for b in np.asarray(bits).tolist():
+    per_bit.append(jax.device_get(errors(variables, ins, outs, x, jnp.int32(b), grid)))
+    if on_bit is not None:
+      on_bit(1)
   return [np.stack([pb[i] for pb in per_bit]).astype(np.float32)
           for i in range(len(per_bit[0]))]
 
@@ -297,7 +302,8 @@ def _rectified_sigmoid(v):
 
 
 def adaround(model: nn.Module, variables, images, bits, spec: QuantSpec, clips=None,
-             steps: int = ADAROUND_STEPS, lr: float = ADAROUND_LR, reg: float = ADAROUND_REG):
+             steps: int = ADAROUND_STEPS, lr: float = ADAROUND_LR, reg: float = ADAROUND_REG,
+             on_bit=None):
   """Layer-wise AdaRound: per layer and bit-width, each weight's rounding direction.
 
   For bit-width ``b`` every layer's soft kernel is
@@ -318,6 +324,7 @@ def adaround(model: nn.Module, variables, images, bits, spec: QuantSpec, clips=N
     spec: the quantizers (``weight_quant``, ``weight_range``, ``placement``).
     clips: per layer ``[B, C]`` / ``[B]`` clip ratios, or None (min / max ranges).
     steps, lr, reg: Adam steps, learning rate, regulariser weight.
+    on_bit: called after each bit-width (progress).
 
   Returns:
     Per layer int8 ``[B, *kernel]``: 1 = round up, 0 = round down (2 = nearest).
@@ -385,6 +392,8 @@ def adaround(model: nn.Module, variables, images, bits, spec: QuantSpec, clips=N
       per_bit.append([np.full(k.shape, 2, np.int8) for k in kernels])
     else:
       per_bit.append(jax.device_get(learn(variables, ins, outs, x, jnp.int32(b), j)))
+    if on_bit is not None:
+      on_bit(1)
   return [np.stack([pb[i] for pb in per_bit]).astype(np.int8) for i in range(len(kernels))]
 
 
@@ -557,7 +566,8 @@ def mean_patches(model: nn.Module, variables, images, batch_size: int,
 
 def compute_tables(spec: QuantSpec, model: nn.Module, variables, images, bits: Sequence[int],
                    calibration: calib_lib.Calibration | None, batch_size: int,
-                   num_batches: int | None = None) -> CalibrationTables | None:
+                   num_batches: int | None = None,
+                   progress: bool = False) -> CalibrationTables | None:
   """The tables of ``spec.calibration`` (None for ``minmax``).
 
   Args:
@@ -569,11 +579,17 @@ def compute_tables(spec: QuantSpec, model: nn.Module, variables, images, bits: S
     calibration: the ``minmax`` calibration (row 0 of the activation tables); required
       with integer activations.
     batch_size, num_batches: as ``calibration.calibrate``.
+    progress: a progress bar over the steps (weights per bit-width, activations, bias).
   """
   method, placement, activations = spec.calibration, spec.placement, spec.int_activations
   w_method, a_method, bias = CALIBRATIONS[method]
   if method == "minmax":
     return None
+  steps = ((len(table_bits(bits)) if w_method != "minmax" else 0)
+           + (len(table_bits(bits)) if w_method == "adaround" else 0)
+           + (1 if activations and a_method != "minmax" else 0) + (1 if bias else 0))
+  bar = tqdm(total=steps, disable=not progress, desc=f"calibration tables ({method})",
+             unit="step")
   bits = table_bits(bits)
   bits_arr = jnp.asarray(bits, jnp.int32)
   images = np.asarray(images, np.float32)
@@ -581,14 +597,17 @@ def compute_tables(spec: QuantSpec, model: nn.Module, variables, images, bits: S
   if w_method == "mse":
     clips = [np.asarray(mse_weight_clip(k, bits_arr, spec))
              for k in float_kernels(model, variables, images.shape[1:], placement)]
+    bar.update(len(bits))
   elif w_method in ("output_mse", "adaround"):
-    clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr, spec)
+    clips = output_mse_weight_clip(model, variables, images[:OUTPUT_IMAGES], bits_arr, spec,
+                                   on_bit=bar.update)
   if w_method != "minmax":
     w_clip = [jnp.asarray(np.concatenate([np.ones_like(c[:1]), c]), jnp.float32)
               for c in clips]
   w_up = None
   if w_method == "adaround":
-    ups = adaround(model, variables, images[:ADAROUND_IMAGES], bits_arr, spec, clips)
+    ups = adaround(model, variables, images[:ADAROUND_IMAGES], bits_arr, spec, clips,
+                   on_bit=bar.update)
     w_up = [jnp.asarray(np.concatenate([np.full_like(u[:1], 2), u]), jnp.int8) for u in ups]
   if activations and a_method != "minmax":
     if calibration is None:
@@ -609,8 +628,11 @@ def compute_tables(spec: QuantSpec, model: nn.Module, variables, images, bits: S
       rows_hi += [np.asarray([r[1][j] for r in per_q], np.float32) for j in range(len(bits))]
     act_lo = jnp.asarray(np.stack(rows_lo), jnp.float32)
     act_hi = jnp.asarray(np.stack(rows_hi), jnp.float32)
+    bar.update(1)
   if bias:
     patches = mean_patches(model, variables, images, batch_size, num_batches, placement)
+    bar.update(1)
+  bar.close()
   return CalibrationTables(bits=bits_arr, w_clip=w_clip, act_lo=act_lo, act_hi=act_hi,
                            bias=patches, w_up=w_up, method=method)
 
@@ -670,7 +692,8 @@ def load_tables(path: str | os.PathLike) -> CalibrationTables:
 
 def load_or_compute(path: str | os.PathLike | None, spec: QuantSpec, model: nn.Module,
                     variables, images, bits: Sequence[int], calibration, batch_size: int,
-                    num_batches: int | None = None) -> CalibrationTables | None:
+                    num_batches: int | None = None,
+                    progress: bool = False) -> CalibrationTables | None:
   """The cached tables if their fingerprint matches, else new ones (written to the cache).
 
   Args:
@@ -689,4 +712,4 @@ def load_or_compute(path: str | os.PathLike | None, spec: QuantSpec, model: nn.M
   return calib_lib.cached_result(
       path, expected, load_tables, save_tables,
       lambda: compute_tables(spec, model, variables, images, bits, calibration, batch_size,
-                             num_batches).replace(fingerprint=expected))
+                             num_batches, progress).replace(fingerprint=expected))

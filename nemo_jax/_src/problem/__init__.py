@@ -8,11 +8,12 @@
   costs).
 """
 
-from nemo_jax._src.problem.config import (ACCURACY_OBJECTIVES, EVAL_STRATEGIES,
+from nemo_jax._src.problem.config import (ACCURACY_OBJECTIVES, EVAL_STRATEGIES, FITNESS_LABELS,
                                           IN_MEMORY_DATASET, IN_MEMORY_SPLITS, USER_MODEL,
                                           ProblemConfig, is_model_factory, is_user_model)
-from nemo_jax._src.problem.core import (Problem, calibration_tables, check_cost_bounds,
-                                        cheapest_config, compose_problem, make_scheme,
+from nemo_jax._src.problem.core import (AccuracyCache, Problem, calibration_tables, check_cost_bounds,
+                                        cheapest_config, compose_problem, float_predictions,
+                                        make_scheme,
                                         population_pad)
 from nemo_jax._src.problem.images import (IMAGE_SET_FIELDS, IMAGE_SETS, capped_split,
                                           data_splits, eval_split_sets, fitness_data,

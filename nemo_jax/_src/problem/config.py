@@ -20,6 +20,9 @@ from nemo_jax._src.models import ModelRegistry
 from nemo_jax._src.spec import QuantSpec
 
 ACCURACY_OBJECTIVES = ("top1_error", "top5_error")
+FITNESS_LABELS = ("true", "float")
+"""What the fitness images are scored against: their labels, or the float model's top-1
+prediction (label-free: ``top1_error`` is then the disagreement with the float model)."""
 EVAL_STRATEGIES = ("auto", "map", "vmap", "chunked_vmap")
 USER_MODEL = "custom"
 """``model`` of a search whose module is passed in memory (``search(model=...)``)."""
@@ -60,6 +63,9 @@ class ProblemConfig:
       the same images (paired seeds).
     calib_per_class, calib_batches: calibration images per class of ``eval_split``
       (disjoint from the fitness images) and number of batches.
+    fitness_labels: ``true`` (the images' labels) or ``float`` (the float model's top-1
+      prediction: label-free fidelity, the accuracy objectives become disagreement with
+      the float model; the held-out sets are still scored against their labels).
     objectives: any of ``top1_error``, ``top5_error`` and the registered costs
       (``model_ratio``, ``bops_ratio``, ``energy:X|Y``, ``size_kb:csr``, ...).
     constraints: ``{objective_or_cost_name: upper_bound}``, handled by constraint
@@ -93,6 +99,7 @@ class ProblemConfig:
   data_seed: int | None = None
   calib_per_class: int = 10
   calib_batches: int = 4
+  fitness_labels: str = "true"
   objectives: tuple[str, ...] = ("top1_error", "model_ratio", "bops_ratio")
   constraints: Mapping[str, float] = dataclasses.field(default_factory=dict)
   bit_choices: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
@@ -205,6 +212,7 @@ class ProblemConfig:
     if self.data_seed is not None:
       v.integer("data_seed", self.data_seed, 0, 2**31 - 1)
     v.choice("eval_split", self.eval_split, self.splits)
+    v.choice("fitness_labels", self.fitness_labels, FITNESS_LABELS)
     for f in ("eval_per_class", "calib_per_class", "calib_batches", "eval_batch_size"):
       v.integer(f, getattr(self, f), 1)
     allowed_obj = ACCURACY_OBJECTIVES + tuple(costs)

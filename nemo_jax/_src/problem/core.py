@@ -70,14 +70,42 @@ def make_scheme(cfg: ProblemConfig, source: ModelSource, calibration=None, table
 
 
 def calibration_tables(cfg: ProblemConfig, source: ModelSource, images, calibration,
-                       batch_size: int):
+                       batch_size: int, progress: bool = False):
   """The section's cached calibration tables (``tables.load_or_compute``), or None."""
   if source.kind != "checkpoint" or cfg.quant.calibration == "minmax":
     return None
   extra = (cfg.fixed_act_bits,) if cfg.quant.int_activations else ()
   return tables_lib.load_or_compute(
       None, cfg.quant, source.model, source.variables, images,
-      tables_lib.table_bits(cfg.bit_choices, extra), calibration, batch_size)
+      tables_lib.table_bits(cfg.bit_choices, extra), calibration, batch_size,
+      progress=progress)
+
+
+class AccuracyCache:
+  """The fitness accuracy of every configuration scored, keyed on its decoded bits and keep.
+
+  The fitness images and the evaluator are fixed for a problem and the evaluation is
+  deterministic, so a configuration proposed again (by another species, a later
+  generation, or another search on the same problem) costs nothing: its scores are
+  the ones the evaluator gave it the first time, bit for bit.
+
+  Attributes:
+    table: ``{key: (top1_error, top5_error)}``.
+    hits, misses: lookups answered from the table / evaluated.
+  """
+
+  def __init__(self):
+    self.table: dict[bytes, tuple[float, float]] = {}
+    self.hits = 0
+    self.misses = 0
+
+  @staticmethod
+  def keys(configs: QuantConfig) -> list[bytes]:
+    """One key per member: its weight bits, activation bits and keep ratio."""
+    w = np.asarray(configs.w_bits, np.int32)
+    a = np.asarray(configs.a_bits, np.int32)
+    keep = np.broadcast_to(np.asarray(configs.keep, np.float32), w.shape[:1])
+    return [w[i].tobytes() + a[i].tobytes() + keep[i].tobytes() for i in range(len(w))]
 
 
 @dataclasses.dataclass
@@ -92,6 +120,7 @@ class Problem:
     costs_registry, cost_names, fp32_costs: the costs computed, and the FP32 model's.
     bit_choices, keep_choices: the section's choices as device arrays (decode).
     data: in-memory splits (dataset ``"arrays"``, ``images.data_splits``) or None.
+    cache: the fitness accuracy of every configuration scored (:class:`AccuracyCache`).
   """
   cfg: ProblemConfig
   seed: int
@@ -108,6 +137,7 @@ class Problem:
   bit_choices: jnp.ndarray
   keep_choices: jnp.ndarray
   data: Mapping | None = None
+  cache: AccuracyCache = dataclasses.field(default_factory=AccuracyCache)
 
   @property
   def model(self):
@@ -184,11 +214,30 @@ class Problem:
                pad_to: int | None = None):
     """Top-1 / top-5 error ``[P]`` (float64, host) on the fitness subset (or ``evaluator``'s).
 
-    ``pad_to``: evaluate as that many members (``Evaluator.run``).
+    On the fitness subset, only configurations the problem has not scored before are
+    evaluated (:class:`AccuracyCache`), in one call of the compiled function for the
+    whole population's size. ``pad_to``: evaluate as that many members
+    (``Evaluator.run``).
     """
-    result = (evaluator or self.evaluator).run(configs, pad_to=pad_to)
-    return {"top1_error": 1.0 - np.asarray(result.top1, np.float64),
-            "top5_error": 1.0 - np.asarray(result.top5, np.float64)}
+    if evaluator is not None:
+      result = evaluator.run(configs, pad_to=pad_to)
+      return {"top1_error": 1.0 - np.asarray(result.top1, np.float64),
+              "top5_error": 1.0 - np.asarray(result.top5, np.float64)}
+    keys = self.cache.keys(configs)
+    todo = list(dict.fromkeys(k for k in keys if k not in self.cache.table))
+    self.cache.hits += len(keys) - len(todo)
+    self.cache.misses += len(todo)
+    if todo:
+      first = {k: i for i, k in reversed(list(enumerate(keys)))}
+      rows = np.asarray([first[k] for k in todo])
+      subset = jax.tree.map(lambda x: np.asarray(x)[rows] if np.ndim(x) else x, configs)
+      size = pad_to if pad_to is not None else self.evaluator.padded_size(len(keys))
+      result = self.evaluator.run(subset, pad_to=size)
+      top1, top5 = np.asarray(result.top1, np.float64), np.asarray(result.top5, np.float64)
+      for j, k in enumerate(todo):
+        self.cache.table[k] = (1.0 - top1[j], 1.0 - top5[j])
+    errors = np.asarray([self.cache.table[k] for k in keys], np.float64).reshape(-1, 2)
+    return {"top1_error": errors[:, 0], "top5_error": errors[:, 1]}
 
   def objectives(self, configs: QuantConfig, timed: bool = False, pad_to: int | None = None):
     """``(F [P, M] normalised, violation [P], raw {name: [P]})``; see module doc.
@@ -249,6 +298,15 @@ def check_cost_bounds(cfg: ProblemConfig, workload, registry: CostRegistry) -> N
           f"{name}={float(value):.6g}; allowed: a bound >= {float(value):.6g}")
 
 
+def float_predictions(source: ModelSource, images, batch_size: int) -> np.ndarray:
+  """The float model's top-1 class of every image (label-free fitness, ``fitness_labels``)."""
+  dense = source.dense_variables
+  predict = jax.jit(lambda v, x: jnp.argmax(source.model.apply(v, x, None, train=False), -1))
+  out = [np.asarray(predict(dense, jnp.asarray(images[s:s + batch_size])))
+         for s in range(0, len(images), batch_size)]
+  return np.concatenate(out).astype(np.int32)
+
+
 def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
                     selection_per_class: int = 0, costs: CostRegistry | None = None,
                     models: ModelRegistry | None = None,
@@ -264,7 +322,7 @@ def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
       and calibration images, so it does not change them; checked here so that a class
       too small for all three sets is an error before any work).
     costs, models, schemes: the registries (default: the built-ins).
-    progress: show progress bars (library loading).
+    progress: show progress bars (library loading, calibration, tables).
     model, variables: a user's linen model and its float variables (with
       ``cfg.model == "custom"``; quantized by interception, ``intercept.py``).
     data: in-memory splits (with ``cfg.dataset == "arrays"``), see ``images.data_splits``.
@@ -285,12 +343,15 @@ def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
                        len(cfg.keep_choices))
 
   x_eval, y_eval, x_calib = fitness_data(cfg, seed, selection_per_class, data)
+  if cfg.fitness_labels == "float":
+    y_eval = float_predictions(source, x_eval, cfg.eval_batch_size)
   calibration = None
   batch = max(1, len(x_calib) // cfg.calib_batches)
   if source.kind == "checkpoint" and cfg.quant.int_activations:
     calibration = calib_lib.load_or_calibrate(None, source.model, source.variables, x_calib,
-                                              batch_size=batch, placement=cfg.quant.placement)
-  tables = calibration_tables(cfg, source, x_calib, calibration, batch)
+                                              batch_size=batch, placement=cfg.quant.placement,
+                                              progress=progress)
+  tables = calibration_tables(cfg, source, x_calib, calibration, batch, progress)
   scheme = make_scheme(cfg, source, calibration, tables, schemes)
   evaluator = Evaluator(source.model, source.variables, scheme, x_eval, y_eval,
                         batch_size=cfg.eval_batch_size, population_pad=population_pad(population),

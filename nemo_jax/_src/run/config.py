@@ -46,11 +46,14 @@ class RunConfig:
     final_split, final_max_images: the split (and cap) on which the final front is
       re-evaluated for the report (None: skip).
     hv_ref: hypervolume reference point on the normalised objectives (None: all 1).
+    sensitivity: write the per-quantizer sensitivity (``sensitivity.json`` / ``.png``,
+      ``run/sensitivity.py``; cached by fingerprint) into the run directory.
   """
   selection_per_class: int = 50
   final_split: str | None = "test"
   final_max_images: int = 2000
   hv_ref: tuple[float, ...] | None = None
+  sensitivity: bool = True
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -70,6 +73,7 @@ class RunConfig:
     if cfg.final_split is not None:
       v.choice("final_split", cfg.final_split, (None,) + tuple(splits))
     v.integer("final_max_images", cfg.final_max_images, 1)
+    v.boolean("sensitivity", cfg.sensitivity)
     return cfg
 
 

@@ -17,8 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tqdm.auto import tqdm
+
 from nemo_jax._src import pareto
-from nemo_jax._src.problem import Problem, capped_split, selection_data
+from nemo_jax._src import quant
+from nemo_jax._src.problem import Problem, capped_split, cheapest_config, selection_data
+from nemo_jax._src.qconfig import QuantConfig
+from nemo_jax._src.run import quality
 from nemo_jax._src.run.config import SearchConfig
 
 FINAL_PAD = 8
@@ -90,6 +95,38 @@ def uniform_baselines(problem: Problem, pad_to: int | None = None) -> list[dict]
   return out
 
 
+def reference_members(problem: Problem, pad_to: int | None = None) -> dict[str, dict]:
+  """The configurations the quality metrics are normalised by (``quality.py``):
+  ``fp32`` (every quantizer float, keep 1; its fitness accuracy measured), ``cheapest``
+  (every searched quantizer at the smallest bit choice, smallest keep) and ``w8a8``
+  (weights at 8 bits, searched activations at 8, keep 1); the last two are costed only.
+  """
+  wl, cfg = problem.workload, problem.cfg
+  L, La = wl.num_layers, wl.num_act_quantizers
+  act8 = 8 if cfg.quantize_activations else cfg.act_fill_bits
+  configs = {
+      "fp32": QuantConfig(w_bits=jnp.full((1, L), quant.FLOAT_BITS, jnp.int32),
+                          a_bits=jnp.full((1, La), quant.FLOAT_BITS, jnp.int32),
+                          keep=jnp.ones((1,), jnp.float32)),
+      "cheapest": cheapest_config(cfg, wl),
+      "w8a8": QuantConfig(w_bits=jnp.full((1, L), 8, jnp.int32),
+                          a_bits=jnp.full((1, La), act8, jnp.int32),
+                          keep=jnp.ones((1,), jnp.float32))}
+  out = {}
+  for name, config in configs.items():
+    raw = {k: np.asarray(x, np.float64) for k, x in problem.costs(config).items()}
+    if name == "fp32" and problem.needs_accuracy:
+      raw.update(problem.accuracy(config, pad_to=pad_to))
+    metrics = {n: float(raw[n][0]) for n in problem.raw_names if n in raw}
+    out[name] = {"w_bits": [int(b) for b in np.asarray(config.w_bits[0])],
+                 "a_bits": [int(b) for b in np.asarray(config.a_bits[0])],
+                 "keep": float(config.keep[0]), "species": name, "generation": 0,
+                 "objectives": {n: (float(problem.normalise(n, raw[n])[0]) if n in raw
+                                    else float("nan")) for n in problem.objective_names},
+                 "metrics": metrics}
+  return out
+
+
 def report_sets(problem: Problem, cfg: SearchConfig) -> dict:
   """``{member key: (images, labels, preprocess)}``: the sets every front member and
   uniform baseline is re-evaluated on after the search (``docs/DESIGN.md``, "Image
@@ -127,7 +164,7 @@ def final_size(problem: Problem, num_members: int) -> int:
 
 
 def add_accuracy(problem: Problem, data, entries: list[dict], pad_to: int | None = None,
-                 key: str = "final_top1") -> None:
+                 key: str = "final_top1", on_block=None) -> None:
   """Adds ``key`` (top-1 fraction on the images of ``data``, an ``(images, labels,
   preprocess)`` source) to every member dict, in place.
 
@@ -140,29 +177,49 @@ def add_accuracy(problem: Problem, data, entries: list[dict], pad_to: int | None
   configs = problem.configs([m["keep"] for m in entries], [m["w_bits"] for m in entries],
                             [m["a_bits"] for m in entries])
   top1 = np.asarray(problem.evaluator.run_images(configs, images, labels, preprocess=pre,
-                                                 pad_to=pad_to).top1)
+                                                 pad_to=pad_to, on_block=on_block).top1)
   for m, t in zip(entries, top1):
     m[key] = float(t)
 
 
-def final_phase(problem: Problem, cfg: SearchConfig, front: list[dict]) -> tuple[list, int]:
-  """The uniform baselines and the held-out scores of the front, in place.
+def final_phase(problem: Problem, cfg: SearchConfig, front: list[dict],
+                progress: bool = False) -> tuple[list, dict, int | None]:
+  """The uniform baselines, the reference configurations and the held-out scores of the
+  front (added to its members in place).
+
+  Every evaluation runs through the fitness evaluator's compiled functions: the
+  baselines' fitness scores at the smaller compiled size that holds them, the held-out
+  scores of front + baselines + FP32 in one population of :func:`final_size`.
 
   Returns:
-    ``(uniform baselines, final population size or None)``.
+    ``(uniform baselines, reference members, final population size or None)``.
   """
   sets = report_sets(problem, cfg)
   size = uniform_size = None
   num_bits = len(problem.cfg.bit_choices)
   if sets:
-    size = final_size(problem, len(front) + num_bits)
+    size = final_size(problem, len(front) + num_bits + 1)
     # The baselines' fitness call: the smaller of the two compiled sizes that holds them.
     generation_size = problem.evaluator.padded_size(cfg.search.population)
     uniform_size = min(s for s in (size, generation_size) if s >= num_bits)
   uniform = uniform_baselines(problem, pad_to=uniform_size)
-  for key, data in sets.items():
-    add_accuracy(problem, data, front + uniform, pad_to=size, key=key)
-  return uniform, size
+  references = reference_members(problem, pad_to=uniform_size)
+  everyone = front + uniform + [references["fp32"]]
+  total = sum(len(data[1]) for data in sets.values())
+  with tqdm(total=total, disable=not progress or not total, unit="img",
+            desc=f"final phase ({len(everyone)} configurations)") as bar:
+    for key, data in sets.items():
+      add_accuracy(problem, data, everyone, pad_to=size, key=key, on_block=bar.update)
+  return uniform, references, size
+
+
+def front_quality(cfg: SearchConfig, front: list[dict], uniform: list[dict],
+                  references: Mapping[str, Mapping]) -> dict:
+  """The quality metrics of a front (``quality.quality_report``), or {} without a
+  ``top1_error`` objective."""
+  if "top1_error" not in cfg.problem.objectives:
+    return {}
+  return quality.quality_report(front, uniform, cfg.problem.objectives, references)
 
 
 def front_objectives(entries: Sequence[Mapping], cfg: SearchConfig,

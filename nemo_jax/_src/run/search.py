@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 import jax
@@ -32,6 +33,7 @@ from nemo_jax._src.registries import Registries
 from nemo_jax._src.run import checkpoint as ckpt_lib
 from nemo_jax._src.run import final as final_lib
 from nemo_jax._src.run import report
+from nemo_jax._src.run import sensitivity as sens_lib
 from nemo_jax._src.run.config import SearchConfig, load_search_config, search_registries
 from nemo_jax._src.run.rundir import FRONT_FILE, UNIFORM_FILE, RunDir
 from nemo_jax._src.search.config import species_labels
@@ -58,6 +60,11 @@ class SearchResult:
     uniform: the uniform-precision baselines (W = A for each bit choice).
     hypervolume: the final front's hypervolume per image set (``final.front_hypervolumes``):
       ``fitness`` (in sample) and, when measured, ``selection`` and ``test``.
+    quality: the drop-bounded hypervolume, iso-accuracy and iso-cost tables
+      (``quality.quality_report``; empty without a ``top1_error`` objective).
+    timing: wall / compile seconds per phase (``config.json``'s ``timing``).
+    sensitivity: the per-quantizer sensitivity table written into the run directory
+      (``run/sensitivity.py``), or None (no run directory, or ``run.sensitivity=False``).
   """
   front: list[dict]
   archive: dict
@@ -66,6 +73,9 @@ class SearchResult:
   out_dir: str | None
   uniform: list[dict]
   hypervolume: dict[str, float] = dataclasses.field(default_factory=dict)
+  quality: dict = dataclasses.field(default_factory=dict)
+  timing: dict = dataclasses.field(default_factory=dict)
+  sensitivity: dict | None = None
 
 
 def package_versions() -> dict:
@@ -100,6 +110,35 @@ def build_problem(config: Any = None, registries: Registries | None = None,
                          costs=registries.costs, models=registries.models,
                          schemes=registries.schemes, progress=progress, model=model,
                          variables=variables, data=data)
+
+
+def sensitivity(config: Any = None, out_dir: str | None = None, base_bits: int = 8,
+                registries: Registries | None = None, progress: bool = True,
+                problem: Problem | None = None) -> dict:
+  """The per-quantizer sensitivity of a search config's problem (``run/sensitivity.py``).
+
+  Every searched quantizer alone at every bit choice below ``base_bits``, the rest at
+  ``base_bits``, scored on the fitness images; cached by fingerprint.
+
+  Args:
+    config: anything :func:`load_search_config` takes (None: the embedded default).
+    out_dir: also write ``sensitivity.json`` and the heat map ``sensitivity.png`` there.
+    base_bits: the other quantizers' bit-width (32: float).
+    registries: models, costs, schemes beyond the built-ins.
+    progress: progress bars.
+    problem: the config's problem if already built.
+
+  Returns:
+    The table (``run.sensitivity.compute``).
+  """
+  cfg = config if isinstance(config, SearchConfig) else load_search_config(config, registries)
+  if problem is None:
+    problem = build_problem(cfg, registries, progress=progress)
+  table = sens_lib.load_or_compute(problem, base_bits=base_bits, progress=progress)
+  if out_dir is not None:
+    faults.probe_writable(out_dir, what="out_dir")
+    sens_lib.write(out_dir, table)
+  return table
 
 
 def make_engine(cfg: SearchConfig, problem: Problem,
@@ -143,7 +182,7 @@ def check_feasibility(problem: Problem, cfg: SearchConfig, archive, labels) -> s
 
 
 def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds,
-                 compile_s=0.0):
+                 compile_s=0.0, compiles=0, cache_hits=0):
   row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state.evals))),
          "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state.archive.valid)))}
   for i, l in enumerate(labels):
@@ -155,29 +194,54 @@ def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds,
   row["seconds"] = round(seconds, 4)
   row["accuracy_seconds"] = round(acc_seconds, 4)
   row["compile_seconds"] = round(compile_s, 4)
+  row["compiles"] = int(compiles)
+  row["cache_hits"] = int(cache_hits)
   return row
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_compile_total = [0.0]
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_compile_totals = {"seconds": 0.0, "compiles": 0}
 _listening = [False]
 
 
-def compile_seconds() -> float:
-  """Seconds this process spent tracing, lowering and compiling (jax.monitoring).
+def compile_stats() -> dict:
+  """``{"seconds", "compiles"}`` this process spent / made so far (jax.monitoring).
 
-  A persistent-cache hit skips the backend compile, so a warm second run reports only
-  tracing and lowering. The listener is registered on the first call.
+  ``seconds`` sums tracing, lowering and XLA compilation; ``compiles`` counts XLA
+  compilations (a persistent-cache hit skips the backend compile: a warm second run
+  reports only tracing and lowering, and no compiles). The listener is registered on
+  the first call.
   """
   if not _listening[0]:
     def listener(event, duration, **_):
       if event in _COMPILE_EVENTS:
-        _compile_total[0] += duration
+        _compile_totals["seconds"] += duration
+      if event == _BACKEND_COMPILE:
+        _compile_totals["compiles"] += 1
     jax.monitoring.register_event_duration_secs_listener(listener)
     _listening[0] = True
-  return _compile_total[0]
+  return dict(_compile_totals)
+
+
+def compile_seconds() -> float:
+  """Seconds this process spent tracing, lowering and compiling (:func:`compile_stats`)."""
+  return compile_stats()["seconds"]
+
+
+class _Phase:
+  """Wall seconds, compile seconds and XLA compiles of one phase of a run."""
+
+  def __init__(self):
+    self.t0, self.c0 = time.perf_counter(), compile_stats()
+
+  def done(self) -> dict:
+    c = compile_stats()
+    return {"seconds": round(time.perf_counter() - self.t0, 4),
+            "compile_seconds": round(c["seconds"] - self.c0["seconds"], 4),
+            "compiles": c["compiles"] - self.c0["compiles"]}
 
 
 def _canonical(tree):
@@ -280,6 +344,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     nemo_jax._src.faults.CheckpointWriteError: a checkpoint write failed (disk full);
       the previous checkpoint is intact.
   """
+  started = time.perf_counter()
   if model is not None or variables is not None:
     overrides["model"] = USER_MODEL
   splits = None
@@ -296,6 +361,7 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     # Before any work: an unwritable directory or a full disk is an error now, not after
     # the calibration and generation 0.
     faults.probe_writable(out_dir, what="out_dir")
+  phase = _Phase()
   if problem is None:
     problem = build_problem(cfg, registries, progress=progress, model=model,
                             variables=variables, data=splits)
@@ -303,12 +369,26 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     _check_problem(problem, cfg)
   engine = make_engine(cfg, problem, registries)
   manager = _open_run(run, cfg, engine, resume)
+  setup = phase.done()
+  timing = {"setup_seconds": setup["seconds"], "setup_compile_seconds": setup["compile_seconds"],
+            "setup_compiles": setup["compiles"]}
+  sensitivity = None
+  if run is not None and cfg.run.sensitivity and problem.needs_accuracy:
+    phase = _Phase()
+    sensitivity = sens_lib.load_or_compute(problem, progress=progress)
+    sens_lib.write(run.path, sensitivity)
+    timing["sensitivity_seconds"] = phase.done()["seconds"]
   state, history = None, []
   if resume and manager is not None and manager.all_steps():
     state, history = _restore(manager, run, engine, cfg)
   state, history = _loop(cfg, problem, engine, manager, run, state, history, progress,
                          callback)
-  return _finish(cfg, problem, run, state, history)
+  result = _finish(cfg, problem, run, state, history, timing, progress)
+  result.sensitivity = sensitivity
+  timing["total_seconds"] = round(time.perf_counter() - started, 4)
+  if run is not None:
+    run.record(timing=timing)
+  return result
 
 
 def _open_run(run: RunDir | None, cfg: SearchConfig, engine: Engine, resume: bool):
@@ -335,15 +415,22 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
   bar = tqdm(total=generations + 1, disable=not progress, desc="search", unit="gen")
   with faults.GracefulStop(hint) as stop:
     if state is None:
-      t0, c0 = time.perf_counter(), compile_seconds()
+      phase, hits = _Phase(), problem.cache.hits
       state, batch = engine.init_state(jax.random.key(cfg.search.seed))
-      F, viol, raw, acc_s = _score(problem, batch)
+      # propose / select compile beside generation 0's evaluation: generation 1 onward
+      # compiles nothing.
+      with ThreadPoolExecutor(max_workers=1) as pool:
+        compiled = pool.submit(engine.precompile)
+        F, viol, raw, acc_s = _score(problem, batch)
+        compiled.result()
       state = _canonical(engine.finish_init(state, batch, F, viol, raw))
-      history.append(_history_row(0, state, None, hv_fn(state.archive), labels,
-                                  time.perf_counter() - t0, acc_s, compile_seconds() - c0))
+      hv, t = hv_fn(state.archive), phase.done()
+      history.append(_history_row(0, state, None, hv, labels, t["seconds"], acc_s,
+                                  t["compile_seconds"], t["compiles"], problem.cache.hits - hits))
       _save(manager, state, history)
       check_feasibility(problem, cfg, state.archive, labels)
     else:
+      engine.precompile()
       bar.update(int(state.generation))
     bar.update(1)
     _postfix(bar, history[-1], labels)
@@ -354,12 +441,13 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
         stop.check()
       if int(state.generation) >= generations:
         break
-      t0, c0 = time.perf_counter(), compile_seconds()
+      phase, hits = _Phase(), problem.cache.hits
       proposal, batch = engine.propose(state)
       F, viol, raw, acc_s = _score(problem, batch)
       state, metrics = engine.select(state, proposal, batch, F, viol, raw)
-      row = _history_row(int(state.generation), state, metrics, hv_fn(state.archive), labels,
-                         time.perf_counter() - t0, acc_s, compile_seconds() - c0)
+      hv, t = hv_fn(state.archive), phase.done()
+      row = _history_row(int(state.generation), state, metrics, hv, labels, t["seconds"],
+                         acc_s, t["compile_seconds"], t["compiles"], problem.cache.hits - hits)
       history.append(row)
       _save(manager, state, history)
       if callback is not None:
@@ -370,26 +458,35 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
   return state, history
 
 
-def _finish(cfg: SearchConfig, problem: Problem, run: RunDir | None, state, history
-            ) -> SearchResult:
-  """The final phase, the result files and the result."""
+def _finish(cfg: SearchConfig, problem: Problem, run: RunDir | None, state, history,
+            timing: dict, progress: bool) -> SearchResult:
+  """The final phase, the quality metrics, the result files and the result."""
   labels = species_labels(cfg.search.species)
-  t0, c0 = time.perf_counter(), compile_seconds()
+  phase = _Phase()
   front = final_lib.front_members(problem, state.archive, labels)
-  uniform, size = final_lib.final_phase(problem, cfg, front)
-  timing = {"search_seconds": round(sum(r["seconds"] for r in history), 4),
-            "search_compile_seconds": round(sum(r.get("compile_seconds", 0.0)
-                                                for r in history), 4),
-            "final_seconds": round(time.perf_counter() - t0, 4),
-            "final_compile_seconds": round(compile_seconds() - c0, 4),
-            "final_population": size}
+  uniform, references, size = final_lib.final_phase(problem, cfg, front, progress)
+  final = phase.done()
+  timing.update(search_seconds=round(sum(r["seconds"] for r in history), 4),
+                search_compile_seconds=round(sum(r.get("compile_seconds", 0.0)
+                                                 for r in history), 4),
+                search_compiles=int(sum(r.get("compiles", 0) for r in history)),
+                accuracy_seconds=round(sum(r.get("accuracy_seconds", 0.0)
+                                           for r in history), 4),
+                cache_hits=int(sum(r.get("cache_hits", 0) for r in history)),
+                final_seconds=final["seconds"], final_compile_seconds=final["compile_seconds"],
+                final_compiles=final["compiles"], final_population=size)
   hypervolume = final_lib.front_hypervolumes(front, cfg)
+  quality = final_lib.front_quality(cfg, front, uniform, references)
   if run is not None:
+    phase = _Phase()
     write_outputs(run, cfg, front, uniform, history, labels)
-    run.record(timing=timing, final_hypervolume=hypervolume)
+    timing["output_seconds"] = phase.done()["seconds"]
+    run.record(timing=timing, final_hypervolume=hypervolume, quality=quality,
+               references=references)
   return SearchResult(front=front, archive=jax.tree.map(np.asarray, state.archive.to_dict()),
                       history=history, config=cfg, out_dir=None if run is None else run.path,
-                      uniform=uniform, hypervolume=hypervolume)
+                      uniform=uniform, hypervolume=hypervolume, quality=quality,
+                      timing=timing)
 
 
 def write_outputs(run: RunDir, cfg: SearchConfig, front, uniform, history, labels):

@@ -375,6 +375,26 @@ class Engine:
     self.init_state = jax.jit(self._init_state)
     self.finish_init = jax.jit(self._finish_init)
 
+  def precompile(self) -> None:
+    """Compiles ``propose`` and ``select`` for this engine's shapes, ahead of their use.
+
+    The state between generations has one fixed shape (canonical, strong dtypes: the
+    driver's ``_canonical``), known before generation 0 is scored, so the search loop
+    calls this beside generation 0's evaluation and generation 1 compiles nothing. The
+    executables replace ``propose`` / ``select``; called with other shapes they raise.
+    """
+    strong = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    P, M, R = self.cfg.population, self.num_objectives, len(self.raw_names)
+    F = jax.ShapeDtypeStruct((P, M), jnp.float32)
+    violation = jax.ShapeDtypeStruct((P,), jnp.float32)
+    raw = jax.ShapeDtypeStruct((P, R), jnp.float32)
+    state0, batch0 = jax.eval_shape(self._init_state, jax.random.key(0))
+    state = strong(jax.eval_shape(self._finish_init, state0, batch0, F, violation, raw))
+    proposal, batch = jax.eval_shape(self._propose, state)
+    self.propose = jax.jit(self._propose).lower(state).compile()
+    self.select = jax.jit(self._select).lower(state, strong(proposal), strong(batch), F,
+                                              violation, raw).compile()
+
   # ---------------------------------------------------------------- helpers
   def _by_species(self, per_group):
     """Concatenates per-group ``[S_g, ...]`` arrays and reorders to species order."""
