@@ -18,7 +18,7 @@ SPEC = QuantSpec(weight_quant="symmetric_per_channel")
 # mobilenet_v2: stem + 1 block x 2 + 16 blocks x 3 + last 1x1 + classifier;
 # resnet18: stem + 8 blocks x 2 + 3 downsamples + fc; resnet50: stem + 16 x 3 + 4 + fc;
 # resnext101: stem + 33 x 3 + 4 + fc; resnet20: stem + 9 x 2 + 2 + fc; vgg16: 13 + 1.
-NUM_LAYERS = {"mobilenet_v2": 53, "resnet18": 21, "resnet50": 54,
+NUM_LAYERS = {"mobilenet_v2": 53, "mobilenet_v2_small": 53, "resnet18": 21, "resnet50": 54,
               "resnext101_32x8d": 105, "resnet20": 22, "vgg16_cifar": 14}
 
 SMALL = (28, 28, 1)

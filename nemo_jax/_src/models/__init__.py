@@ -6,7 +6,7 @@ taking NHWC float images and returning logits; every conv / dense is a
 The quantizer index of a layer is its execution order (see each model's docstring).
 
 Quantized layers per model (weights quantizers = input-activation quantizers):
-mobilenet_v2 53, resnet18 21, resnet50 54, resnext101_32x8d 105, resnet20 22,
+mobilenet_v2 53, mobilenet_v2_small 53, resnet18 21, resnet50 54, resnext101_32x8d 105, resnet20 22,
 vgg16_cifar 14.
 
 Usage::
@@ -228,6 +228,8 @@ def trace_layers(model: nn.Module, input_shape, variables=None) -> list[LayerInf
 
 ZOO = (ModelRegistry()
        .with_model("mobilenet_v2", mobilenet.mobilenet_v2)
+       .with_model("mobilenet_v2_small", mobilenet.mobilenet_v2_small, DEFAULT_INPUT_SHAPE,
+                   DEFAULT_NUM_CLASSES)
        .with_model("resnet18", resnet.resnet18)
        .with_model("resnet50", resnet.resnet50)
        .with_model("resnext101_32x8d", resnet.resnext101_32x8d)

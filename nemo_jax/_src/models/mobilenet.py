@@ -104,6 +104,9 @@ class MobileNetV2(nn.Module):
     width_mult: channel multiplier.
     round_nearest: channel rounding (``_make_divisible``'s divisor; 1 disables it).
     inverted_residual_setting: ``(t, c, n, s)`` rows.
+    stem_stride: the first conv's stride (torchvision: 2).
+    last_channel: the last 1x1 conv's channels (None: torchvision's
+      ``1280 x max(1, width_mult)``).
     conv, dense, norm: injectable layer classes (quantized by default).
     act: activation (ReLU6).
   """
@@ -111,6 +114,8 @@ class MobileNetV2(nn.Module):
   width_mult: float = 1.0
   round_nearest: int = 8
   inverted_residual_setting: Sequence[Sequence[int]] = INVERTED_RESIDUAL_SETTING
+  stem_stride: int = 2
+  last_channel: int | None = None
   conv: ModuleDef = QConv
   dense: ModuleDef = QDense
   norm: ModuleDef = nn.BatchNorm
@@ -121,8 +126,9 @@ class MobileNetV2(nn.Module):
     """Logits ``[N, num_classes]`` for NHWC float images ``x``; ``ctx=None``: float."""
     norm = batch_norm(train, self.norm)
     input_channel = _make_divisible(32 * self.width_mult, self.round_nearest)
-    last_channel = _make_divisible(1280 * max(1.0, self.width_mult), self.round_nearest)
-    x = ConvBNAct(input_channel, self.conv, norm, 3, 2, act=self.act,
+    last_channel = self.last_channel or _make_divisible(1280 * max(1.0, self.width_mult),
+                                                        self.round_nearest)
+    x = ConvBNAct(input_channel, self.conv, norm, 3, self.stem_stride, act=self.act,
                   name="features_0")(x, ctx)
     index = 1
     for t, c, n, s in self.inverted_residual_setting:
@@ -146,3 +152,32 @@ def mobilenet_v2(input_shape, num_classes, width_mult: float = 1.0, **kwargs) ->
   if not isinstance(width_mult, (int, float)) or isinstance(width_mult, bool) or width_mult <= 0:
     raise ValueError(f"width_mult: {width_mult!r} is not a positive number")
   return MobileNetV2(num_classes=num_classes, width_mult=float(width_mult), **kwargs)
+
+
+SMALL_INPUT_SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+"""The ``(t, c, n, s)`` table for 28-32 px inputs (the common CIFAR variant: the second
+stage keeps stride 1, and so does the stem), so the last blocks still see 4x4 maps."""
+
+
+def mobilenet_v2_small(input_shape, num_classes, width_mult: float = 0.5,
+                       last_channel: int = 640, **kwargs) -> nn.Module:
+  """MobileNet-V2 for small images (28x28 / 32x32): stride-1 stem, :data:`SMALL_INPUT_SETTING`,
+  width 0.5 and a 640-channel last conv by default (the embedded second problem,
+  ``experiments/configs/mobilenet.py``).
+
+  Same blocks and layer order as :func:`mobilenet_v2` (53 quantized layers).
+  """
+  del input_shape
+  if not isinstance(width_mult, (int, float)) or isinstance(width_mult, bool) or width_mult <= 0:
+    raise ValueError(f"width_mult: {width_mult!r} is not a positive number")
+  return MobileNetV2(num_classes=num_classes, width_mult=float(width_mult), stem_stride=1,
+                     inverted_residual_setting=SMALL_INPUT_SETTING,
+                     last_channel=int(last_channel), **kwargs)

@@ -26,9 +26,10 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from nemo_jax._src import faults
+from nemo_jax._src.costs.registry import make_objectives_fn
 from nemo_jax._src.graph import policy_graph
-from nemo_jax._src.problem import (IN_MEMORY_DATASET, USER_MODEL, Problem, compose_problem,
-                                   data_splits)
+from nemo_jax._src.problem import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET, USER_MODEL, Problem,
+                                   compose_problem, data_splits)
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.run import checkpoint as ckpt_lib
 from nemo_jax._src.run import final as final_lib
@@ -36,8 +37,10 @@ from nemo_jax._src.run import report
 from nemo_jax._src.run import sensitivity as sens_lib
 from nemo_jax._src.run.config import SearchConfig, load_search_config, search_registries
 from nemo_jax._src.run.rundir import FRONT_FILE, UNIFORM_FILE, RunDir
+from nemo_jax._src.search import guide as guide_lib
 from nemo_jax._src.search.config import species_labels
 from nemo_jax._src.search.engine import Engine
+from nemo_jax._src.search.guide import SearchGuide
 
 MAX_TO_KEEP = 2
 
@@ -141,13 +144,48 @@ def sensitivity(config: Any = None, out_dir: str | None = None, base_bits: int =
   return table
 
 
-def make_engine(cfg: SearchConfig, problem: Problem,
-                registries: Registries | None = None) -> Engine:
-  """The engine of a config on its problem (the GNN species' graph built here)."""
+def make_guide(problem: Problem, table: Mapping) -> SearchGuide:
+  """The sensitivity guide of a problem (``search/guide.py``): the drop of every searched
+  node at every bit choice, and the greedy frontier under the sum of the problem's
+  normalised cost objectives (``model_ratio`` and ``bops_ratio`` when none is searched)."""
+  cfg, space = problem.cfg, problem.space
+  drop = guide_lib.drop_matrix(table, cfg.bit_choices, space.active_nodes)
+  names = [n for n in cfg.objectives if n not in ACCURACY_OBJECTIVES] or list(cfg.cost_names[:2])
+  scale = jnp.asarray([problem.fp32_costs[n] for n in names], jnp.float32)
+  cost_fn = make_objectives_fn(problem.workload, tuple(names), problem.costs_registry)
+  keep = len(cfg.keep_choices) - 1
+  n_rows = len(space.active_nodes)
+
+  @jax.jit
+  def total(choice):
+    configs = problem.decode(choice, jnp.full(choice.shape[:1], keep, jnp.int32))
+    return jnp.sum(cost_fn(configs) / scale, axis=-1)
+
+  def cost(choice):   # padded to one shape: one compile for the whole frontier
+    choice = np.asarray(choice, np.int32)
+    padded = np.concatenate([choice, np.repeat(choice[:1], n_rows - len(choice), 0)])
+    return np.asarray(total(jnp.asarray(padded)))[:len(choice)]
+
+  frontier, costs = guide_lib.greedy_frontier(drop, cost)
+  return SearchGuide(drop=drop, frontier=frontier, frontier_cost=costs)
+
+
+def make_engine(cfg: SearchConfig, problem: Problem, registries: Registries | None = None,
+                guide: SearchGuide | None = None) -> Engine:
+  """The engine of a config on its problem (the GNN species' graph built here, with the
+  sensitivity columns when ``sensitivity_features``)."""
   graph = policy_graph(problem.workload, cfg.search.edges, cfg.search.node_features)
+  if cfg.search.sensitivity_features:
+    if guide is None:
+      raise ValueError("sensitivity_features: no sensitivity guide was computed; allowed: "
+                       "make_engine(cfg, problem, guide=make_guide(problem, table))")
+    extra = guide_lib.node_features(guide.drop, problem.space.active_nodes,
+                                    problem.space.num_nodes)
+    graph = graph._replace(nodes=np.concatenate([graph.nodes, extra], axis=1))
   return Engine(cfg.search, problem.space, graph, int(graph.nodes.shape[-1]),
                 problem.raw_names, search_registries(cfg, registries).species,
-                num_objectives=len(cfg.problem.objectives), hv_ref=cfg.run.hv_ref)
+                num_objectives=len(cfg.problem.objectives), hv_ref=cfg.run.hv_ref,
+                guide=guide)
 
 
 def check_feasibility(problem: Problem, cfg: SearchConfig, archive, labels) -> str | None:
@@ -182,8 +220,9 @@ def check_feasibility(problem: Problem, cfg: SearchConfig, archive, labels) -> s
 
 
 def _history_row(generation, state, metrics, hv, labels, seconds, acc_seconds,
-                 compile_s=0.0, compiles=0, cache_hits=0):
+                 compile_s=0.0, compiles=0, cache_hits=0, unique=0):
   row = {"generation": generation, "evaluations": int(np.sum(np.asarray(state.evals))),
+         "unique_evaluations": int(unique),
          "hypervolume": float(hv), "archive_size": int(np.sum(np.asarray(state.archive.valid)))}
   for i, l in enumerate(labels):
     row[f"size:{l}"] = int(np.asarray(state.sizes)[i])
@@ -367,22 +406,26 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
                             variables=variables, data=splits)
   else:
     _check_problem(problem, cfg)
-  engine = make_engine(cfg, problem, registries)
-  manager = _open_run(run, cfg, engine, resume)
   setup = phase.done()
   timing = {"setup_seconds": setup["seconds"], "setup_compile_seconds": setup["compile_seconds"],
             "setup_compiles": setup["compiles"]}
-  sensitivity = None
-  if run is not None and cfg.run.sensitivity and problem.needs_accuracy:
+  sensitivity = guide = None
+  wanted = run is not None and cfg.run.sensitivity and problem.needs_accuracy
+  if wanted or cfg.search.needs_guide:
     phase = _Phase()
     sensitivity = sens_lib.load_or_compute(problem, progress=progress)
-    sens_lib.write(run.path, sensitivity)
+    if run is not None:
+      sens_lib.write(run.path, sensitivity)
+    if cfg.search.needs_guide:
+      guide = make_guide(problem, sensitivity)
     timing["sensitivity_seconds"] = phase.done()["seconds"]
-  state, history = None, []
+  engine = make_engine(cfg, problem, registries, guide)
+  manager = _open_run(run, cfg, engine, resume)
+  state, history, seen = None, [], Seen()
   if resume and manager is not None and manager.all_steps():
-    state, history = _restore(manager, run, engine, cfg)
-  state, history = _loop(cfg, problem, engine, manager, run, state, history, progress,
-                         callback)
+    state, history, seen = _restore(manager, run, engine, cfg)
+  state, history = _loop(cfg, problem, engine, manager, run, state, history, seen,
+                         progress, callback)
   result = _finish(cfg, problem, run, state, history, timing, progress)
   result.sensitivity = sensitivity
   timing["total_seconds"] = round(time.perf_counter() - started, 4)
@@ -403,13 +446,32 @@ def _open_run(run: RunDir | None, cfg: SearchConfig, engine: Engine, resume: boo
   return ckpt_lib.checkpoint_manager(run.checkpoints, MAX_TO_KEEP)
 
 
+class Seen:
+  """The distinct configurations a run has proposed (its budget counts them), saved with
+  every checkpoint so that a resumed run counts exactly as an uninterrupted one."""
+
+  def __init__(self, keys=()):
+    self.keys = set(keys)
+
+  def add(self, batch) -> int:
+    """Adds a batch's configurations; returns the distinct count so far."""
+    rows = np.concatenate([np.asarray(batch.choice, np.int16),
+                           np.asarray(batch.keep_idx, np.int16)[:, None]], axis=1)
+    self.keys.update(r.tobytes().hex() for r in rows)
+    return len(self.keys)
+
+  def __len__(self) -> int:
+    return len(self.keys)
+
+
 def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, state, history,
-          progress: bool, callback):
-  """Generation 0 (unless resumed) and every generation up to ``generations``, each
-  checkpointed; a stop signal ends the loop after a generation's checkpoint."""
+          seen: Seen, progress: bool, callback):
+  """Generation 0 (unless resumed) and every generation up to ``generations`` (or until
+  ``budget`` distinct configurations were evaluated), each checkpointed; a stop signal
+  ends the loop after a generation's checkpoint."""
   labels = species_labels(cfg.search.species)
   hv_fn = jax.jit(engine.hypervolume)
-  generations = cfg.search.generations
+  generations, budget = cfg.search.generations, cfg.search.budget
   hint = (f"resume with: nemo-jax search --resume {run.path}" if run is not None
           else "nothing was saved (out_dir=None)")
   bar = tqdm(total=generations + 1, disable=not progress, desc="search", unit="gen")
@@ -426,8 +488,9 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
       state = _canonical(engine.finish_init(state, batch, F, viol, raw))
       hv, t = hv_fn(state.archive), phase.done()
       history.append(_history_row(0, state, None, hv, labels, t["seconds"], acc_s,
-                                  t["compile_seconds"], t["compiles"], problem.cache.hits - hits))
-      _save(manager, state, history)
+                                  t["compile_seconds"], t["compiles"], problem.cache.hits - hits,
+                                  seen.add(batch)))
+      _save(manager, state, history, seen)
       check_feasibility(problem, cfg, state.archive, labels)
     else:
       engine.precompile()
@@ -439,7 +502,7 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
         bar.close()
         _write_partial(run, problem, state, history, labels)
         stop.check()
-      if int(state.generation) >= generations:
+      if int(state.generation) >= generations or (budget is not None and len(seen) >= budget):
         break
       phase, hits = _Phase(), problem.cache.hits
       proposal, batch = engine.propose(state)
@@ -447,9 +510,10 @@ def _loop(cfg: SearchConfig, problem: Problem, engine: Engine, manager, run, sta
       state, metrics = engine.select(state, proposal, batch, F, viol, raw)
       hv, t = hv_fn(state.archive), phase.done()
       row = _history_row(int(state.generation), state, metrics, hv, labels, t["seconds"],
-                         acc_s, t["compile_seconds"], t["compiles"], problem.cache.hits - hits)
+                         acc_s, t["compile_seconds"], t["compiles"], problem.cache.hits - hits,
+                         seen.add(batch))
       history.append(row)
-      _save(manager, state, history)
+      _save(manager, state, history, seen)
       if callback is not None:
         callback(row)
       bar.update(1)
@@ -531,31 +595,34 @@ def _restore(manager, run: RunDir, engine: Engine, cfg: SearchConfig):
   expected = jax.tree.structure(abstract)
 
   def restore(step):
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
+    items = dict(state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore())
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          **items, seen=ocp.args.JsonRestore()))
+    except Exception:  # noqa: BLE001 - a step saved before "seen" existed: count anew
+      restored = dict(manager.restore(step, args=ocp.args.Composite(**items)), seen=[])
     state, history = restored["state"], list(restored["history"])
     if jax.tree.structure(state) != expected or len(history) != int(state.generation) + 1:
       raise ValueError(f"step {step} does not hold this run's state")
-    return _canonical(state), history
+    return _canonical(state), history, Seen(restored["seen"])
 
-  step, (state, history), problems = ckpt_lib.restore_newest_good(
+  step, (state, history, seen), problems = ckpt_lib.restore_newest_good(
       manager.all_steps(), restore, run.checkpoints)
   damaged = ckpt_lib.set_aside(manager, step, run.damaged)
   if damaged:
     tqdm.write(f"resume: checkpoint step(s) {damaged} in {run.checkpoints} could not be "
                f"restored ({'; '.join(problems)}); resumed from step {step}, moved the "
                f"damaged step(s) to {run.damaged}")
-  for row in history:  # a run saved before the column existed
-    row.setdefault("compile_seconds", 0.0)
-  return state, history
+  return state, history, seen
 
 
-def _save(manager, state, history):
+def _save(manager, state, history, seen: Seen):
   """Writes generation ``state.generation``; on failure the previous step stays intact."""
   if manager is None:
     return
   ckpt_lib.save_step(manager, int(state.generation), ocp.args.Composite(
-      state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)))
+      state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history),
+      seen=ocp.args.JsonSave(sorted(seen.keys))))
 
 
 def _write_partial(run: RunDir | None, problem, state, history, labels) -> None:
@@ -567,5 +634,6 @@ def _write_partial(run: RunDir | None, problem, state, history, labels) -> None:
 
 
 def _postfix(bar, row: Mapping, labels):
-  bar.set_postfix_str(f"evals={row['evaluations']} hv={row['hypervolume']:.4f} sizes="
+  bar.set_postfix_str(f"evals={row['unique_evaluations']}/{row['evaluations']} "
+                      f"hv={row['hypervolume']:.4f} sizes="
                       + "/".join(str(row[f'size:{l}']) for l in labels))

@@ -36,21 +36,33 @@ class DirectParams:
 
   Attributes:
     seed_uniform: ``direct_round`` / ``direct_floor`` with the ``ga`` optimizer only:
-      start with ``min(len(bit_choices), size)`` uniform-precision members (every
-      searched quantizer at the same bit choice, spread from the lowest to the highest;
-      largest keep ratio), the rest random.
+      start with uniform-precision members (every searched quantizer at the same bit
+      choice, spread from the lowest to the highest; largest keep ratio), dealt so that
+      two species never start with the same one (``species.seed_rows``), the rest random.
+    seed_greedy: likewise, start with configurations of the greedy sensitivity frontier
+      evenly spaced in cost (``search/guide.py``; beyond the NEMO paper).
+    sensitivity_mutation: polynomial mutation moves insensitive genes more often and
+      sensitive ones less (mean rate unchanged; beyond the NEMO paper).
     sbx_eta, sbx_prob: SBX crossover distribution index and probability.
     pm_eta: polynomial mutation distribution index (probability 1 / genes).
     sigma_init: initial step size when an evosax strategy drives the species.
   """
   seed_uniform: bool = False
+  seed_greedy: bool = False
+  sensitivity_mutation: bool = False
   sbx_eta: float = 15.0
   sbx_prob: float = 0.9
   pm_eta: float = 20.0
   sigma_init: float = 0.1
 
+  @property
+  def needs_guide(self) -> bool:
+    return self.seed_greedy or self.sensitivity_mutation
+
   def validate(self, field: str) -> None:
     v.boolean(f"{field}.seed_uniform", self.seed_uniform)
+    v.boolean(f"{field}.seed_greedy", self.seed_greedy)
+    v.boolean(f"{field}.sensitivity_mutation", self.sensitivity_mutation)
     for f in ("sbx_eta", "pm_eta", "sigma_init"):
       v.number(f"{field}.{f}", getattr(self, f), 0.0, open_lo=True)
     v.number(f"{field}.sbx_prob", self.sbx_prob, 0.0, 1.0)
@@ -209,10 +221,11 @@ def species_from(d: Any, i: int, kinds: Mapping[str, SpeciesKind]) -> SpeciesCon
            "the built-in direct and GNN kinds)")
   if s.kind == "random" and s.optimizer != GA_OPTIMIZER:
     v.fail(f"{field}.optimizer", s.optimizer, "'ga' for the random species")
-  if getattr(params, "seed_uniform", False) and (
-      s.kind not in ("direct_round", "direct_floor") or s.optimizer != GA_OPTIMIZER):
-    v.fail(f"{field}.seed_uniform", True,
-           "False unless kind is 'direct_round' / 'direct_floor' with optimizer 'ga'")
+  for flag in ("seed_uniform", "seed_greedy", "sensitivity_mutation"):
+    if getattr(params, flag, False) and (
+        s.kind not in ("direct_round", "direct_floor") or s.optimizer != GA_OPTIMIZER):
+      v.fail(f"{field}.{flag}", True,
+             "False unless kind is 'direct_round' / 'direct_floor' with optimizer 'ga'")
   return s
 
 
@@ -250,10 +263,17 @@ class EvolutionConfig:
     max_growth: a species grows by at most this factor per generation (2.0: every slot
       is filled by an evaluated candidate); ``None`` (NEMO's Algorithm 1): no growth
       cap, slots beyond a species' evaluated candidates get random offspring.
-    min_species_size, ucb_c, r2_partitions: species sizing parameters.
+    min_species_size, ucb_c, r2_partitions: species sizing parameters (a species never
+      shrinks below ``min_species_size``, 1 allowed).
+    budget: stop after the generation in which this many DISTINCT configurations have
+      been evaluated (repeats are answered by the evaluation cache and cost nothing);
+      None: ``generations`` decides alone.
     edges: ``sequential`` (NEMO) or ``dataflow`` graph edges for the GNN species.
     node_features: names of the node feature columns the GNN species see (None: all of
       ``graph.FEATURE_NAMES``; e.g. only the ``type:*`` one-hots for an ablation).
+    sensitivity_features: append each searched quantizer's sensitivity (its top-1 drop
+      alone at every bit choice, ``run/sensitivity.py``) to the GNN node features (beyond
+      the NEMO paper).
     archive_size: capacity of the archive of non-dominated configurations.
     seed: the PRNG seed (also draws the image sets); same seed, same machine:
       identical results.
@@ -274,12 +294,20 @@ class EvolutionConfig:
   min_species_size: int = 4
   ucb_c: float = 0.5
   r2_partitions: int = 12
+  budget: int | None = None
   edges: str = "sequential"
   node_features: tuple[str, ...] | None = None
+  sensitivity_features: bool = False
   archive_size: int = 512
   seed: int = 0
   infeasible: str = "warn"
   custom_species: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def needs_guide(self) -> bool:
+    """Whether the search uses the problem's sensitivity (``search/guide.py``)."""
+    return self.sensitivity_features or any(
+        s.kind == "greedy" or getattr(s.params, "needs_guide", False) for s in self.species)
 
   def to_dict(self) -> dict:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -324,7 +352,7 @@ class EvolutionConfig:
   def check(self, feature_names: tuple[str, ...]) -> None:
     """Checks every field but the species (checked as they are built)."""
     n_species = len(self.species)
-    v.integer("min_species_size", self.min_species_size, 2)
+    v.integer("min_species_size", self.min_species_size, 1)
     v.integer("population", self.population, 4)
     if self.population < n_species * self.min_species_size:
       v.fail("population", self.population,
@@ -352,6 +380,9 @@ class EvolutionConfig:
       for f in self.node_features:
         v.choice("node_features", f, feature_names)
     v.integer("archive_size", self.archive_size, 2)
+    if self.budget is not None:
+      v.integer("budget", self.budget, 1)
+    v.boolean("sensitivity_features", self.sensitivity_features)
     v.integer("seed", self.seed)
     v.choice("infeasible", self.infeasible, INFEASIBLE_ACTIONS)
 

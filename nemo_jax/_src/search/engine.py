@@ -347,6 +347,8 @@ class Engine:
       default: the built-in kinds).
     num_objectives: ``M``, the number of (minimised) objectives.
     hv_ref: hypervolume reference point on the normalised objectives (None: all 1).
+    guide: the problem's sensitivity guide (``search/guide.py``) for the species that use
+      it, or None.
   """
   cfg: EvolutionConfig
   space: SearchSpace
@@ -356,6 +358,7 @@ class Engine:
   species_kinds: Mapping[str, SpeciesKind] | None = None
   num_objectives: int = 3
   hv_ref: tuple[float, ...] | None = None
+  guide: Any = None
 
   def __post_init__(self):
     cfg = self.cfg
@@ -364,7 +367,7 @@ class Engine:
     self.capacity = species_capacity(cfg)
     self.groups = species_lib.build_groups(cfg.species, self.space, self.capacity, self.graph,
                                            self.feature_dim, kinds,
-                                           init_sizes=initial_sizes(cfg))
+                                           init_sizes=initial_sizes(cfg), guide=self.guide)
     order = [i for g in self.groups for i in g.species]
     self._species_perm = np.argsort(np.asarray(order))
     m = self.num_objectives

@@ -29,11 +29,13 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nemo_jax._src.problem.space import SearchSpace
 from nemo_jax._src.search import operators as ops
 from nemo_jax._src.search import policies
+from nemo_jax._src.search.guide import SearchGuide
 from nemo_jax._src.search.config import (DirectParams, GNNParams, GraphUNetParams,
                                          SpeciesConfig, SpeciesKind)
 
@@ -179,13 +181,66 @@ def uniform_seed_genes(num_seeds: int, num_active: int, num_genes: int, num_choi
   return genes.astype(jnp.float32)
 
 
+def seed_rows(space: SearchSpace, specs: Sequence[SpeciesConfig], sizes: Sequence[int],
+              guide: SearchGuide | None = None) -> list[np.ndarray]:
+  """The seeded generation-0 members of direct species, distinct across the species.
+
+  The uniform-precision configurations (``seed_uniform``: :func:`uniform_seed_genes`,
+  ``min(K, sum of the seeded species' sizes)`` levels spread from the lowest to the
+  highest choice) are dealt round-robin to the ``seed_uniform`` species, then rows of the
+  greedy sensitivity frontier (``seed_greedy``: ``SearchGuide.spread``, evenly spaced in
+  cost, rows equal to a uniform seed dropped) to the ``seed_greedy`` species; each
+  species takes at most its size. So no two species start with the same configuration
+  (no evaluation of generation 0 is a duplicate).
+
+  Returns:
+    Per species float32 ``[m_s, num_genes]`` genes in index space (``m_s`` may be 0).
+  """
+  n_active, genes = len(space.active_nodes), space.num_genes
+  out = [[] for _ in specs]
+  taken: set[bytes] = set()
+
+  def deal(flag: str, rows: np.ndarray):
+    who = [i for i, s in enumerate(specs) if getattr(s.params, flag, False)]
+    turn = 0
+    for row in rows:
+      if row.tobytes() in taken:
+        continue
+      for _ in range(len(who)):
+        i = who[turn % len(who)]
+        turn += 1
+        if len(out[i]) < sizes[i]:
+          out[i].append(row)
+          taken.add(row.tobytes())
+          break
+
+  if any(getattr(s.params, "seed_uniform", False) for s in specs):
+    total = sum(n for s, n in zip(specs, sizes) if s.params.seed_uniform)
+    deal("seed_uniform", np.asarray(uniform_seed_genes(
+        min(space.num_choices, total), n_active, genes, space.num_choices, space.num_keep)))
+  if any(getattr(s.params, "seed_greedy", False) for s in specs):
+    if guide is None:
+      raise ValueError("seed_greedy: the search has no sensitivity guide; allowed: a run "
+                       "that computes the problem's sensitivity (run/search.py)")
+    total = sum(n for s, n in zip(specs, sizes) if s.params.seed_greedy)
+    rows = guide.spread(total).astype(np.float32)
+    if genes > n_active:
+      rows = np.concatenate([rows, np.full((len(rows), 1), space.num_keep - 1.0, np.float32)],
+                            axis=1)
+    deal("seed_greedy", rows)
+  return [np.asarray(r, np.float32).reshape(-1, genes) for r in out]
+
+
 def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int, ...],
-                  capacity: int, init_sizes=None) -> SpeciesGroup:
+                  capacity: int, init_sizes=None, guide: SearchGuide | None = None
+                  ) -> SpeciesGroup:
   """SBX + polynomial mutation on index-space genes ``[S_g, C, num_genes]``.
 
-  A species with ``seed_uniform`` starts with ``min(K, size_0)`` uniform-precision
-  members (:func:`uniform_seed_genes`; ``size_0`` its generation-0 size from
-  ``init_sizes``, default ``capacity``), the rest random.
+  A species with ``seed_uniform`` / ``seed_greedy`` starts with the members
+  :func:`seed_rows` deals it (``size_0`` its generation-0 size from ``init_sizes``,
+  default ``capacity``), the rest random; with ``sensitivity_mutation`` its polynomial
+  mutation moves insensitive genes more often (``SearchGuide.mutation_weights``, mean
+  rate still ``1 / genes``).
   """
   genes = space.num_genes
   high = jnp.concatenate([jnp.full((len(space.active_nodes),), space.num_choices - 1.0),
@@ -204,17 +259,24 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
     return jax.vmap(init_one)(jax.random.split(key, len(specs)))
 
   seeded = None
-  if any(s.params.seed_uniform for s in specs):
+  if any(s.params.seed_uniform or s.params.seed_greedy for s in specs):
+    sizes = [min(capacity, capacity if init_sizes is None else int(init_sizes[i]))
+             for i in idx]
     rows = []
-    for i, spec in zip(idx, specs):
-      n0 = capacity if init_sizes is None else int(init_sizes[i])
-      m = min(space.num_choices, n0, capacity) if spec.params.seed_uniform else 0
-      row = jnp.full((capacity, genes), jnp.nan, jnp.float32)
-      if m:
-        row = row.at[:m].set(uniform_seed_genes(m, len(space.active_nodes), genes,
-                                                space.num_choices, space.num_keep))
+    for dealt in seed_rows(space, specs, sizes, guide):
+      row = np.full((capacity, genes), np.nan, np.float32)
+      row[:len(dealt)] = dealt
       rows.append(row)
-    seeded = jnp.stack(rows)
+    seeded = jnp.asarray(np.stack(rows))
+  # Per-gene mutation probability ([S_g, genes]): 1 / genes, or weighted by sensitivity.
+  if any(s.params.sensitivity_mutation for s in specs) and guide is None:
+    raise ValueError("sensitivity_mutation: the search has no sensitivity guide; allowed: a "
+                     "run that computes the problem's sensitivity (run/search.py)")
+  uniform_rate = np.full(genes, 1.0 / genes, np.float32)
+  pm_prob = jnp.asarray(np.stack([
+      np.minimum(1.0, uniform_rate * np.concatenate(
+          [guide.mutation_weights(), np.ones(genes - len(space.active_nodes), np.float32)]))
+      if s.params.sensitivity_mutation else uniform_rate for s in specs]))
 
   def init(key):
     random_genes = fresh(key)
@@ -233,21 +295,21 @@ def _direct_group(space: SearchSpace, specs: list[SpeciesConfig], idx: tuple[int
   def decode(genomes):
     return jax.vmap(decode_one)(genomes, floor_mode)
 
-  def vary_one(key, parents, priority, size, eta_c, p_c, eta_m, rnd):
+  def vary_one(key, parents, priority, size, eta_c, p_c, eta_m, rnd, p_m):
     k_sel, k_x, k_m, k_r = jax.random.split(key, 4)
     half = (capacity + 1) // 2
     pick = _tournament_parents(k_sel, priority, size, 2 * half)
     a, b = parents[pick[:half]], parents[pick[half:]]
     c1, c2 = ops.sbx_crossover(k_x, a, b, low, high, eta=eta_c, prob=p_c)
     children = jnp.concatenate([c1, c2])[:capacity]
-    children = ops.polynomial_mutation(k_m, children, low, high, eta=eta_m)
+    children = ops.polynomial_mutation(k_m, children, low, high, eta=eta_m, prob=p_m)
     fresh = init_one(k_r)
     return jnp.where(rnd, fresh, children)
 
   def vary(key, genomes, priority, sizes):
     keys = jax.random.split(key, len(specs))
     return jax.vmap(vary_one)(keys, genomes, priority, sizes, sbx_eta, sbx_prob, pm_eta,
-                              is_random)
+                              is_random, pm_prob)
 
   return ga_group("direct", idx, init, vary, decode, fresh)
 
@@ -425,7 +487,8 @@ feature_dim) -> SpeciesGroup`` for the species of one group (``specs``, at
 ``species_indices`` in the config), with genomes stacked ``[len(specs), capacity, ...]``;
 ``spec.params`` holds each species' parameters (its kind's ``SpeciesKind.params``). A
 builder that declares an ``init_sizes`` parameter also gets the generation-0 sizes
-``[S]`` of all species. A genetic algorithm only needs ``ga_group(kind,
+``[S]`` of all species, one that declares ``guide`` the problem's sensitivity guide
+(``search/guide.py``; None when the search computes none). A genetic algorithm only needs ``ga_group(kind,
 species_indices, init, vary, decode)``; any other optimiser implements the
 init/ask/tell protocol of :class:`SpeciesGroup`. ``decode`` returns choice indices into
 the config's ``bit_choices`` for ``space.active_nodes`` and keep indices. Builders are
@@ -433,8 +496,9 @@ registered by value: :data:`BUILTIN_SPECIES`, ``nemo_jax.Registries.with_species
 
 
 def _direct_builder(space, specs, species_indices, capacity, graph, feature_dim,
-                    init_sizes=None) -> SpeciesGroup:
-  return _direct_group(space, list(specs), tuple(species_indices), capacity, init_sizes)
+                    init_sizes=None, guide=None) -> SpeciesGroup:
+  return _direct_group(space, list(specs), tuple(species_indices), capacity, init_sizes,
+                       guide)
 
 
 def _gnn_builder(space, specs, species_indices, capacity, graph, feature_dim) -> SpeciesGroup:
@@ -445,34 +509,100 @@ def _direct_key(spec: SpeciesConfig):
   return ("direct",)
 
 
+def coarse_to_fine(n: int) -> np.ndarray:
+  """``0..n-1`` in an order whose every prefix is spread over the whole range (the
+  first and last position, then the middle, then the quarters, ...)."""
+  if n <= 2:
+    return np.arange(n)
+  order, seen = [0, n - 1], {0, n - 1}
+  parts = 2
+  while len(order) < n:
+    for j in range(1, parts, 2):
+      i = int(round(j * (n - 1) / parts))
+      if i not in seen:
+        seen.add(i)
+        order.append(i)
+    parts *= 2
+    if parts > 4 * n:
+      order += [i for i in range(n) if i not in seen]
+  return np.asarray(order[:n])
+
+
+def _greedy_builder(space, specs, species_indices, capacity, graph, feature_dim,
+                    guide=None) -> SpeciesGroup:
+  """The greedy sensitivity allocation as a species (a baseline; beyond the NEMO paper).
+
+  Its members are rows of the guide's greedy frontier (``search/guide.py``: from every
+  quantizer at the highest choice, lower the one with the best cost saving per
+  sensitivity loss, down to all at the lowest), proposed coarse to fine
+  (:func:`coarse_to_fine`), so whatever budget it is given, the rows evaluated spread
+  over the whole frontier; a species only proposes rows it has not proposed before
+  (cycling when the frontier is exhausted: those repeats cost nothing). It learns
+  nothing from the scores.
+  """
+  if guide is None:
+    raise ValueError("species kind 'greedy': the search has no sensitivity guide; allowed: "
+                     "a run that computes the problem's sensitivity (run/search.py)")
+  if len(specs) != 1:
+    raise ValueError(f"species: {len(specs)} species of kind 'greedy'; allowed: one (it "
+                     "proposes the frontier rows in a fixed order)")
+  frontier = jnp.asarray(guide.frontier, jnp.int32)
+  order = jnp.asarray(coarse_to_fine(len(guide.frontier)), jnp.int32)
+  keep = space.num_keep - 1
+
+  def rows(start):                      # [1, C] frontier rows from position ``start`` [1]
+    pos = start[:, None] + jnp.arange(capacity)[None, :]
+    return order[pos % len(guide.frontier)]
+
+  def init(key):
+    del key
+    start = jnp.zeros((1,), jnp.int32)
+    return start, rows(start)
+
+  def ask(key, start, priority, sizes):
+    del key, priority, sizes
+    return rows(start), start
+
+  def tell(key, start, offspring, info):
+    del key, offspring
+    return start + jnp.sum(info.alive, axis=1).astype(jnp.int32)   # past the evaluated rows
+
+  def decode(genomes):
+    return frontier[genomes], jnp.full(genomes.shape, keep, jnp.int32)
+
+  return SpeciesGroup("greedy", tuple(species_indices), init, ask, tell, decode)
+
+
 BUILTIN_SPECIES: Mapping[str, SpeciesKind] = {
     "direct_round": SpeciesKind(_direct_builder, DirectParams, _direct_key),
     "direct_floor": SpeciesKind(_direct_builder, DirectParams, _direct_key),
     "random": SpeciesKind(_direct_builder, DirectParams, _direct_key),
     "gcn": SpeciesKind(_gnn_builder, GNNParams, gnn_structure),
     "graph_unet": SpeciesKind(_gnn_builder, GraphUNetParams, gnn_structure),
+    "greedy": SpeciesKind(_greedy_builder),
 }
 """The built-in species kinds (``Registries.species`` starts from these): the direct
 encodings share one group, GNN species one group per structure (``gnn_structure``)."""
 
 
-def wants_init_sizes(builder: Callable) -> bool:
-  """Whether a builder declares the ``init_sizes`` parameter (:data:`GroupBuilder`)."""
+def declared(builder: Callable, name: str) -> bool:
+  """Whether a builder declares the optional parameter ``name`` (:data:`GroupBuilder`)."""
   try:
-    return "init_sizes" in inspect.signature(builder).parameters
+    return name in inspect.signature(builder).parameters
   except (TypeError, ValueError):
     return False
 
 
 def build_groups(species: Sequence[SpeciesConfig], space: SearchSpace, capacity: int, graph,
                  feature_dim: int, kinds: Mapping[str, SpeciesKind],
-                 init_sizes=None) -> list[SpeciesGroup]:
+                 init_sizes=None, guide: SearchGuide | None = None) -> list[SpeciesGroup]:
   """Partitions the species into groups (order of first appearance).
 
   A species driven by an evosax strategy is a group of its own; the others are grouped
   by their kind's ``SpeciesKind.group`` key (default: the kind) and built by the kind's
   builder. ``init_sizes`` (int ``[S]``, default the capacity) are the generation-0
-  sizes (how many uniform seeds a ``seed_uniform`` species evaluates).
+  sizes (how many seeds a seeded species evaluates) and ``guide`` the problem's
+  sensitivity guide (``search/guide.py``), each given to builders that declare it.
   """
   keyed: dict[tuple, list[int]] = {}
   groups: list[tuple[tuple, list[int]]] = []
@@ -493,6 +623,7 @@ def build_groups(species: Sequence[SpeciesConfig], space: SearchSpace, capacity:
       out.append(_evosax_group(space, specs[0], members[0], capacity, graph, feature_dim))
       continue
     builder = kinds[specs[0].kind].builder
-    extra = {"init_sizes": init_sizes} if wants_init_sizes(builder) else {}
+    extra = {name: value for name, value in (("init_sizes", init_sizes), ("guide", guide))
+             if declared(builder, name)}
     out.append(builder(space, specs, tuple(members), capacity, graph, feature_dim, **extra))
   return out
