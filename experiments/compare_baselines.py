@@ -1,9 +1,11 @@
-"""NEMO against its baselines and ablations at equal evaluations, over several seeds.
+"""NEMO against its baselines and ablations at equal distinct evaluations, over paired seeds.
 
 Every search method runs in the same engine on the same problem (one fitness subset,
-one calibration, the same objectives, all minimised) with the same population and
-generations, so each evaluates exactly ``population * (generations + 1)``
-configurations:
+one calibration, the same images for every seed: ``data_seed`` fixed, the same
+objectives, all minimised) with the same population, until it has evaluated ``--budget``
+DISTINCT configurations (default ``population * (generations + 1)``; repeats are answered
+by the evaluation cache and do not count; a run stops after the generation that reaches
+the budget, so it may exceed it by less than a population):
 
 * ``nemo``: the config's species, NSGA-III joint ranking, UCB resizing;
 * ``nemo_fixed_sizes``: the same species at fixed equal sizes (ablation: no resizing);
@@ -17,8 +19,28 @@ configurations:
   no graph features);
 * ``nemo_sequential`` / ``nemo_dataflow``: the other edge set than the config's
   (ablation: sequential vs data-flow edges);
+* ``greedy``: the greedy sensitivity allocation (start at the highest bits, repeatedly
+  lower the quantizer with the best cost saving per sensitivity loss; its frontier
+  evaluated coarse to fine within the same budget; ``search/guide.py``);
+* ``nemo_guided``: NEMO with every sensitivity-informed option (GNN sensitivity features,
+  greedy seeds and sensitivity-weighted mutation for the direct species), and the
+  ablations ``nemo_sens_features`` / ``nemo_seed_greedy`` / ``nemo_sens_mutation`` (one
+  option each);
 * ``uniform_sweep``: every uniform (weight bits, activation bits) pair, evaluated once
   (``len(bit_choices) ** 2`` evaluations, not the search budget).
+
+The methods that use sensitivity share the problem's sensitivity table (each searched
+quantizer alone at each bit-width on the fitness images; computed once per problem,
+not counted in the budget: ``run/sensitivity.py``).
+
+Search quality (``docs/DESIGN.md``, "Search quality") per run, on the selection and test
+images: the drop-bounded hypervolume (box: float error to float + 5 points, cheapest to
+W8A8 costs), the iso-accuracy gain over the best uniform point at <= 1 point (model size
+and BOPs factors, picked on selection, reported on test) and the iso-cost test top-1
+gain at the uniform points' costs. ``quality.md`` / ``quality.csv``: per method the mean
+over seeds, the mean paired difference to the uniform sweep and to NEMO with bootstrap
+95% confidence intervals (10,000 resamples of the seeds); ``per_seed.csv``: every run's
+figures, so every mean can be re-derived.
 
 The final hypervolume (reference ``hv_ref``, default 1 on every normalised objective) of
 the archive front is reported in sample (``fitness``: the images the search optimised)
@@ -30,9 +52,10 @@ curve over evaluations is the in-sample one (``history.csv``). For each method t
 also says in what fraction of seeds the front dominates the uniform W8A8, W4A4 and W3A8
 points on the same images.
 
-Writes to ``--out``: ``table.csv``, ``table.md`` (mean +- std over seeds),
-``hypervolume.png`` and ``runs.json``; ``--merge`` joins the outputs of several runs
-(methods or seeds run in parallel) into one table.
+Writes to ``--out``: ``quality.md`` / ``quality.csv``, ``per_seed.csv``, ``table.csv`` /
+``table.md`` (the plain hypervolumes, mean +- std over seeds), ``hypervolume.png`` and
+``runs.json``; ``--merge`` joins the outputs of several runs (methods or seeds run in
+parallel) into one table.
 
     python experiments/compare_baselines.py --config experiments/configs/compare.py \\
         --out results/baselines
@@ -81,6 +104,24 @@ def method_overrides(base) -> dict[str, dict]:
         "species": [s.to_dict()], "resize": False}
   methods["nsga2"] = {"species": ["direct_round"], "selection": "nsga2", "resize": False}
   methods["random"] = {"species": ["random"], "resize": False}
+  methods["greedy"] = {"species": ["greedy"], "resize": False, "min_species_size": 1}
+  direct = ("direct_round", "direct_floor")
+
+  def guided(seed_greedy=False, mutation=False):
+    out = []
+    for sp in base.species:
+      d = sp.to_dict()
+      if sp.kind in direct and sp.optimizer == "ga":
+        d.update(seed_greedy=seed_greedy or d.get("seed_greedy", False),
+                 sensitivity_mutation=mutation or d.get("sensitivity_mutation", False))
+      out.append(d)
+    return out
+
+  if any(sp.kind in direct for sp in base.species):
+    methods["nemo_guided"] = {"species": guided(True, True), "sensitivity_features": True}
+    methods["nemo_seed_greedy"] = {"species": guided(seed_greedy=True)}
+    methods["nemo_sens_mutation"] = {"species": guided(mutation=True)}
+  methods["nemo_sens_features"] = {"sensitivity_features": True}
   methods["nemo_type_features"] = {
       "node_features": [n for n in FEATURE_NAMES if n.startswith("type:")]}
   methods[f"nemo_{other_edges}"] = {"edges": other_edges}
@@ -165,17 +206,69 @@ def dominates_point(front_F, point) -> bool:
   return bool(np.any(le & lt))
 
 
-def run_method(name, base, problem, seed, overrides, registries):
+def run_method(name, base, problem, seed, overrides, registries, budget=None):
   t0 = time.perf_counter()
+  overrides = dict(overrides)
+  if budget is not None and "budget" not in overrides:
+    # The budget decides (distinct evaluations); generations only bound a run that keeps
+    # proposing repeats.
+    overrides.setdefault("generations", 8 * (base.generations + 1))
+    overrides["budget"] = budget
   res = nemo_jax.search(base, out_dir=None, progress=False, problem=problem, seed=seed,
                         registries=registries, **overrides)
-  curve = [(r["evaluations"], r["hypervolume"]) for r in res.history]
+  curve = [(r["unique_evaluations"], r["hypervolume"]) for r in res.history]
   sizes = {k[5:]: v for k, v in res.history[-1].items() if k.startswith("size:")}
-  return {"method": name, "seed": seed, "evaluations": curve[-1][0], "curve": curve,
+  return {"method": name, "seed": seed, "evaluations": res.history[-1]["evaluations"],
+          "unique_evaluations": curve[-1][0], "curve": curve,
           "hv_fitness": curve[-1][1], "front": res.front, "sizes": sizes,
           "front_species": sorted({m["species"] for m in res.front}),
           "hv": {s: v for s, v in res.hypervolume.items() if s != "fitness"},
+          "quality": quality_figures(res.quality),
           "seconds": time.perf_counter() - t0}
+
+
+QUALITY_COLUMNS = ("bhv_selection", "bhv_test", "gain_model_1pt", "gain_bops_1pt",
+                   "iso_cost_gain")
+"""Per-run search-quality figures (``quality_figures``)."""
+
+
+def quality_figures(q) -> dict:
+  """The headline figures of a run's ``quality`` report (NaN where not measured).
+
+  ``bhv_*``: drop-bounded hypervolume; ``gain_*_1pt``: front / best-uniform reduction
+  factor at <= 1 point below float (picked on selection; NaN when the front has no member
+  that close: then it has no gain to report); ``iso_cost_gain``: mean test top-1 gain (in
+  points) of the best member over each uniform point at its costs (points without an as
+  cheap member excluded).
+  """
+  out = {"bhv_selection": q.get("bounded_hypervolume", {}).get("selection", float("nan")),
+         "bhv_test": q.get("bounded_hypervolume", {}).get("test", float("nan")),
+         "uniform_bhv_test": q.get("uniform_bounded_hypervolume", {}).get("test",
+                                                                          float("nan"))}
+  for row in q.get("iso_accuracy", []):
+    if row["drop"] == 0.01:
+      key = "gain_model_1pt" if row["cost"] == "model_ratio" else "gain_bops_1pt"
+      out[key] = float("nan") if row["gain"] is None else float(row["gain"])
+      front = row["front"]
+      out[key.replace("gain", "factor")] = float("nan") if front is None else front["factor"]
+  gains = [100.0 * (r["test_top1"] - r["uniform_test_top1"]) for r in q.get("iso_cost", [])
+           if r["test_top1"] is not None and r["uniform_test_top1"] is not None]
+  out["iso_cost_gain"] = float(np.mean(gains)) if gains else float("nan")
+  for k in QUALITY_COLUMNS:
+    out.setdefault(k, float("nan"))
+  return out
+
+
+def bootstrap_ci(values, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+  """Mean and the 95% percentile-bootstrap interval of the mean (NaNs dropped)."""
+  x = np.asarray([v for v in values if np.isfinite(v)], np.float64)
+  if not len(x):
+    return float("nan"), float("nan"), float("nan")
+  if len(x) == 1:
+    return float(x[0]), float(x[0]), float(x[0])
+  rng = np.random.default_rng(seed)
+  means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
+  return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main(argv=None):
@@ -191,6 +284,8 @@ def main(argv=None):
   p.add_argument("--images", nargs="+", choices=OUT_OF_SAMPLE, default=list(OUT_OF_SAMPLE),
                  help="out-of-sample image sets of the reported hypervolumes (default: "
                       "selection test; the first is plotted and ranks the methods)")
+  p.add_argument("--budget", type=int, help="distinct evaluations per run (default: "
+                 "population * (generations + 1))")
   p.add_argument("--out", default="results/baselines")
   p.add_argument("--merge", nargs="+", metavar="DIR",
                  help="run nothing: merge the runs.json of earlier --out folders (e.g. "
@@ -232,42 +327,50 @@ def main(argv=None):
   ref_F = {(s, k): front_objectives([m], base, s) for s in images for k, m in refs.items()}
   ref_F = {sk: (None if f is None else f[0]) for sk, f in ref_F.items()}
 
+  budget = args.budget or base.population * (base.generations + 1)
   runs = []
   for name in chosen:
     overrides = methods[name]
+    run_budget = budget
     if overrides is None:  # the uniform sweep: one deterministic run
       overrides = {"species": [SWEEP], "resize": False, "generations": 0,
                    "population": max(len(pairs), 4), "min_species_size": 2,
                    "archive_size": max(base.archive_size, len(pairs))}
-      run_seeds = seeds[:1]
+      run_seeds, run_budget = seeds[:1], None
     else:
       run_seeds = seeds
     for seed in run_seeds:
-      r = run_method(name, base, problem, seed, overrides, registries)
+      r = run_method(name, base, problem, seed, overrides, registries, run_budget)
       r["dominates"] = {}
       for s in images:
         F = front_objectives(r["front"], base, s)
         r["dominates"][s] = {k: dominates_point(F, ref_F[s, k]) for k in refs}
       runs.append(r)
       hv = ", ".join(f"{s} {r['hv'][s]:.4f}" for s in images)
-      print(f"{name:>22s} seed {seed}: HV fitness {r['hv_fitness']:.4f}, {hv} after "
-            f"{r['evaluations']} evaluations ({r['seconds']:.0f} s); sizes {r['sizes']}",
-            file=sys.stderr)
+      q = r["quality"]
+      print(f"{name:>22s} seed {seed}: HV fitness {r['hv_fitness']:.4f}, {hv}; bounded HV "
+            f"test {q['bhv_test']:.4f}, gain at 1 point {q['gain_model_1pt']:.2f} (model) "
+            f"{q['gain_bops_1pt']:.2f} (BOPs) after {r['unique_evaluations']} distinct "
+            f"evaluations ({r['seconds']:.0f} s); sizes {r['sizes']}", file=sys.stderr)
 
   return write_results(args.out, runs, images, refs, base)
 
 
 def write_results(out, runs, images, refs, cfg) -> list[dict]:
-  """Writes ``table.csv``, ``table.md``, ``runs.json`` and ``hypervolume.png`` to ``out``."""
+  """Writes ``quality.{md,csv}``, ``per_seed.csv``, ``table.csv``, ``table.md``,
+  ``runs.json`` and ``hypervolume.png`` to ``out``."""
   seeds = sorted({r["seed"] for r in runs})
   table = summarise(runs, images, list(refs))
   write_table(table, out, images, list(refs), cfg, len(seeds))
+  write_quality(runs, out, cfg, len(seeds))
   with open(os.path.join(out, "runs.json"), "w") as f:
     json.dump({"images": images, "seeds": seeds, "config": cfg.to_dict(),
                "reference_points": refs, "table": table, "runs": runs}, f, indent=1)
   plot(runs, table, images[0], os.path.join(out, "hypervolume.png"))
   print(open(os.path.join(out, "table.md")).read())
-  print(f"wrote {out}/table.csv, table.md, hypervolume.png, runs.json")
+  print(open(os.path.join(out, "quality.md")).read())
+  print(f"wrote {out}/quality.md, quality.csv, per_seed.csv, table.csv, table.md, "
+        "hypervolume.png, runs.json")
   return table
 
 
@@ -297,6 +400,81 @@ def merge(dirs, out) -> list[dict]:
   os.makedirs(out, exist_ok=True)
   return write_results(out, runs, first["images"], refs,
                        nemo_jax.load_search_config(first["config"]))
+
+
+PER_SEED_COLUMNS = ("method", "seed", "unique_evaluations", "evaluations", "bhv_selection",
+                    "bhv_test", "uniform_bhv_test", "gain_model_1pt", "gain_bops_1pt",
+                    "factor_model_1pt", "factor_bops_1pt", "iso_cost_gain", "hv_selection",
+                    "hv_test", "hv_fitness", "front_size", "seconds")
+
+
+def write_quality(runs, out, cfg, num_seeds) -> list[dict]:
+  """``per_seed.csv`` (every run) and ``quality.{csv,md}``: per method the mean of each
+  quality figure, and the paired difference to the uniform sweep and to ``nemo`` with
+  its bootstrap 95% interval."""
+  rows = []
+  for r in runs:
+    q = r.get("quality") or quality_figures({})
+    rows.append({"method": r["method"], "seed": r["seed"],
+                 "unique_evaluations": r.get("unique_evaluations", r["evaluations"]),
+                 "evaluations": r["evaluations"], **{k: q.get(k) for k in (
+                     "bhv_selection", "bhv_test", "uniform_bhv_test", "gain_model_1pt",
+                     "gain_bops_1pt", "factor_model_1pt", "factor_bops_1pt",
+                     "iso_cost_gain")},
+                 "hv_selection": r["hv"].get("selection"), "hv_test": r["hv"].get("test"),
+                 "hv_fitness": r["hv_fitness"], "front_size": len(r["front"]),
+                 "seconds": round(r["seconds"], 1)})
+  with open(os.path.join(out, "per_seed.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=PER_SEED_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+  by = {}
+  for row in rows:
+    by.setdefault(row["method"], {})[row["seed"]] = row
+  sweep = next(iter(by.get(SWEEP, {}).values()), None)
+  nemo = by.get("nemo", {})
+  table = []
+  for method, per_seed in by.items():
+    line = {"method": method, "seeds": len(per_seed)}
+    for k in ("bhv_selection", "bhv_test", "gain_model_1pt", "gain_bops_1pt",
+              "iso_cost_gain", "unique_evaluations"):
+      vals = [float(v[k]) if v[k] is not None else float("nan") for v in per_seed.values()]
+      line[f"{k}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+    for k in ("bhv_selection", "bhv_test"):
+      if sweep is not None and method != SWEEP:
+        d = [float(v[k]) - float(sweep[k]) for v in per_seed.values()]
+        line[f"{k}_vs_sweep"] = bootstrap_ci(d)
+      if nemo and method != "nemo" and method != SWEEP:
+        d = [float(nemo[s][k]) - float(v[k]) for s, v in per_seed.items() if s in nemo]
+        line[f"nemo_minus_{k}"] = bootstrap_ci(d)
+    table.append(line)
+  with open(os.path.join(out, "quality.csv"), "w", newline="") as f:
+    cols = sorted({k for line in table for k in line}, key=lambda k: (k != "method", k))
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    for line in table:
+      w.writerow({k: (";".join(f"{x:.5f}" for x in v) if isinstance(v, tuple) else v)
+                  for k, v in line.items()})
+  fmt_ci = lambda t: ("" if t is None or not np.isfinite(t[0]) else
+                      f"{t[0]:+.4f} [{t[1]:+.4f}, {t[2]:+.4f}]")
+  head = ["method", "seeds", "distinct evals", "bounded HV test", "vs sweep (95% CI)",
+          "NEMO minus this (95% CI)", "bounded HV selection", "gain model @1pt",
+          "gain BOPs @1pt", "iso-cost gain (points)"]
+  lines = [f"Search quality ({cfg.model}; mean over {num_seeds} paired seeds; bounded HV: "
+           "drop-bounded hypervolume, box float error .. +5 points x cheapest .. W8A8 costs; "
+           "gains: front / best uniform reduction factor at <= 1 point below float, picked "
+           "on selection; 95% intervals: bootstrap over seeds).", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for line in table:
+    lines.append("| " + " | ".join([
+        line["method"], str(line["seeds"]), f"{line['unique_evaluations_mean']:.0f}",
+        f"{line['bhv_test_mean']:.4f}", fmt_ci(line.get("bhv_test_vs_sweep")),
+        fmt_ci(line.get("nemo_minus_bhv_test")), f"{line['bhv_selection_mean']:.4f}",
+        f"{line['gain_model_1pt_mean']:.3f}", f"{line['gain_bops_1pt_mean']:.3f}",
+        f"{line['iso_cost_gain_mean']:+.2f}"]) + " |")
+  with open(os.path.join(out, "quality.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return table
 
 
 def summarise(runs, images, ref_names) -> list[dict]:

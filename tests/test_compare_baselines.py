@@ -4,6 +4,7 @@ end-to-end run and a merge."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -71,12 +72,19 @@ def test_tiny_comparison_and_merge(tmp_path):
   rows = {r["method"]: r for r in table}
   assert set(rows) == {"nemo", "uniform_sweep"}
   cfg = nemo_jax.load_search_config(SMOKE)
-  assert rows["nemo"]["evaluations"] == cfg.population * 2
+  # Equal budgets of DISTINCT evaluations: population * (generations + 1), reached within
+  # the last generation.
+  per_seed = list(csv.DictReader(open(os.path.join(a, "per_seed.csv"))))
+  nemo_row = next(r for r in per_seed if r["method"] == "nemo")
+  assert cfg.population * 2 <= int(nemo_row["unique_evaluations"]) < cfg.population * 3
   assert rows["uniform_sweep"]["evaluations"] == len(cfg.bit_choices) ** 2
   for r in table:
     assert 0.0 < r["hv_selection_mean"] < 1.0 and 0.0 < r["hv_test_mean"] < 1.0
-  for f in ("table.csv", "table.md", "hypervolume.png", "runs.json"):
+  for f in ("table.csv", "table.md", "hypervolume.png", "runs.json", "quality.md",
+            "quality.csv", "per_seed.csv"):
     assert os.path.getsize(os.path.join(a, f)) > 0
+  assert 0.0 <= float(nemo_row["bhv_test"]) <= 1.0
+  assert "vs sweep (95% CI)" in open(os.path.join(a, "quality.md")).read()
   saved = json.load(open(os.path.join(a, "runs.json")))
   assert set(saved["reference_points"]) == {"W8A8", "W4A4", "W3A8"}
   sweep = next(r for r in saved["runs"] if r["method"] == "uniform_sweep")
@@ -99,3 +107,24 @@ def test_tiny_comparison_and_merge(tmp_path):
   shutil.rmtree(b)
   with pytest.raises(SystemExit, match="cannot read"):
     compare.main(["--merge", a, b, "--out", merged])
+
+
+def test_bootstrap_interval_by_hand():
+  mean, lo, hi = compare.bootstrap_ci([0.1, 0.1, 0.1])
+  assert (mean, lo, hi) == pytest.approx((0.1, 0.1, 0.1))
+  mean, lo, hi = compare.bootstrap_ci([0.0, 1.0] * 10)
+  assert mean == pytest.approx(0.5) and 0.25 < lo < 0.5 < hi < 0.75
+  assert compare.bootstrap_ci([float("nan"), 2.0]) == (2.0, 2.0, 2.0)
+
+
+def test_quality_figures_read_the_report():
+  q = {"bounded_hypervolume": {"selection": 0.3, "test": 0.4},
+       "uniform_bounded_hypervolume": {"test": 0.35},
+       "iso_accuracy": [
+           {"drop": 0.01, "cost": "model_ratio", "gain": 1.2, "front": {"factor": 6.0}},
+           {"drop": 0.01, "cost": "bops_ratio", "gain": None, "front": None}],
+       "iso_cost": [{"test_top1": 0.9, "uniform_test_top1": 0.88},
+                    {"test_top1": None, "uniform_test_top1": 0.2}]}
+  f = compare.quality_figures(q)
+  assert (f["bhv_test"], f["gain_model_1pt"], f["factor_model_1pt"]) == (0.4, 1.2, 6.0)
+  assert np.isnan(f["gain_bops_1pt"]) and f["iso_cost_gain"] == pytest.approx(2.0)
