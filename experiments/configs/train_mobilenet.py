@@ -16,7 +16,7 @@ def get_config():
       "model": "mobilenet_v2_small",
       "dataset": "fashion_mnist_embedded",
       "held_out_per_class": 100,
-      "epochs": 12,
+      "epochs": 10,
       "batch_size": 128,
       "learning_rate": 0.1,
       "momentum": 0.9,

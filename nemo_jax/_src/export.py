@@ -46,7 +46,7 @@ from nemo_jax._src import quant
 from nemo_jax._src.precision import config_to_dict
 from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.faults import write_atomic
-from nemo_jax._src.layers import ActInfo, LayerInfo, QContext
+from nemo_jax._src.layers import ActInfo, LayerInfo, QContext, depthwise_impl
 from nemo_jax._src.models import trace_quantizers
 from nemo_jax._src.schemes import QuantScheme, kernel_paths
 from nemo_jax._src.spec import QuantSpec
@@ -704,8 +704,9 @@ def to_onnx(model, member: ExportedMember, graph_name: str = "nemo_jax"):
                    placement=member.spec.placement)
     return model.apply(v, x, ctx, train=False)
 
-  closed = jax.make_jaxpr(fn)(variables, jax.ShapeDtypeStruct((1, *member.input_shape),
-                                                               jnp.float32))
+  with depthwise_impl("conv"):   # ONNX Conv(group=C), not the CPU slice-and-add form
+    closed = jax.make_jaxpr(fn)(variables, jax.ShapeDtypeStruct((1, *member.input_shape),
+                                                                 jnp.float32))
   leaves = [np.asarray(l) for l in jax.tree_util.tree_leaves(variables)]
   g = _OnnxGraph(member)
   consts = [np.asarray(c) for c in closed.consts]

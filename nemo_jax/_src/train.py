@@ -29,10 +29,17 @@ from nemo_jax._src.faults import write_json
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Float training hyper-parameters (``experiments/configs/train_default.py``)."""
+  """Float training hyper-parameters (``experiments/configs/train_default.py``).
+
+  ``held_out_per_class`` training images per class (drawn with ``held_out_seed``,
+  ``data.held_out_split``) are left out of training and recorded in the checkpoint's
+  metadata: searches on the checkpoint draw their selection images from them only.
+  """
   model: str = models_lib.DEFAULT_MODEL
   dataset: str = "fashion_mnist_embedded"
   data_dir: str | None = None
+  held_out_per_class: int = 0
+  held_out_seed: int = 0
   epochs: int = 20
   batch_size: int = 128
   learning_rate: float = 0.1
@@ -56,6 +63,8 @@ class TrainConfig:
     v.number("weight_decay", cfg.weight_decay, 0.0)
     v.number("label_smoothing", cfg.label_smoothing, 0.0, 1.0)
     v.boolean("augment", cfg.augment)
+    v.integer("held_out_per_class", cfg.held_out_per_class, 0)
+    v.integer("held_out_seed", cfg.held_out_seed, 0)
     v.integer("seed", cfg.seed)
     return cfg
 
@@ -111,6 +120,10 @@ def train(cfg: TrainConfig, progress: bool = True):
   info = data_lib.DATASETS[cfg.dataset]
   x_train, y_train = data_lib.load_split(cfg.dataset, "train", source_dir=cfg.data_dir)
   x_test, y_test = data_lib.load_split(cfg.dataset, "test", source_dir=cfg.data_dir)
+  train_idx, held_idx = data_lib.held_out_split(y_train, cfg.held_out_per_class,
+                                                cfg.held_out_seed)
+  x_held, y_held = x_train[held_idx], y_train[held_idx]
+  x_train, y_train = x_train[train_idx], y_train[train_idx]
   input_shape = tuple(x_train.shape[1:])
   model = models_lib.get_model(cfg.model, input_shape=input_shape,
                                num_classes=info.num_classes)
@@ -144,6 +157,10 @@ def train(cfg: TrainConfig, progress: bool = True):
   metrics = {"test_top1": top1, "train_seconds": train_seconds, "final_loss": float(loss),
              "epochs": cfg.epochs, "train_images": int(len(x_train)),
              "test_images": int(len(x_test))}
+  if len(x_held):
+    metrics["held_out_images"] = int(len(x_held))
+    metrics["held_out_top1"] = float_accuracy(
+        model, variables, data_lib.preprocess(cfg.dataset, x_held), y_held, cfg.eval_batch_size)
   return model, variables, metrics
 
 

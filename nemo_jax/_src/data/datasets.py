@@ -279,6 +279,20 @@ def capped_stratified_subset(labels: np.ndarray, max_images: int, seed: int,
   return stratified_subset(labels, per_class, seed=seed)
 
 
+def held_out_split(labels: np.ndarray, per_class: int, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """``(training indices, held-out indices)`` of a split: ``per_class`` examples of every
+  class held out (``stratified_subset`` with ``seed``), the rest for training.
+
+  A model trained on the training indices has never seen the held-out ones: searches
+  draw their selection images from them (``docs/DESIGN.md``, "Image sets").
+  """
+  labels = np.asarray(labels)
+  held = stratified_subset(labels, per_class, seed) if per_class else np.zeros(0, np.int64)
+  train = np.setdiff1d(np.arange(len(labels)), held)
+  return train, held
+
+
 def disjoint_stratified_subsets(labels: np.ndarray, per_class: Sequence[int], seed: int,
                                 names: Optional[Sequence[str]] = None,
                                 num_classes: Optional[int] = None) -> list[np.ndarray]:
