@@ -1,4 +1,4 @@
-"""EMOMC (Zhou et al., 2021): pruning + quantization co-optimisation, two stages.
+"""EMOMC (Wang et al., 2021): pruning + quantization co-optimisation, two stages.
 
 Stage I builds a library of pruned + retrained models, one per keep ratio p::
 

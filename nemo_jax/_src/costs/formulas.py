@@ -36,7 +36,7 @@ layer actually reads.
   Weights only (EMOMC counts no biases). Bit-widths are integers here, so
   ``round(b + log2 N) = b + round(log2 N)`` exactly (``log2 N`` never ends in .5).
 * EMOMC energy (units of 0.01 mJ = relative total / 1e6) for the dataflows
-  ``X|Y``, ``IC|OC``, ``Fx|Fy``, ``X|Fx``, exactly EMOMC's formulas (Zhou et al. 2021): per conv
+  ``X|Y``, ``IC|OC``, ``Fx|Fy``, ``X|Fx``, exactly EMOMC's formulas (Wang et al. 2021): per conv
   layer with ``k x k`` kernel (``k*k = k_h*k_w``, ``k = k_w`` for the ``Fx`` loop),
   ``ci = C_in / groups``, ``co = C_out / groups``, ``O = H_out * W_out``, ``M`` = MACs and
   counts ``[mac, ifmap reads, weight reads, ofmap writes, psum reads]``; dense layers use
