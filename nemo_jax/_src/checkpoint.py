@@ -150,3 +150,22 @@ def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
                      "variables file written by `nemo-jax convert` / `nemo-jax train`")
   model = models.get_model(name, input_shape=shape, num_classes=num_classes, registry=registry)
   return model, load_variables(checkpoint, model, shape)
+
+
+def training_images(checkpoint: str) -> dict | None:
+  """What a ``nemo-jax train`` checkpoint was trained on, from its sidecar's training
+  config: ``{"dataset", "split", "held_out_per_class", "held_out_seed"}`` (the split is
+  ``"train"`` minus ``held_out_per_class`` images per class, ``data.held_out_split``),
+  or None for a checkpoint without such a sidecar (converted, or written elsewhere)."""
+  path = DEFAULT_CHECKPOINT_INFO if checkpoint == "default" else \
+      os.path.splitext(os.fspath(checkpoint))[0] + ".json"
+  try:
+    with open(path) as f:
+      config = json.load(f).get("config")
+  except (OSError, ValueError, AttributeError):
+    return None
+  if not isinstance(config, Mapping) or "epochs" not in config:
+    return None
+  return {"dataset": config.get("dataset"), "split": "train",
+          "held_out_per_class": int(config.get("held_out_per_class", 0)),
+          "held_out_seed": int(config.get("held_out_seed", 0))}

@@ -179,12 +179,15 @@ def scores(apply, variables, images, labels, batch_size: int) -> dict:
   return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
-def train_indices(search_cfg: SearchConfig, cfg: FinetuneConfig, labels) -> np.ndarray:
+def train_indices(search_cfg: SearchConfig, cfg: FinetuneConfig, labels,
+                  held_out: tuple[int, int] | None = None) -> np.ndarray:
   """Indices of the training images among ``cfg.train_split``'s labels ``[N]``.
 
-  When ``train_split`` is the run's ``eval_split``, the run's selection images are left
-  out (they stay held out for the before / after comparison; ``docs/DESIGN.md``,
-  "Image sets"); then a stratified ``max_images`` subset of the rest, if asked for.
+  When ``train_split`` is the run's ``eval_split``, the images the checkpoint was not
+  trained on (``held_out``, from its metadata) are left out, or without that metadata the
+  run's selection images (they stay held out for the before / after comparison;
+  ``docs/DESIGN.md``, "Image sets"); then a stratified ``max_images`` subset of the
+  rest, if asked for.
 
   Raises:
     ValueError: ``train_split`` is the run's ``final_split`` (the test set is only
@@ -198,9 +201,12 @@ def train_indices(search_cfg: SearchConfig, cfg: FinetuneConfig, labels) -> np.n
   labels = np.asarray(labels)
   idx = np.arange(len(labels))
   if cfg.train_split == problem_cfg.eval_split:
-    sets = image_sets(problem_cfg, labels, search_cfg.image_seed,
-                      search_cfg.run.selection_per_class)
-    idx = np.setdiff1d(idx, sets["selection"])
+    if held_out is not None:   # every image the checkpoint was not trained on stays out
+      idx = data_lib.held_out_split(labels, *held_out)[0]
+    else:
+      sets = image_sets(problem_cfg, labels, search_cfg.image_seed,
+                        search_cfg.run.selection_per_class)
+      idx = np.setdiff1d(idx, sets["selection"])
   if cfg.max_images is not None and cfg.max_images < len(idx):
     idx = idx[data_lib.capped_stratified_subset(labels[idx], cfg.max_images, cfg.seed)]
   return idx
@@ -208,7 +214,7 @@ def train_indices(search_cfg: SearchConfig, cfg: FinetuneConfig, labels) -> np.n
 
 def _train_data(problem, search_cfg: SearchConfig, cfg: FinetuneConfig):
   images, labels = split_arrays(problem.cfg, cfg.train_split, problem.data)
-  idx = train_indices(search_cfg, cfg, labels)
+  idx = train_indices(search_cfg, cfg, labels, problem.held_out)
   images, labels = images[idx], labels[idx]
   if len(images) < cfg.batch_size:
     raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(images)} training "
@@ -313,7 +319,8 @@ def finetune_member(run_dir: str, member: int, cfg: FinetuneConfig, stop=None,
 
   evals = {"train": (x_train, y_train)}
   x_fit, y_fit, _ = fitness_data(problem.cfg, search_cfg.image_seed,
-                                 search_cfg.run.selection_per_class, problem.data)
+                                 search_cfg.run.selection_per_class, problem.data,
+                                 problem.held_out)
   evals["fitness"] = (x_fit, y_fit)
   # The held-out sets: selection (eval_split images never trained on) and test.
   held_out = final_lib.report_sets(problem, search_cfg)

@@ -273,7 +273,8 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
   split = cfg.run.final_split or "test"
   x, y = capped_split(cfg.problem, split, cfg.run.final_max_images, cfg.image_seed)
   evaluators = {"final_top1": problem.make_evaluator(np.asarray(x), y)}
-  selection = selection_data(cfg.problem, cfg.image_seed, cfg.run.selection_per_class)
+  selection = selection_data(cfg.problem, cfg.image_seed, cfg.run.selection_per_class,
+                             held_out=problem.held_out)
   if selection is None:   # no selection set: choose on the test set (and say so)
     evaluators[SELECTION_KEY], selected_on = evaluators["final_top1"], split
   else:

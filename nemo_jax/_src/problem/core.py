@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from nemo_jax._src import calibration as calib_lib
+from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import schemes as schemes_lib
 from nemo_jax._src import tables as tables_lib
 from nemo_jax._src import workload as workload_lib
@@ -121,6 +124,8 @@ class Problem:
     bit_choices, keep_choices: the section's choices as device arrays (decode).
     data: in-memory splits (dataset ``"arrays"``, ``images.data_splits``) or None.
     cache: the fitness accuracy of every configuration scored (:class:`AccuracyCache`).
+    held_out: ``(per_class, seed)`` of the ``eval_split`` images the checkpoint was not
+      trained on (its metadata; the selection images come from them only), or None.
   """
   cfg: ProblemConfig
   seed: int
@@ -138,6 +143,7 @@ class Problem:
   keep_choices: jnp.ndarray
   data: Mapping | None = None
   cache: AccuracyCache = dataclasses.field(default_factory=AccuracyCache)
+  held_out: tuple[int, int] | None = None
 
   @property
   def model(self):
@@ -307,6 +313,33 @@ def float_predictions(source: ModelSource, images, batch_size: int) -> np.ndarra
   return np.concatenate(out).astype(np.int32)
 
 
+def held_out_images(cfg: ProblemConfig, selection_per_class: int) -> tuple[int, int] | None:
+  """``(per_class, seed)`` of the ``eval_split`` images the checkpoint was not trained on.
+
+  Read from the checkpoint's training metadata (``checkpoint.training_images``). When the
+  checkpoint was trained on the whole ``eval_split`` and a selection set is asked for, its
+  images are training images of the model: a loud warning says so (``selection_top1``
+  is then in sample). A checkpoint without metadata (converted) is not checked.
+  """
+  if is_user_model(cfg.model) or cfg.library is not None:
+    return None
+  trained = ckpt.training_images(cfg.checkpoint)
+  if trained is None or cfg.eval_split != trained["split"] or not (
+      trained["dataset"] == cfg.dataset or {trained["dataset"], cfg.dataset} <= set(
+          ("fashion_mnist", "fashion_mnist_embedded"))):
+    return None
+  if trained["held_out_per_class"] > 0:
+    return trained["held_out_per_class"], trained["held_out_seed"]
+  if selection_per_class > 0:
+    msg = (f"selection_per_class={selection_per_class}: checkpoint={cfg.checkpoint!r} was "
+           f"trained on every image of eval_split={cfg.eval_split!r}, so the selection "
+           "images are training images of the model (selection_top1 is in sample); allowed: "
+           "a checkpoint trained with held_out_per_class > 0 (nemo-jax train)")
+    warnings.warn(msg, stacklevel=3)
+    tqdm.write("warning: " + msg)
+  return None
+
+
 def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
                     selection_per_class: int = 0, costs: CostRegistry | None = None,
                     models: ModelRegistry | None = None,
@@ -342,7 +375,8 @@ def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
   space = search_space(workload, cfg.quantize_activations, len(cfg.bit_choices),
                        len(cfg.keep_choices))
 
-  x_eval, y_eval, x_calib = fitness_data(cfg, seed, selection_per_class, data)
+  held_out = held_out_images(cfg, selection_per_class)
+  x_eval, y_eval, x_calib = fitness_data(cfg, seed, selection_per_class, data, held_out)
   if cfg.fitness_labels == "float":
     y_eval = float_predictions(source, x_eval, cfg.eval_batch_size)
   calibration = None
@@ -366,4 +400,5 @@ def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
                  costs_registry=costs, cost_names=cost_names,
                  fp32_costs={n: float(x) for n, x in zip(cost_names, fp32_values)},
                  bit_choices=jnp.asarray(cfg.bit_choices, jnp.int32),
-                 keep_choices=jnp.asarray(cfg.keep_choices, jnp.float32), data=data)
+                 keep_choices=jnp.asarray(cfg.keep_choices, jnp.float32), data=data,
+                 held_out=held_out)

@@ -74,39 +74,61 @@ IMAGE_SET_FIELDS = ("eval_per_class", "calib_per_class", "selection_per_class")
 """The config field giving each set's images per class."""
 
 
-def image_sets(cfg: ProblemConfig, labels, seed: int,
-               selection_per_class: int) -> dict[str, np.ndarray]:
+def image_sets(cfg: ProblemConfig, labels, seed: int, selection_per_class: int,
+               held_out: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """Indices of the fitness, calibration and selection images among ``eval_split``'s.
 
   Pure: ``data.disjoint_stratified_subsets`` of the labels, with the sizes of
   ``IMAGE_SET_FIELDS`` and the seed (fitness ``seed``, calibration ``seed + 1``,
   selection ``seed + 2``, each from the images the sets before it left), so no image is
   in two sets and the fitness and calibration images do not depend on
-  ``selection_per_class`` (``docs/DESIGN.md``, "Image sets").
+  ``selection_per_class`` (``docs/DESIGN.md``, "Image sets"). With ``held_out`` (the
+  images the checkpoint was NOT trained on, ``data.held_out_split``), fitness and
+  calibration come from the training images and the selection images only from the
+  held-out ones.
 
   Args:
     cfg: the problem section (``eval_per_class``, ``calib_per_class``, ``eval_split``).
     labels: the labels of ``eval_split`` ``[N]``.
-    seed: the run's seed.
+    seed: the run's image seed.
     selection_per_class: the run section's selection images per class.
+    held_out: ``(per_class, seed)`` of the checkpoint's held-out images, or None.
 
   Returns:
     ``{name: sorted int64 indices}`` for every name of ``IMAGE_SETS``.
 
   Raises:
     ValueError naming the field and the numbers: a class of ``eval_split`` with fewer
-    images than the sets ask for.
+    images than the sets ask for, or more selection images than are held out.
   """
   sizes = [cfg.eval_per_class, cfg.calib_per_class, selection_per_class]
+  if held_out is None:
+    try:
+      idx = data_lib.disjoint_stratified_subsets(labels, sizes, seed, names=IMAGE_SET_FIELDS)
+    except ValueError as e:
+      raise ValueError(f"{e} (images of eval_split={cfg.eval_split!r})") from None
+    return dict(zip(IMAGE_SETS, idx))
+  per_class, held_seed = held_out
+  if selection_per_class > per_class:
+    raise ValueError(f"selection_per_class={selection_per_class} exceeds the {per_class} "
+                     "images per class the checkpoint was not trained on; allowed: at most "
+                     f"{per_class} (or a checkpoint trained with more held out)")
+  labels = np.asarray(labels)
+  train, held = data_lib.held_out_split(labels, per_class, held_seed)
   try:
-    idx = data_lib.disjoint_stratified_subsets(labels, sizes, seed, names=IMAGE_SET_FIELDS)
+    fit, cal = data_lib.disjoint_stratified_subsets(labels[train], sizes[:2], seed,
+                                                    names=IMAGE_SET_FIELDS[:2])
   except ValueError as e:
-    raise ValueError(f"{e} (images of eval_split={cfg.eval_split!r})") from None
-  return dict(zip(IMAGE_SETS, idx))
+    raise ValueError(f"{e} (training images of eval_split={cfg.eval_split!r})") from None
+  sel = (data_lib.stratified_subset(labels[held], selection_per_class, seed + 2)
+         if selection_per_class else np.zeros(0, np.int64))
+  return {"fitness": np.sort(train[fit]), "calibration": np.sort(train[cal]),
+          "selection": np.sort(held[sel])}
 
 
 def eval_split_sets(cfg: ProblemConfig, seed: int, selection_per_class: int,
-                    data: Mapping | None = None, names: Sequence[str] = IMAGE_SETS) -> dict:
+                    data: Mapping | None = None, names: Sequence[str] = IMAGE_SETS,
+                    held_out: tuple[int, int] | None = None) -> dict:
   """``{name: (images preprocessed, labels)}`` of the image sets ``names`` (``image_sets``).
 
   Every set's size is checked (a class too small is an error even if its set is not
@@ -117,27 +139,29 @@ def eval_split_sets(cfg: ProblemConfig, seed: int, selection_per_class: int,
     pre = lambda x: data_lib.preprocess(cfg.dataset, x)
   else:
     (images, labels), pre = split_arrays(cfg, cfg.eval_split, data), lambda x: x
-  idx = image_sets(cfg, labels, seed, selection_per_class)
+  idx = image_sets(cfg, labels, seed, selection_per_class, held_out)
   return {n: (pre(images[idx[n]]), labels[idx[n]]) for n in names}
 
 
 def fitness_data(cfg: ProblemConfig, seed: int, selection_per_class: int,
-                 data: Mapping | None = None):
+                 data: Mapping | None = None, held_out: tuple[int, int] | None = None):
   """``(x_fitness, y_fitness, x_calibration)``: disjoint stratified subsets of ``eval_split``.
 
   ``selection_per_class`` does not change them (the selection set is drawn last); it is
   passed so that a class too small for all three sets is an error here, before any work.
   """
-  sets = eval_split_sets(cfg, seed, selection_per_class, data, ("fitness", "calibration"))
+  sets = eval_split_sets(cfg, seed, selection_per_class, data, ("fitness", "calibration"),
+                         held_out)
   return (*sets["fitness"], sets["calibration"][0])
 
 
 def selection_data(cfg: ProblemConfig, seed: int, selection_per_class: int,
-                   data: Mapping | None = None):
+                   data: Mapping | None = None, held_out: tuple[int, int] | None = None):
   """``(images, labels)`` of the selection set, or None with ``selection_per_class=0``."""
   if selection_per_class == 0:
     return None
-  return eval_split_sets(cfg, seed, selection_per_class, data, ("selection",))["selection"]
+  return eval_split_sets(cfg, seed, selection_per_class, data, ("selection",),
+                         held_out)["selection"]
 
 
 def capped_split(cfg: ProblemConfig, split: str, max_images: int, seed: int,

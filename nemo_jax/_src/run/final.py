@@ -137,7 +137,8 @@ def report_sets(problem: Problem, cfg: SearchConfig) -> dict:
   run, sets = cfg.run, {}
   if run.selection_per_class > 0:
     sets["selection_top1"] = (*selection_data(problem.cfg, cfg.image_seed,
-                                              run.selection_per_class, problem.data), None)
+                                              run.selection_per_class, problem.data,
+                                              problem.held_out), None)
   if run.final_split is not None:
     sets["final_top1"] = (*capped_split(problem.cfg, run.final_split, run.final_max_images,
                                         cfg.image_seed, problem.data), None)
