@@ -249,6 +249,10 @@ def test_one_compile_for_every_configuration_of_a_population(mixed):
     losses.append(np.asarray(ev(configs).loss))
   assert len(traces) == 1 and len(ev._compiled) == 1
   assert len({tuple(l) for l in losses}) == 3      # the configurations did change the scores
+  # The vmapped population (the accelerators' strategy) merges the copy under vmap.
+  vmapped = Evaluator(wrapped, wrapped.variables, base, images, labels, batch_size=6,
+                      strategy="vmap")
+  np.testing.assert_allclose(np.asarray(vmapped(configs).loss), losses[-1], rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- errors
