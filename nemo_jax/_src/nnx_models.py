@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator, Mapping
+from typing import Iterator, Mapping
 
 import flax.linen as nn
 import flax.serialization
