@@ -56,14 +56,15 @@ def cmd_convert(args) -> int:
 
 
 def _factory_workload(args):
-  """The workload of a factory ``MODULE:ATTR`` / ``FILE.py:ATTR`` (your own model)."""
+  """The workload of a factory ``MODULE:ATTR`` / ``FILE.py:ATTR`` (your own linen or NNX
+  model)."""
   from nemo_jax import costs
   from nemo_jax import models
   if not args.input_shape:
     raise ValueError(f"--input-shape: required for the factory model {args.model!r} "
                      "(expected H,W,C)")
-  module, variables = models.load_model_factory(args.model)
-  model, shape = models.intercept(module), _shape(args.input_shape)
+  model, variables = models.quantizable(*models.load_model_factory(args.model))
+  shape = _shape(args.input_shape)
   models.check_intercepted(model, variables, shape)
   return costs.extract_workload(model, shape, args.num_classes, args.placement)
 

@@ -20,7 +20,8 @@ PACKAGE = os.path.join(REPO, "nemo_jax")
 LAYERS = (
     ("base", ("validate", "config_file", "quant", "pareto", "faults", "data", "distributed")),
     ("contract", ("spec", "qconfig")),
-    ("model", ("layers", "models", "intercept", "checkpoint", "convert", "train")),
+    ("model", ("layers", "models", "intercept", "nnx_models", "checkpoint", "convert",
+               "train")),
     ("cost", ("workload", "precision", "graph", "costs")),
     ("evaluation", ("calibration", "tables", "schemes", "evaluator", "export", "emomc.masks",
                     "emomc.io")),

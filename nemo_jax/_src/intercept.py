@@ -50,6 +50,7 @@ import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,7 +86,7 @@ def _tuple(v, n: int, default: int = 1) -> tuple[int, ...]:
   return tuple(int(s) for s in v)
 
 
-def _split_input(args, kwargs):
+def split_input(args, kwargs):
   """``(x, rest_args, kwargs)``: the layer input is the first positional or ``inputs=``."""
   if args:
     return args[0], args[1:], kwargs
@@ -96,7 +97,7 @@ def _split_input(args, kwargs):
   return kwargs.pop("inputs"), (), kwargs
 
 
-def _spatial_info(module, name: str, x, y, kernel_shape, transpose: bool) -> dict:
+def spatial_info(module, name: str, x, y, kernel_shape, transpose: bool) -> dict:
   """LayerInfo fields of a conv / transposed conv over 1 or 2 spatial axes."""
   nd = len(kernel_shape) - 2
   if nd not in (1, 2) or x.ndim != nd + 2:
@@ -126,12 +127,20 @@ def _dense_info(module, name: str, x, kernel_shape) -> dict:
       raise ValueError(f"{name}: nn.DenseGeneral with batch_dims={module.batch_dims} is not "
                        "supported; allowed: batch_dims=()")
     axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-    axis = tuple(a % x.ndim for a in axis)
     features = module.features if isinstance(module.features, Sequence) else (module.features,)
   else:
-    axis, features = (x.ndim - 1,), (module.features,)
+    axis, features = (-1,), (module.features,)
+  return dense_fields(name, type(module).__name__, x, kernel_shape, axis, features)
+
+
+def dense_fields(name: str, kind: str, x, kernel_shape, axis: Sequence[int],
+                 features: Sequence[int]) -> dict:
+  """LayerInfo fields of a dense layer contracting ``x`` over ``axis`` into ``features``
+  (positions = the non-batch, non-contracted axes: tokens). ``kind``: the layer's type,
+  for the error."""
+  axis = tuple(int(a) % x.ndim for a in axis)
   if 0 in axis or x.ndim < 2:
-    raise ValueError(f"{name}: {type(module).__name__} contracting input {tuple(x.shape)} "
+    raise ValueError(f"{name}: {kind} contracting input {tuple(x.shape)} "
                      f"over axes {axis} is not supported; allowed: inputs [N, ..., C] with "
                      "the batch axis 0 not contracted")
   cin = int(math.prod(x.shape[a] for a in axis))
@@ -158,7 +167,7 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     ctx = self.ctx
     name = _path(module)
-    x, rest, kwargs = _split_input(args, kwargs)
+    x, rest, kwargs = split_input(args, kwargs)
     if "kernel" not in module.variables.get("params", {}):
       # init: let the layer create its parameters (the float output is discarded).
       self._run(lambda: next_fun(x, *rest, **kwargs))
@@ -175,7 +184,7 @@ class _Interceptor:
     if ctx.on_layer is not None:
       transpose = isinstance(module, nn.ConvTranspose)
       if isinstance(module, (nn.Conv, nn.ConvTranspose)):
-        fields = _spatial_info(module, name, xq, y, kernel.shape, transpose)
+        fields = spatial_info(module, name, xq, y, kernel.shape, transpose)
       else:
         fields = _dense_info(module, name, xq, kernel.shape)
       bias = int(np.prod(params["bias"].shape)) if "bias" in params else 0
@@ -208,7 +217,7 @@ def intercept_layers(ctx: QContext, on_params: Callable | None = None) -> Iterat
     yield
 
 
-def _train_kwargs(module: nn.Module, train_arg, train: bool) -> dict:
+def train_kwargs(module: nn.Module, train_arg, train: bool) -> dict:
   if train_arg == "auto":
     params = inspect.signature(type(module).__call__).parameters
     train_arg = ("train" if "train" in params
@@ -245,7 +254,7 @@ class Intercepted(nn.Module):
 
   def __call__(self, x, ctx: QContext | None = None, train: bool = False):
     """The module's output; ``ctx=None``: exactly ``module.apply`` (float)."""
-    kwargs = _train_kwargs(self.module, self.train_arg, train)
+    kwargs = train_kwargs(self.module, self.train_arg, train)
     if ctx is None:
       return self.module(x, **kwargs)
     with intercept_layers(ctx):
@@ -288,29 +297,43 @@ def intercept(module: nn.Module, train_arg: str | None = "auto") -> nn.Module:
 def load_model_factory(spec: str, field: str = "model"):
   """Calls the factory ``"package.module:attr"`` / ``"file.py:attr"``.
 
+  A factory returns ``(linen_module, variables)``, or an ``nnx.Module`` (its state is
+  inside it), or ``(nnx_module, state)`` (an ``nnx.State`` or a variables mapping
+  ``{"params": ..., "batch_stats": ...}`` replacing the module's own).
+
   Returns:
-    ``(module, variables)`` as the factory returns them.
+    ``(module, variables)``; for an NNX module without a state, ``(module, None)``.
 
   Raises:
-    ValueError: an import failure, a non-callable, or a result that is not a
-      ``(flax.linen.Module, variables with 'params')`` pair.
+    ValueError: an import failure, a non-callable, or a result that is none of those.
   """
   factory = config_file.resolve_object(spec, field)
   if not callable(factory):
     v_type = type(factory).__name__
     raise ValueError(f"{field}={spec!r}: is a {v_type}; allowed: a function returning "
-                     "(module, variables)")
+                     "(module, variables) or an nnx.Module")
   out = factory()
+  if isinstance(out, nnx.Module):
+    out = (out, None)
   if not (isinstance(out, (tuple, list)) and len(out) == 2):
     raise ValueError(f"{field}={spec!r}: the factory returned {type(out).__name__}; allowed: "
-                     "a pair (flax.linen.Module, variables)")
+                     "a pair (flax.linen.Module, variables), a flax.nnx.Module or a pair "
+                     "(flax.nnx.Module, state)")
   return check_user_model(out[0], out[1], field)
 
 
 def check_user_model(model, variables, field: str = "model"):
-  """``(model, variables)`` checked: a linen module and a variables mapping with params."""
+  """``(model, variables)`` checked: a linen module and a variables mapping with params,
+  or an NNX module and None / an ``nnx.State`` / a variables mapping."""
+  if isinstance(model, nnx.Module):
+    if variables is not None and not isinstance(variables, (Mapping, nnx.State)):
+      raise ValueError(f"variables: got {type(variables).__name__} for the NNX model; "
+                       "allowed: None (the module's own state), an nnx.State or a mapping "
+                       "{'params': ..., 'batch_stats': ...}")
+    return model, variables
   if not isinstance(model, nn.Module):
-    raise ValueError(f"{field}: got {type(model).__name__}; allowed: a flax.linen.Module")
+    raise ValueError(f"{field}: got {type(model).__name__}; allowed: a flax.linen.Module "
+                     "or a flax.nnx.Module")
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError(f"variables: got {type(variables).__name__}; allowed: a mapping with a "
                      "'params' collection (what module.init returns)")
@@ -324,7 +347,7 @@ def _sub_jaxprs(eqn) -> list:
   return list(jex_core.jaxprs_in_params(eqn.params))
 
 
-def _unhandled_products(jaxpr, labels: list[frozenset], found: dict) -> list[frozenset]:
+def unhandled_products(jaxpr, labels: list[frozenset], found: dict) -> list[frozenset]:
   """Propagates parameter labels; records ``found[param] = primitive`` at products."""
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   empty = frozenset()
@@ -349,7 +372,7 @@ def _unhandled_products(jaxpr, labels: list[frozenset], found: dict) -> list[fro
         n = len(inner.invars)
         if n > len(ins):
           continue
-        sub_outs = _unhandled_products(sub, ins[len(ins) - n:], found)
+        sub_outs = unhandled_products(sub, ins[len(ins) - n:], found)
         if len(sub_outs) == len(outs):
           outs = [a | b for a, b in zip(outs, sub_outs)]
     for v, lab in zip(eqn.outvars, outs):
@@ -390,7 +413,7 @@ def check_intercepted(model: nn.Module, variables, input_shape) -> None:
     return next_fun(*args, **kwargs)
 
   inner = model.module
-  kwargs = _train_kwargs(inner, model.train_arg, False)
+  kwargs = train_kwargs(inner, model.train_arg, False)
   params = variables["params"]
   rest = {k: val for k, val in variables.items() if k != "params"}
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -408,7 +431,7 @@ def check_intercepted(model: nn.Module, variables, input_shape) -> None:
   labels = [frozenset([i]) for i in range(len(paths))] + [frozenset()] * (
       len(jaxpr.invars) - len(paths))
   found: dict[int, str] = {}
-  _unhandled_products(jaxpr, labels, found)
+  unhandled_products(jaxpr, labels, found)
   bad = [i for i in sorted(found) if paths[i] not in handled]
   if not bad:
     return

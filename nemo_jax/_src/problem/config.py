@@ -50,8 +50,8 @@ class ProblemConfig:
       the dataset's): a registered name (the zoo or ``Registries.with_model``), a
       factory ``"package.module:attr"`` / ``"file.py:attr"`` called without arguments
       and returning ``(module, variables)`` of any linen model (quantized by
-      interception, ``intercept.py``), or ``"custom"`` for a module passed to
-      ``search(model=..., variables=...)``.
+      interception, ``intercept.py``) or an NNX module (``nnx_models.py``), or
+      ``"custom"`` for a module passed to ``search(model=..., variables=...)``.
     checkpoint: ``"default"`` (the shipped default model) or a path to a variables file
       (``nemo-jax convert`` / ``nemo-jax train`` output).
     dataset, data_dir: evaluation data (local files only), or ``"arrays"`` for splits

@@ -356,8 +356,9 @@ def compose_problem(cfg: ProblemConfig, *, seed: int = 0, population: int = 32,
       too small for all three sets is an error before any work).
     costs, models, schemes: the registries (default: the built-ins).
     progress: show progress bars (library loading, calibration, tables).
-    model, variables: a user's linen model and its float variables (with
-      ``cfg.model == "custom"``; quantized by interception, ``intercept.py``).
+    model, variables: a user's linen model and its float variables, or an NNX module
+      (variables optional) (with ``cfg.model == "custom"``; quantized by interception,
+      ``intercept.py`` / ``nnx_models.py``).
     data: in-memory splits (with ``cfg.dataset == "arrays"``), see ``images.data_splits``.
 
   Raises:

@@ -3,7 +3,8 @@
 :func:`load_model_source` reads the model source of a problem section
 (``docs/DESIGN.md``, "Problem"): a zoo (or registered) model with its float checkpoint,
 the entries of an EMOMC library stacked ``[K, ...]`` for the searched keep ratios, or a
-user's linen model (quantized by interception) from a factory or from memory.
+user's linen or NNX model (quantized by interception, ``intercept.py`` /
+``nnx_models.py``) from a factory or from memory.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import intercept as intercept_lib
 from nemo_jax._src import models as models_lib
+from nemo_jax._src import nnx_models
 from nemo_jax._src import quant
 from nemo_jax._src import schemes as schemes_lib
 from nemo_jax._src.emomc import io as library_io
@@ -84,16 +87,17 @@ def check_library_config(cfg: ProblemConfig, meta: dict, library_dir: str) -> No
 
 
 def user_model_source(cfg: ProblemConfig, model, variables) -> ModelSource:
-  """A user's linen model (quantized by interception) and its float variables.
+  """A user's linen or NNX model (quantized by interception) and its float variables
+  (an NNX model's: its own state when ``variables`` is None, as a pure dict view).
 
   The number of classes is read off the model's output.
 
   Raises:
     ValueError: a model whose output is not ``[N, classes]``, or one with parameters
-      feeding products no handled layer computes (``intercept.check_intercepted``).
+      feeding products no handled layer computes (``nnx_models.check_intercepted``).
   """
   shape = cfg.resolved_input_shape
-  model = intercept_lib.intercept(model)
+  model, variables = nnx_models.quantizable(model, variables)
   variables = jax.tree.map(jnp.asarray, variables)
   x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
   try:
@@ -104,7 +108,7 @@ def user_model_source(cfg: ProblemConfig, model, variables) -> ModelSource:
   if not hasattr(out, "shape") or len(out.shape) != 2:
     raise ValueError(f"model: output {getattr(out, 'shape', type(out).__name__)} on "
                      f"input_shape={shape}; allowed: logits [N, classes]")
-  intercept_lib.check_intercepted(model, variables, shape)
+  nnx_models.check_intercepted(model, variables, shape)
   return ModelSource("checkpoint", model, variables, shape, int(out.shape[-1]), variables)
 
 
@@ -117,12 +121,12 @@ def load_model_source(cfg: ProblemConfig, progress: bool = True, model=None,
   (VGG-16 with the 61 ratios 0.20..0.80: ~3.6 GB). A user model comes from
   ``model`` / ``variables`` (``cfg.model == "custom"``) or the factory ``cfg.model``
   names (``intercept.load_model_factory``); a registered name is built from ``models``
-  (default: the zoo).
+  (default: the zoo). An NNX module needs no ``variables`` (its state is inside it).
   """
   if model is not None or variables is not None:
-    if model is None or variables is None:
+    if model is None or (variables is None and not isinstance(model, nnx.Module)):
       raise ValueError("model, variables: pass both (a flax.linen.Module and its variables) "
-                       "or neither")
+                       "or neither; a flax.nnx.Module alone (its own state) or with a state")
     return user_model_source(cfg, *intercept_lib.check_user_model(model, variables))
   if cfg.model == USER_MODEL:
     raise ValueError(f"model={USER_MODEL!r}: pass model= and variables= to nemo_jax.search "

@@ -103,7 +103,8 @@ def build_problem(config: Any = None, registries: Registries | None = None,
     registries: models, costs, schemes beyond the built-ins (the config's plugins are
       added).
     progress: show progress bars (library loading).
-    model, variables: a user's linen model and its float variables (``model="custom"``).
+    model, variables: a user's linen model and its float variables, or an NNX module
+      (variables optional) (``model="custom"``).
     data: in-memory splits (``dataset="arrays"``), ``problem.data_splits``.
   """
   cfg = config if isinstance(config, SearchConfig) else load_search_config(config, registries)
@@ -360,8 +361,11 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       already holds a run is an error: pass ``resume=True`` or another directory).
     model, variables: your own linen model and its float variables (every
       ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.Dense`` / ``nn.DenseGeneral`` call is
-      quantized by interception; ``docs/DESIGN.md``, "Your own model"); the config's
-      ``model`` becomes ``"custom"``. Pass them again on resume.
+      quantized by interception; ``docs/DESIGN.md``, "Your own model"), or an NNX
+      module (``nnx.Conv`` / ``nnx.ConvTranspose`` / ``nnx.Linear`` /
+      ``nnx.LinearGeneral``; ``variables`` optional: None uses its own state, an
+      ``nnx.State`` or a variables view replaces it); the config's ``model`` becomes
+      ``"custom"``. Pass them again on resume.
     data: in-memory data instead of a named dataset (used as given, preprocessed):
       ``(images [N, H, W, C], labels [N])``, the split ``"train"`` (fitness,
       calibration and selection images; the test re-evaluation is then skipped,
