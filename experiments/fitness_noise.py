@@ -36,8 +36,6 @@ from scipy import stats
 import nemo_jax
 from nemo_jax import data as data_lib
 from nemo_jax import evaluation
-from nemo_jax._src.problem import split_arrays
-from nemo_jax._src.run import sensitivity as sens_lib
 
 SIZES_PER_CLASS = (10, 25, 50, 100)
 
@@ -91,9 +89,15 @@ def main(argv=None):
   fp32 = problem.configs([1.0], [[32] * wl.num_layers], [[32] * wl.num_act_quantizers])
   fn = logits_fn(problem)
 
-  x_train, y_train = split_arrays(pc, pc.eval_split, problem.data)
-  x_test, y_test = split_arrays(pc, cfg.final_split or "test", problem.data)
-  x_test, y_test = np.asarray(x_test), np.asarray(y_test)
+  def split(name):
+    images, labels = data_lib.load_split(pc.dataset, name, source_dir=pc.data_dir)
+    return data_lib.preprocess(pc.dataset, images), np.asarray(labels)
+
+  x_train, y_train = split(pc.eval_split)
+  x_test, y_test = split(cfg.final_split or "test")
+  if problem.held_out is not None:   # fitness images come from the training images only
+    train = data_lib.held_out_split(y_train, *problem.held_out)[0]
+    x_train, y_train = x_train[train], y_train[train]
   # Fitness sets: nested stratified subsets of the training split (the largest drawn
   # once, smaller ones its prefixes per class: the same images grow).
   largest = data_lib.stratified_subset(y_train, max(SIZES_PER_CLASS), seed=args.seed + 100)
@@ -124,7 +128,7 @@ def main(argv=None):
       rows.append(row)
 
   # Sensitivity rank agreement: each quantizer alone at 2 and 4 bits on fitness vs test.
-  probes, nodes, bits = sens_lib.probe_configs(problem, 8)
+  probes, nodes, bits = evaluation.sensitivity_probes(problem, 8)
   keep = np.isin(bits, [2, 4])
   sel = np.concatenate([np.nonzero(keep)[0], [len(bits)]])
   probes = jax.tree.map(lambda x: x[sel], probes)

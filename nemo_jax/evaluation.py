@@ -19,6 +19,8 @@ from nemo_jax._src.distributed import initialize, population_mesh
 from nemo_jax._src.evaluator import (ACTIVATION_FACTOR, STRATEGIES, EvalResult, Evaluator,
                                      evaluate, member_apply_fn, member_bytes,
                                      member_logits)
+from nemo_jax._src.run.sensitivity import compute as sensitivity_table
+from nemo_jax._src.run.sensitivity import probe_configs as sensitivity_probes
 from nemo_jax._src.schemes import (BUILTIN_SCHEMES, MemberQuantizers, QuantScheme,
                                    member_inputs, member_weights, stack_variables)
 from nemo_jax._src.spec import EMOMC, NEMO, QuantSpec
@@ -29,7 +31,7 @@ from nemo_jax._src.tables import load_or_compute as load_or_compute_tables
 
 __all__ = [
     "ACTIVATION_FACTOR", "BUILTIN_SCHEMES", "CALIBRATIONS", "EMOMC", "MemberQuantizers", "NEMO",
-    "QuantSpec", "member_inputs", "member_weights", "Calibration", "CalibrationTables", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
+    "QuantSpec", "member_inputs", "member_weights", "sensitivity_probes", "sensitivity_table", "Calibration", "CalibrationTables", "EvalResult", "Evaluator", "QuantScheme", "STRATEGIES", "calibrate",
     "compute_tables", "evaluate", "fingerprint", "initialize", "library_scheme", "load_calibration",
     "load_or_calibrate", "load_or_compute_tables", "member_apply_fn", "member_bytes", "member_logits", "population_mesh",
     "ptq_scheme", "save_calibration", "stack_variables",
