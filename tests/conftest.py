@@ -4,16 +4,30 @@ The cache is shared by the in-process tests and the CLI subprocesses they start 
 the environment), so each distinct program compiles once per session.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
+
+def _session_dir(variable, prefix):
+  """The directory named by ``variable``, or a new temporary one removed at exit.
+
+  Only the process that creates the directory removes it: pytest-xdist workers inherit
+  the variable from the controller, which outlives them.
+  """
+  if variable not in os.environ:
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
+  return os.environ[variable]
+
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                               tempfile.mkdtemp(prefix="nemo_jax_xla_cache_"))
+_CACHE = _session_dir("JAX_COMPILATION_CACHE_DIR", "nemo_jax_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Calibration (and other) caches of this session stay out of the user's ~/.cache.
-os.environ.setdefault("NEMO_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="nemo_jax_cache_"))
+_session_dir("NEMO_JAX_CACHE_DIR", "nemo_jax_cache_")
 
 import jax  # noqa: E402  (after the environment is set)
 
