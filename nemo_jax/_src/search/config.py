@@ -330,6 +330,10 @@ class EvolutionConfig:
       v.fail("population", self.population,
              f"at least len(species) * min_species_size = {n_species * self.min_species_size}")
     v.integer("generations", self.generations, 0)
+    if self.population * (self.generations + 1) > v.INT32_MAX:
+      v.fail("population", self.population,
+             f"population * (generations + 1) <= {v.INT32_MAX} (the engine counts "
+             f"evaluations in int32; generations={self.generations})")
     v.choice("selection", self.selection, SELECTIONS)
     v.boolean("resize", self.resize)
     v.choice("utility", self.utility, UTILITIES)
@@ -352,7 +356,7 @@ class EvolutionConfig:
       for f in self.node_features:
         v.choice("node_features", f, feature_names)
     v.integer("archive_size", self.archive_size, 2)
-    v.integer("seed", self.seed)
+    v.seed("seed", self.seed)
     v.choice("infeasible", self.infeasible, INFEASIBLE_ACTIONS)
 
 
