@@ -1,17 +1,28 @@
 """The ``nemo-jax`` command line: every subcommand, each a thin call into the public API.
 
-Every subcommand validates its input first; a ValueError is printed as one line
-(``error: ...``) without a traceback and the exit status is 2. A stop signal
-(SIGINT / SIGTERM) ends a long job at its next checkpoint with one line saying how to
-resume and the exit status 128 + signal (130 / 143).
+Every subcommand validates its input first. A user's mistake (a bad value, a file that
+cannot be read or written, a directory another process is writing, contradictory flags)
+is printed as one line (``error: ...``) naming the field, flag or file and what is
+allowed, without a traceback, and the exit status is 2; anything else is a bug in
+nemo_jax: the traceback, one line saying so, exit status 1. A stop signal (SIGINT /
+SIGTERM) ends a long job at its next checkpoint with one line saying how to resume and
+the exit status 128 + signal (130 / 143); a second signal ends it at once (the last
+complete checkpoint is intact). Warnings and errors that libraries log (orbax, absl,
+jax) go to the run directory's ``nemo_jax.log``, not the terminal. Commands that write a
+file refuse to replace an existing one unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import threading
+import time
+import traceback
+import warnings
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -26,6 +37,8 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 def _model_spec(args) -> tuple[tuple[int, int, int], int]:
   from nemo_jax import models
+  if args.num_classes is not None and args.num_classes < 1:
+    raise ValueError(f"--num-classes {args.num_classes}: allowed: a positive integer")
   shape, classes = models.default_spec(args.model)
   if args.input_shape:
     shape = _shape(args.input_shape)
@@ -35,9 +48,16 @@ def _model_spec(args) -> tuple[tuple[int, int, int], int]:
 def cmd_train(args) -> int:
   import nemo_jax
   from nemo_jax import models
+  from nemo_jax._src import faults
+  from nemo_jax._src.checkpoint import sidecar_path
   d = dict(nemo_jax.load_config_file(args.config)) if args.config else {}
   d.update({k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None})
   cfg = models.TrainConfig.from_dict(d)
+  if args.out is not None:
+    # Before minutes of training: the checkpoint and its sidecar can be written and
+    # replace nothing unasked.
+    faults.check_output_file(args.out, args.overwrite, "--out",
+                             extra=(sidecar_path(args.out),))
   _, variables, metrics = models.train(cfg, progress=not args.quiet)
   if args.out:
     models.save_trained(args.out, cfg, variables, metrics)
@@ -48,9 +68,14 @@ def cmd_train(args) -> int:
 def cmd_convert(args) -> int:
   from nemo_jax import models
   shape = _shape(args.input_shape) if args.input_shape else (224, 224, 3)
-  out = args.out or os.path.splitext(args.checkpoint)[0] + ".msgpack"
+  if args.num_classes is not None and args.num_classes < 1:
+    raise ValueError(f"--num-classes {args.num_classes}: allowed: a positive integer "
+                     "(or none: read from the checkpoint's classifier)")
+  out = args.out if args.out is not None else os.path.splitext(args.checkpoint)[0] + ".msgpack"
+  if os.path.abspath(out) == os.path.abspath(args.checkpoint):
+    raise ValueError(f"--out {out!r} is the input checkpoint; allowed: another file")
   models.convert_checkpoint(args.checkpoint, args.model, out, input_shape=shape,
-                            num_classes=args.num_classes or 1000)
+                            num_classes=args.num_classes, overwrite=args.overwrite)
   print(json.dumps({"model": args.model, "input_shape": list(shape), "out": out}))
   return 0
 
@@ -60,11 +85,13 @@ def _factory_workload(args):
   model)."""
   from nemo_jax import costs
   from nemo_jax import models
+  from nemo_jax._src.intercept import check_runs_on
   if not args.input_shape:
     raise ValueError(f"--input-shape: required for the factory model {args.model!r} "
                      "(expected H,W,C)")
-  model, variables = models.quantizable(*models.load_model_factory(args.model))
   shape = _shape(args.input_shape)
+  model, variables = models.quantizable(*models.load_model_factory(args.model))
+  check_runs_on(model, variables, shape, f"model {args.model!r} with --input-shape")
   models.check_intercepted(model, variables, shape)
   return costs.extract_workload(model, shape, args.num_classes, args.placement)
 
@@ -111,6 +138,17 @@ def cmd_costs(args) -> int:
 
 def cmd_search(args) -> int:
   import nemo_jax
+  for flag, value in (("--out", args.out), ("--resume", args.resume)):
+    if value is not None and not value.strip():
+      raise ValueError(f"{flag} {value!r}: allowed: a directory path")
+  if args.resume is not None:
+    if args.overwrite:
+      raise ValueError("--resume and --overwrite contradict each other (--resume continues "
+                       "the run in DIR, --overwrite replaces a run); allowed: one of them")
+    if args.out is not None and os.path.realpath(args.out) != os.path.realpath(args.resume):
+      raise ValueError(f"--resume {args.resume!r} and --out {args.out!r} contradict each "
+                       "other (a resumed run writes into its own directory); allowed: "
+                       "--resume DIR alone, or --out DIR for a new run")
   out = args.resume or args.out or "runs/default"
   result = nemo_jax.search(args.config, out_dir=out, resume=args.resume is not None,
                            progress=not args.quiet, overwrite=args.overwrite,
@@ -140,9 +178,11 @@ def cmd_sensitivity(args) -> int:
 
 
 def cmd_report(args) -> int:
-  import nemo_jax
-  print(nemo_jax.redraw(args.dir))
-  print(f"\nredrew {args.dir}/front.png and {args.dir}/species.png")
+  from nemo_jax._src.run.report import redraw_files
+  table, drawn = redraw_files(args.dir)
+  print(table)
+  print("\nredrew " + " and ".join(drawn) if drawn else
+        f"\nnothing to draw (the front and the history of {args.dir} are empty)")
   return 0
 
 
@@ -171,7 +211,7 @@ def cmd_emomc_report(args) -> int:
   from nemo_jax import emomc
   table = emomc.emomc_report(args.run_dir, quant_run=args.quant_run, max_loss=args.max_loss,
                              criterion=args.criterion, out_dir=args.out,
-                             progress=not args.quiet)
+                             progress=not args.quiet, overwrite=args.overwrite)
   print(emomc.format_table(table))
   print(f"\nwrote {args.out or args.run_dir}/{emomc.TABLE_JSON} and {emomc.TABLE_CSV}")
   return 0
@@ -179,7 +219,8 @@ def cmd_emomc_report(args) -> int:
 
 def cmd_export(args) -> int:
   from nemo_jax import export
-  info = export.export_member(args.run_dir, args.member, format=args.format, out=args.out)
+  info = export.export_member(args.run_dir, args.member, format=args.format, out=args.out,
+                              overwrite=args.overwrite)
   sizes = info["sizes"]
   print(json.dumps({"out": info["out"], "precision": info["out"] + ".json",
                     "format": args.format, "member": args.member,
@@ -213,15 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--out", help="checkpoint path (.msgpack); a .json sidecar is written next to it")
   t.add_argument("--epochs", type=int)
   t.add_argument("--seed", type=int)
+  t.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file and its .json (default: refuse)")
   t.add_argument("--quiet", action="store_true")
   t.set_defaults(func=cmd_train)
 
   c = sub.add_parser("convert", help="convert a torchvision .pth state_dict to flax variables")
   c.add_argument("checkpoint")
   c.add_argument("--model", required=True)
-  c.add_argument("--out")
+  c.add_argument("--out", help="variables file (default: CHECKPOINT with .msgpack); a .json "
+                 "with its metadata is written next to it")
   c.add_argument("--input-shape")
   c.add_argument("--num-classes", type=int)
+  c.add_argument("--overwrite", action="store_true",
+                 help="replace an existing --out file and its .json (default: refuse)")
   c.set_defaults(func=cmd_convert)
 
   for name, fn, text in (("layers", cmd_layers, "print a model's quantizer workload as JSON"),
@@ -259,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
   x.add_argument("--format", default="npz", help="npz (default) or onnx")
   x.add_argument("--out", help="output file (default RUN_DIR/member_K.FORMAT); FILE.json "
                  "gets the precision JSON")
+  x.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output file and its .json (default: refuse)")
   x.set_defaults(func=cmd_export)
 
   ft = sub.add_parser("finetune", help="quantization-aware fine-tuning of front members "
@@ -320,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
   er.add_argument("--max-loss", type=float, default=0.005, help="fraction (default 0.005)")
   er.add_argument("--criterion", help="cost to minimise among admissible members")
   er.add_argument("--out", help="output directory (default: RUN_DIR)")
+  er.add_argument("--overwrite", action="store_true",
+                  help="replace an existing table in the output directory (default: refuse)")
   er.add_argument("--quiet", action="store_true")
   er.set_defaults(func=cmd_emomc_report)
   return p
@@ -336,23 +386,143 @@ def enable_compilation_cache() -> str:
   return path
 
 
-def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
-  enable_compilation_cache()
-  from nemo_jax._src.faults import StopRequested
+LOG_FILE = "nemo_jax.log"
+
+
+class _LogCollector(logging.Handler):
+  """Collects what libraries log (orbax, absl, jax: warnings and errors with their
+  tracebacks) and what background threads raise, instead of printing it; saved to the
+  run directory's ``nemo_jax.log`` at the end (:func:`main`)."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    self.lines: list[str] = []
+    self._hook = None
+
+  def emit(self, record):
+    try:
+      self.lines.append(self.format(record))
+    except Exception:  # noqa: BLE001 - logging must never fail the command
+      pass
+
+  def _thread_exception(self, a):
+    self.lines.append(f"exception in thread {getattr(a.thread, 'name', '?')}:\n" + "".join(
+        traceback.format_exception(a.exc_type, a.exc_value, a.exc_traceback)))
+
+  def install(self) -> "_LogCollector":
+    """Takes the place of the handlers printing on the terminal (absl adds one to the
+    root logger on its first message: ``logging.basicConfig``)."""
+    root = logging.getLogger()
+    self._removed = [h for h in root.handlers if type(h) is logging.StreamHandler
+                     and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+    for h in self._removed:
+      root.removeHandler(h)
+    root.addHandler(self)
+    self._hook, threading.excepthook = threading.excepthook, self._thread_exception
+    self._showwarning, warnings.showwarning = warnings.showwarning, self._warning
+    return self
+
+  def _warning(self, message, category, filename, lineno, file=None, line=None):
+    """nemo_jax's own warnings are for the user: one ``warning: ...`` line on stderr
+    (never stdout, which holds the command's JSON / table); other libraries' go to the
+    log."""
+    if os.sep + "nemo_jax" + os.sep in filename:
+      print(f"warning: {message}", file=sys.stderr)
+    else:
+      self.lines.append(warnings.formatwarning(message, category, filename, lineno).rstrip())
+
+  def uninstall(self) -> None:
+    root = logging.getLogger()
+    root.removeHandler(self)
+    for h in self._removed:
+      root.addHandler(h)
+    threading.excepthook = self._hook
+    warnings.showwarning = self._showwarning
+
+  def save(self, directory: str | None, argv) -> str | None:
+    """Appends the collected lines to ``directory/nemo_jax.log``; returns its path."""
+    if not self.lines or not directory or not os.path.isdir(directory):
+      return None
+    path = os.path.join(directory, LOG_FILE)
+    try:
+      with open(path, "a") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} nemo-jax "
+                f"{' '.join(argv)}\n" + "\n".join(self.lines) + "\n")
+    except OSError:
+      return None
+    return path
+
+
+def _log_dir(args) -> str | None:
+  """The directory a command works in (where library logs are kept)."""
+  if args.command == "search":
+    return args.resume or args.out or "runs/default"
+  if args.command == "prune-library":
+    return args.out
+  if args.command == "report":
+    return args.dir
+  return getattr(args, "run_dir", None)
+
+
+INTERNAL_ERROR = ("internal error: {kind}: {text}; this is a bug in nemo_jax, please report "
+                  "it with the command line and the traceback above")
+
+
+def _run(args) -> tuple[int, str | None]:
+  """Runs a parsed command: ``(exit status, the line to print on stderr or None)``."""
   try:
-    return args.func(args)
-  except StopRequested as e:
-    # The step's checkpoint is complete: say how to go on, exit 128 + signal.
-    print(f"stopped: {e}", file=sys.stderr)
-    return e.exit_status
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted (the last complete checkpoint is intact; resume with --resume)",
+    enable_compilation_cache()
+    return args.func(args), None
+  except KeyboardInterrupt as e:
+    return (getattr(e, "exit_status", 130),
+            "interrupted (the last complete checkpoint is intact; resume with --resume)")
+  except Exception as e:  # noqa: BLE001 - the CLI's boundary: every failure gets its line
+    from nemo_jax._src.faults import StopRequested, user_error_message
+    if isinstance(e, StopRequested):
+      # The step's checkpoint is complete: say how to go on, exit 128 + signal.
+      return e.exit_status, f"stopped: {e}"
+    message = user_error_message(e)
+    if message is not None:
+      return 2, f"error: {message}"
+    traceback.print_exc()
+    text = " ".join(str(e).split())[:300]
+    return 1, INTERNAL_ERROR.format(kind=type(e).__name__, text=text)
+
+
+def main(argv=None) -> int:
+  """The ``nemo-jax`` entry point; returns the exit status (module docstring).
+
+  Called without ``argv`` (the console script, ``python -m nemo_jax.cli``) it owns the
+  process: a second stop signal ends it at once, also while it shuts down.
+  """
+  process = argv is None
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = build_parser().parse_args(argv)
+  from nemo_jax._src import faults
+  if process:
+    faults.install_process_signals()
+  log = _LogCollector().install()
+  try:
+    status, line = _run(args)
+  finally:
+    if not process:  # the process keeps collecting until it ends (threads still log)
+      log.uninstall()
+  saved = log.save(_log_dir(args), argv)
+  if line is not None:
+    print(line + (f" (library messages: {saved})" if saved and status == 2 else ""),
           file=sys.stderr)
-    return 130
+  if process:
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    if status != 0:
+      # A failed command has said everything: end now, not after the interpreter's
+      # shutdown, where the threads of a failed library call (orbax's writers after a
+      # full disk) print their tracebacks. Every checkpoint was waited for.
+      faults.release_all_locks()
+      os._exit(status)
+    faults.exit_at_once_on_signals(status)
+  return status
 
 
 if __name__ == "__main__":

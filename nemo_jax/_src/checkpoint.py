@@ -16,6 +16,7 @@ import flax.serialization
 import jax.numpy as jnp
 import numpy as np
 
+from nemo_jax._src import data as data_lib
 from nemo_jax._src import models
 from nemo_jax._src.faults import check_finite, write_atomic
 
@@ -49,10 +50,116 @@ def unflatten_dict(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def save_variables(path: str | os.PathLike, variables: Mapping) -> None:
-  """Writes variables (nested dicts of arrays) as msgpack, atomically."""
+  """Writes variables (nested dicts of arrays) as msgpack, atomically (its directory is
+  created if needed)."""
   plain = unflatten_dict({p: np.asarray(v) for p, v in flatten_dict(variables).items()})
   data = flax.serialization.msgpack_serialize(plain)
+  parent = os.path.dirname(os.fspath(path))
+  if parent:
+    os.makedirs(parent, exist_ok=True)
   write_atomic(path, lambda f: f.write(data))
+
+
+def sidecar_path(path: str | os.PathLike) -> str:
+  """The metadata file of a variables file: ``FILE.json`` next to ``FILE.msgpack``."""
+  return os.path.splitext(os.fspath(path))[0] + ".json"
+
+
+def checkpoint_metadata(model: str, input_shape, num_classes: int, dataset: str | None,
+                        train_split: str | None, source: str | None = None) -> dict:
+  """The ``checkpoint`` entry of a sidecar: what the variables were made for."""
+  return {"model": model, "input_shape": [int(x) for x in input_shape],
+          "num_classes": int(num_classes), "dataset": dataset, "train_split": train_split,
+          "source": source}
+
+
+def checkpoint_info(checkpoint: str) -> dict | None:
+  """What a variables file was made for, from its sidecar (``sidecar_path``), or None.
+
+  Reads the ``checkpoint`` entry (written by ``nemo-jax train`` / ``nemo-jax convert``)
+  or, for older ``nemo-jax train`` sidecars (the shipped default's), derives it from the
+  training ``config``: ``{"model", "input_shape", "num_classes", "dataset",
+  "train_split", "file"}`` (a field may be None). A ``.json`` next to the file that is
+  neither is not a sidecar (None).
+  """
+  path = DEFAULT_CHECKPOINT_INFO if checkpoint == "default" else sidecar_path(checkpoint)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(meta, Mapping):
+    return None
+  info = meta.get("checkpoint")
+  if isinstance(info, Mapping) and isinstance(info.get("model"), str):
+    info = dict(info)
+  else:
+    config = meta.get("config")
+    if not (isinstance(config, Mapping) and isinstance(config.get("model"), str)
+            and "epochs" in config):
+      return None
+    spec = data_lib.DATASETS.get(config.get("dataset"))
+    info = {"model": config["model"], "dataset": config.get("dataset"),
+            "input_shape": None if spec is None else list(spec.input_shape),
+            "num_classes": None if spec is None else spec.num_classes,
+            "train_split": "train"}
+  if checkpoint == "default":
+    info["input_shape"] = list(models.DEFAULT_INPUT_SHAPE)
+    info["num_classes"] = models.DEFAULT_NUM_CLASSES
+  info["file"] = path
+  return info
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+  """Whether two dataset names hold the same images (e.g. the shipped Fashion-MNIST subset
+  and Fashion-MNIST)."""
+  if a is None or b is None:
+    return False
+  return a == b or (a in data_lib.DATASETS and data_lib.DATASETS[a] == data_lib.DATASETS.get(b))
+
+
+def check_metadata(checkpoint: str, name: str, input_shape, num_classes: int | None,
+                   dataset: str | None = None) -> None:
+  """A checkpoint's sidecar (when present) agrees with the model it is loaded for: its
+  model, input shape, number of classes and (a named dataset) the data it was trained on.
+
+  Raises:
+    ValueError naming the field, the sidecar's value and the config's.
+  """
+  info = checkpoint_info(checkpoint)
+  if info is None:
+    return
+  for field, want in (("model", name), ("input_shape", list(input_shape)),
+                      ("num_classes", num_classes)):
+    have = info.get(field)
+    if have is not None and want is not None and have != want:
+      raise ValueError(f"checkpoint={checkpoint!r} was made for {field}={have!r} (its "
+                       f"metadata {info['file']}), the config has {field}={want!r}; "
+                       f"allowed: {field}={have!r}, or a checkpoint made for {want!r}")
+  have = info.get("dataset")
+  if (have is not None and dataset is not None and dataset in data_lib.DATASETS
+      and not same_data(have, dataset)):
+    raise ValueError(f"checkpoint={checkpoint!r} was trained on dataset={have!r} (its "
+                     f"metadata {info['file']}), the config has dataset={dataset!r}; "
+                     f"allowed: dataset={have!r}, or a checkpoint trained on {dataset!r}")
+
+
+def check_held_out(checkpoint: str, dataset: str, split: str | None, field: str) -> None:
+  """The split a run reports as held out is not the one the checkpoint was trained on.
+
+  Raises:
+    ValueError naming ``field``, the split and the checkpoint's metadata.
+  """
+  if split is None:
+    return
+  info = checkpoint_info(checkpoint)
+  if info is None or info.get("train_split") != split or not same_data(info.get("dataset"),
+                                                                       dataset):
+    return
+  raise ValueError(f"{field}={split!r} is the split checkpoint={checkpoint!r} was trained on "
+                   f"(dataset {info.get('dataset')!r}, its metadata {info['file']}), so its "
+                   f"accuracy would not be held out; allowed: another split of {dataset!r} "
+                   "(e.g. 'test') or None")
 
 
 def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = True) -> dict:
@@ -117,7 +224,7 @@ def load_default_model():
 
 
 def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
-               registry: models.ModelRegistry | None = None):
+               registry: models.ModelRegistry | None = None, dataset: str | None = None):
   """A registered model and its variables: the one loader of searches, libraries, exports.
 
   Args:
@@ -127,13 +234,16 @@ def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
     input_shape: ``(H, W, C)``.
     num_classes: logits.
     registry: where ``name`` is looked up (default: the zoo).
+    dataset: the data it will be evaluated on (checked against a variables file's
+      metadata, when it has one).
 
   Returns:
     ``(model, variables)``.
 
   Raises:
     ValueError: unknown model, a missing file, or a checkpoint that does not match (its
-      model, input shape or number of classes).
+      metadata: model, input shape, number of classes, dataset; its variables' shapes,
+      the classifier's included).
   """
   models.check_model_name(name, registry=registry)
   shape = tuple(input_shape)
@@ -148,6 +258,10 @@ def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint={checkpoint!r}: no such file; give 'default' or a "
                      "variables file written by `nemo-jax convert` / `nemo-jax train`")
+  if os.path.isdir(checkpoint):
+    raise ValueError(f"checkpoint={checkpoint!r} is a directory; allowed: 'default' or a "
+                     "variables file (.msgpack)")
+  check_metadata(checkpoint, name, shape, num_classes, dataset)
   model = models.get_model(name, input_shape=shape, num_classes=num_classes, registry=registry)
   return model, load_variables(checkpoint, model, shape)
 

@@ -9,9 +9,12 @@ The loader knows nothing about what the file configures; the caller validates.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import inspect
 import json
 import os
+import traceback
 from typing import Any, Mapping
 
 
@@ -23,14 +26,70 @@ def split_variant(path: str) -> tuple[str, str | None]:
   return path, None
 
 
+def user_code_error(path: str, e: BaseException, doing: str = "") -> ValueError:
+  """A ValueError naming the user's file, the line in it and what went wrong.
+
+  Args:
+    path: the user's file (a config, a plugin, a model factory).
+    e: the exception its code raised (a SyntaxError while compiling it).
+    doing: what was being done, e.g. ``"get_config('foo')"``.
+  """
+  if isinstance(e, SyntaxError):
+    where = f"{path}:{e.lineno}" if e.lineno else path
+    return ValueError(f"{where}: syntax error ({e.msg}); allowed: a Python file that "
+                      "compiles")
+  line = None
+  target = os.path.abspath(path)
+  for frame in traceback.extract_tb(e.__traceback__):
+    if os.path.abspath(frame.filename) == target:
+      line = frame.lineno
+  where = f"{path}:{line}" if line else path
+  text = str(e).splitlines()[0] if str(e) else ""
+  return ValueError(f"{where}: {doing + ' ' if doing else ''}raised {type(e).__name__}"
+                    + (f": {text}" if text else "") + " (an error in that file)")
+
+
 def load_python_file(path: str, module_name: str = "_nemo_jax_user_config"):
-  """Executes a python file as a module (configs, user plugins); returns the module."""
+  """Executes a python file as a module (configs, user plugins); returns the module.
+
+  Raises:
+    ValueError: a missing file, or one that does not compile or raises while it is
+      executed (naming the file and line).
+  """
   if not os.path.exists(path):
     raise ValueError(f"config file {path!r} does not exist")
+  if os.path.isdir(path):
+    raise ValueError(f"{path!r} is a directory; allowed: a .py file")
   spec = importlib.util.spec_from_file_location(module_name, path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f"{path!r}: cannot be loaded as a Python file; allowed: a .py file")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any error in the user's file is theirs
+    raise user_code_error(path, e, "importing it") from None
   return module
+
+
+def _call_get(path: str, get, function: str, arg: str | None):
+  """``get()`` / ``get(arg)`` of a config file, its errors naming the file."""
+  try:
+    inspect.signature(get).bind(*(() if arg is None else (arg,)))
+  except TypeError:
+    if arg is None:
+      raise ValueError(f"config file {path}: {function}() needs a variant; allowed: "
+                       f"{path}:VARIANT") from None
+    raise ValueError(f"config file {path}: {function}() takes no variant, but "
+                     f"{path}:{arg} names one; allowed: {path} without ':{arg}'") from None
+  except ValueError:  # no signature (a builtin): just call it
+    pass
+  call = f"{function}()" if arg is None else f"{function}({arg!r})"
+  try:
+    return get() if arg is None else get(arg)
+  except ValueError as e:
+    raise ValueError(f"config file {path}: {call}: {e}") from None
+  except Exception as e:  # noqa: BLE001 - any error in the user's file is theirs
+    raise user_code_error(path, e, call) from None
 
 
 def load_config_file(path: str | os.PathLike, function: str = "get_config") -> Mapping[str, Any]:
@@ -54,17 +113,30 @@ def load_config_file(path: str | os.PathLike, function: str = "get_config") -> M
   if path.endswith(".json"):
     if arg is not None:
       raise ValueError(f"config file {path}: variants (FILE:ARG) need a .py file")
-    with open(path) as f:
-      try:
-        return json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+    if os.path.isdir(path):
+      raise ValueError(f"config file {path!r} is a directory; allowed: a .json file")
+    try:
+      with open(path) as f:
+        out = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+    if not isinstance(out, Mapping):
+      hint = (" (a front.json is a list of members: `nemo-jax export RUN_DIR --member K` "
+              "writes member K's precision config, FILE.json)" if isinstance(out, list)
+              else "")
+      raise ValueError(f"config file {path}: the top level is a JSON "
+                       f"{'array' if isinstance(out, list) else type(out).__name__}; "
+                       "allowed: a JSON object {\"field\": value, ...}" + hint)
+    return out
   if path.endswith(".py"):
     module = load_python_file(path)
     if not hasattr(module, function):
       raise ValueError(f"config file {path}: defines no {function}()")
     get = getattr(module, function)
-    out = get() if arg is None else get(arg)
+    if not callable(get):
+      raise ValueError(f"config file {path}: {function} is a {type(get).__name__}; allowed: "
+                       "a function returning a dict")
+    out = _call_get(path, get, function, arg)
     if not isinstance(out, Mapping):
       raise ValueError(f"config file {path}: {function}() returned "
                        f"{type(out).__name__}; allowed: a dict")
@@ -83,14 +155,23 @@ def resolve_object(spec: str, field: str):
                      "'path/to/file.py:name'")
   target, attr = spec.rsplit(":", 1)
   if target.endswith(".py"):
-    module = load_python_file(target, module_name="_nemo_jax_plugin_"
-                              + os.path.splitext(os.path.basename(target))[0])
+    if not os.path.isfile(target):
+      raise ValueError(f"{field}={spec!r}: no such file {target!r}; allowed: "
+                       "'package.module:name' or an existing 'path/to/file.py:name'")
+    try:
+      module = load_python_file(target, module_name="_nemo_jax_plugin_"
+                                + os.path.splitext(os.path.basename(target))[0])
+    except ValueError as e:
+      raise ValueError(f"{field}={spec!r}: {e}") from None
   else:
-    import importlib
     try:
       module = importlib.import_module(target)
     except ImportError as e:
       raise ValueError(f"{field}={spec!r}: cannot import {target!r} ({e})") from None
+    except Exception as e:  # noqa: BLE001 - an error in the user's module
+      where = getattr(e, "filename", None) if isinstance(e, SyntaxError) else None
+      raise ValueError(f"{field}={spec!r}: importing {target!r} raised {type(e).__name__}: "
+                       f"{e}" + (f" ({where})" if where else "")) from None
   if not hasattr(module, attr):
     raise ValueError(f"{field}={spec!r}: {target!r} defines no {attr!r}")
   return getattr(module, attr)

@@ -29,8 +29,9 @@ import numpy as np
 from nemo_jax._src import models
 from nemo_jax._src.checkpoint import SEP as _SEP
 from nemo_jax._src.checkpoint import flatten_dict as _flat
-from nemo_jax._src.checkpoint import save_variables
+from nemo_jax._src.checkpoint import checkpoint_metadata, save_variables, sidecar_path
 from nemo_jax._src.checkpoint import unflatten_dict as _unflat
+from nemo_jax._src.faults import MissingDependency, check_output_file, write_json
 
 
 
@@ -167,6 +168,7 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], model_name: str,
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"state_dict: expected a mapping of names to tensors, got "
                      f"{type(state_dict).__name__}")
+  check_finite_state(state_dict, "state_dict")
   model = models.get_model(model_name, input_shape, num_classes, **kwargs)
   expected = models.abstract_variables(model, input_shape)
   unused = {k for k in state_dict if not k.endswith("num_batches_tracked")}
@@ -203,12 +205,22 @@ def torchvision_to_flax(state_dict: Mapping[str, Any], model_name: str,
   return _unflat(converted)
 
 
+def check_finite_state(state_dict: Mapping[str, Any], where: str) -> None:
+  """Rejects a state dict holding NaN / inf, naming the first offending tensor."""
+  for key, value in state_dict.items():
+    array = _to_numpy(value)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+      bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+      raise ValueError(f"{where}: tensor {key!r} holds {bad} NaN/inf value(s); allowed: "
+                       "finite weights (re-export or retrain the checkpoint)")
+
+
 def _import_torch():
   try:
     import torch  # noqa: PLC0415  (optional dependency, imported lazily)
   except ImportError:
-    raise ImportError("reading .pth checkpoints needs PyTorch: pip install "
-                      "'nemo-jax[torch]' (torch==2.14.1, torchvision==0.29.1)") from None
+    raise MissingDependency("reading .pth checkpoints needs PyTorch: pip install "
+                            "'nemo-jax[torch]' (torch==2.14.1, torchvision==0.29.1)") from None
   return torch
 
 
@@ -251,8 +263,12 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
 
 
 def convert_checkpoint(pth_path, model_name: str, out_path, input_shape=(224, 224, 3),
-                       num_classes: int | None = None, **kwargs) -> dict:
+                       num_classes: int | None = None, overwrite: bool = False,
+                       **kwargs) -> dict:
   """Converts a torchvision ``.pth`` file to a Flax msgpack file.
+
+  Writes ``out_path`` and its metadata sidecar (``checkpoint.sidecar_path``: model,
+  classes, source; loading checks them against a config).
 
   Args:
     pth_path: PyTorch checkpoint (see :func:`load_torch_checkpoint`).
@@ -260,13 +276,21 @@ def convert_checkpoint(pth_path, model_name: str, out_path, input_shape=(224, 22
     out_path: destination ``.msgpack`` file.
     input_shape: ``(H, W, C)`` of the images.
     num_classes: None reads it from the checkpoint's classifier.
+    overwrite: replace ``out_path`` / its sidecar if they exist (default: refuse).
     **kwargs: model options.
 
   Returns:
     The converted variables.
+
+  Raises:
+    ValueError: a bad model name or checkpoint, a tensor holding NaN / inf (named),
+      an output that exists (without ``overwrite``) or cannot be written; checked
+      before anything is written.
   """
   _, classifier_key = _check_convertible(model_name)
+  check_output_file(out_path, overwrite, "out", extra=(sidecar_path(out_path),))
   state_dict = load_torch_checkpoint(pth_path)
+  check_finite_state(state_dict, f"checkpoint {pth_path}")
   if num_classes is None:
     if classifier_key not in state_dict:
       raise ValueError(f"checkpoint {pth_path}: no {classifier_key!r} to read num_classes "
@@ -274,4 +298,10 @@ def convert_checkpoint(pth_path, model_name: str, out_path, input_shape=(224, 22
     num_classes = int(state_dict[classifier_key].shape[0])
   variables = torchvision_to_flax(state_dict, model_name, input_shape, num_classes, **kwargs)
   save_variables(out_path, variables)
+  # The weights do not depend on the image size (global pooling): only the model, the
+  # classes and the source are recorded.
+  meta = checkpoint_metadata(model_name, input_shape, num_classes, None, None,
+                             os.path.abspath(os.fspath(pth_path)))
+  meta["input_shape"] = None
+  write_json(sidecar_path(out_path), {"checkpoint": meta})
   return variables

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,7 +47,7 @@ from nemo_jax._src.run import final as final_lib
 from nemo_jax._src.run import report
 from nemo_jax._src.run.config import SearchConfig
 from nemo_jax._src.run.members import load_run_member
-from nemo_jax._src.run.rundir import RunDir
+from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE, RunDir
 from nemo_jax._src.schemes import kernel_paths
 from nemo_jax._src.train import cross_entropy
 
@@ -96,7 +97,7 @@ class FinetuneConfig:
     v.number("learning_rate", cfg.learning_rate, 0.0, open_lo=True)
     v.number("momentum", cfg.momentum, 0.0, 1.0)
     v.choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    v.integer("seed", cfg.seed)
+    v.seed("seed", cfg.seed)
     return cfg
 
 
@@ -226,8 +227,12 @@ def _read_finetuned(run_dir: str) -> dict:
   path = os.path.join(run_dir, FINETUNED_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return {int(e["member"]): e for e in json.load(f)}
+  try:
+    with open(path) as f:
+      return {int(e["member"]): e for e in json.load(f)}
+  except (OSError, ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); allowed: the file "
+                     "`nemo-jax finetune` wrote (move it away to start over)") from None
 
 
 def _write_finetuned(run_dir: str, entries: dict) -> None:
@@ -388,6 +393,18 @@ def finetune_members(run_dir: str, members: Sequence[int], epochs: int | None = 
   members = list(members)
   if not members:
     raise ValueError("members: empty; allowed: at least one front index")
+  run = RunDir(run_dir)
+  run.require(CONFIG_FILE, FRONT_FILE)
+  # One writer per run directory (a search resuming there, another fine-tuning); it
+  # takes files before any work.
+  with run.lock("nemo-jax finetune", what="run_dir", create=False):
+    faults.probe_writable(run_dir, what="run_dir")
+    return _finetune_members(run_dir, members, asked, progress)
+
+
+def _finetune_members(run_dir: str, members: list[int], asked: dict,
+                      progress: bool) -> list[dict]:
+  """:func:`finetune_members` in its locked run directory."""
   # Every index is checked before any training (the first load checks the directory).
   first = load_run_member(run_dir, members[0], progress=False)
   loaded = {members[0]: first}
@@ -404,7 +421,7 @@ def finetune_members(run_dir: str, members: Sequence[int], epochs: int | None = 
       saved = entries.get(int(k))
       if saved is not None and saved.get("config") == dataclasses.asdict(cfg):
         if progress:
-          tqdm.write(f"finetune: member {k} already fine-tuned ({cfg.epochs} epochs); skipped")
+          tqdm.write(f"finetune: member {k} already fine-tuned ({cfg.epochs} epochs); skipped", file=sys.stderr)
         out.append(saved)
         continue
       entries[int(k)] = finetune_member(run_dir, k, cfg, stop, progress, loaded[k])
@@ -418,8 +435,15 @@ def _saved_settings(run_dir: str, member: int) -> dict:
   path = os.path.join(run_dir, FINETUNE_DIR, str(member), SETTINGS_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); allowed: the file "
+                     "`nemo-jax finetune` wrote") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: expected an object of settings, got {type(saved).__name__}")
+  return saved
 
 
 def plot_finetuned(run_dir: str) -> str | None:

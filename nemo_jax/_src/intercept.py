@@ -57,6 +57,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from nemo_jax._src import config_file
+from nemo_jax._src.faults import check_finite
 from nemo_jax._src.layers import LayerInfo, QContext
 
 HANDLED_LAYERS = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral)
@@ -312,7 +313,13 @@ def load_model_factory(spec: str, field: str = "model"):
     v_type = type(factory).__name__
     raise ValueError(f"{field}={spec!r}: is a {v_type}; allowed: a function returning "
                      "(module, variables) or an nnx.Module")
-  out = factory()
+  try:
+    out = factory()
+  except Exception as e:  # noqa: BLE001 - an error in the user's factory is theirs
+    file = spec.rsplit(":", 1)[0]
+    if file.endswith(".py"):
+      raise config_file.user_code_error(file, e, f"{field}={spec!r}: the factory") from None
+    raise ValueError(f"{field}={spec!r}: the factory raised {type(e).__name__}: {e}") from None
   if isinstance(out, nnx.Module):
     out = (out, None)
   if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -337,7 +344,28 @@ def check_user_model(model, variables, field: str = "model"):
   if not isinstance(variables, Mapping) or "params" not in variables:
     raise ValueError(f"variables: got {type(variables).__name__}; allowed: a mapping with a "
                      "'params' collection (what module.init returns)")
+  check_finite(variables, f"{field}: variables")
   return model, dict(variables)
+
+
+def check_runs_on(model: nn.Module, variables, input_shape, field: str = "model"):
+  """The model's output on one ``input_shape`` image (abstract): logits ``[1, classes]``.
+
+  Raises:
+    ValueError: the model fails on that shape or does not return ``[N, classes]`` logits.
+  """
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  try:
+    out = jax.eval_shape(lambda v, x: model.apply(v, x, None, train=False), variables, x)
+  except Exception as e:  # noqa: BLE001 - a model that cannot run on the data's shape
+    text = str(e).splitlines()[0] if str(e) else ""
+    raise ValueError(f"{field}: {type(e).__name__} running it on input_shape="
+                     f"{tuple(input_shape)}: {text}; allowed: the input shape the model "
+                     "was made for") from None
+  if not hasattr(out, "shape") or len(out.shape) != 2:
+    raise ValueError(f"{field}: output {getattr(out, 'shape', type(out).__name__)} on "
+                     f"input_shape={tuple(input_shape)}; allowed: logits [N, classes]")
+  return out
 
 
 # --------------------------------------------------------------------------- check

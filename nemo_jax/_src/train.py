@@ -8,7 +8,6 @@ variables and metrics. The default checkpoint in ``nemo_jax/assets`` was produce
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Mapping
 
@@ -65,7 +64,7 @@ class TrainConfig:
     v.boolean("augment", cfg.augment)
     v.integer("held_out_per_class", cfg.held_out_per_class, 0)
     v.integer("held_out_seed", cfg.held_out_seed, 0)
-    v.integer("seed", cfg.seed)
+    v.seed("seed", cfg.seed)
     return cfg
 
 
@@ -165,8 +164,13 @@ def train(cfg: TrainConfig, progress: bool = True):
 
 
 def save_trained(path: str, cfg: TrainConfig, variables, metrics) -> None:
-  """Writes the checkpoint and a JSON sidecar (config + metrics + versions)."""
+  """Writes the checkpoint and a JSON sidecar (config + metrics + versions, and the
+  ``checkpoint`` metadata that loading checks against a config: model, input shape,
+  classes, dataset, training split)."""
+  spec = data_lib.DATASETS[cfg.dataset]
   ckpt.save_variables(path, variables)
   info = {"config": dataclasses.asdict(cfg), "metrics": metrics,
+          "checkpoint": ckpt.checkpoint_metadata(cfg.model, spec.input_shape,
+                                                 spec.num_classes, cfg.dataset, "train"),
           "versions": {"jax": jax.__version__}}
-  write_json(os.path.splitext(path)[0] + ".json", info, indent=2)
+  write_json(ckpt.sidecar_path(path), info, indent=2)

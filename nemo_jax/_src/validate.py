@@ -27,8 +27,16 @@ def is_number(v: Any) -> bool:
   return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+INT32_MAX = 2**31 - 1
+"""The largest integer a config field may hold unless it says otherwise: counts, sizes and
+seeds reach the engine as int32 (a larger value would overflow there)."""
+
+
 def integer(field: str, v: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-  """An integer in ``[minimum, maximum]`` (bounds optional)."""
+  """An integer in ``[minimum, maximum]`` (``maximum`` defaults to :data:`INT32_MAX`)."""
+  if maximum is None and is_integer(v) and v > INT32_MAX:
+    fail(field, v, (f"an integer >= {minimum} and " if minimum is not None else "an integer ")
+         + f"<= {INT32_MAX} (int32)")
   if not is_integer(v) or (minimum is not None and v < minimum) or (
       maximum is not None and v > maximum):
     if minimum is not None and maximum is not None:
@@ -39,6 +47,11 @@ def integer(field: str, v: Any, minimum: int | None = None, maximum: int | None 
       allowed = "an integer"
     fail(field, v, allowed)
   return int(v)
+
+
+def seed(field: str, v: Any) -> int:
+  """A PRNG seed: an integer in ``0..2**31 - 1``."""
+  return integer(field, v, 0, INT32_MAX)
 
 
 def optional_integer(field: str, v: Any, minimum: int | None = None) -> int | None:

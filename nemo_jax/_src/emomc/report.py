@@ -42,6 +42,7 @@ import numpy as np
 from nemo_jax._src import costs as costs_lib
 from nemo_jax._src import quant
 from nemo_jax._src.problem import ACCURACY_OBJECTIVES, capped_split, selection_data
+from nemo_jax._src.faults import check_output_file, write_atomic
 from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE, RunDir
 from nemo_jax._src.run.search import build_problem
@@ -179,22 +180,24 @@ def write_table(table: dict, out_dir: str) -> tuple[str, str]:
   """Writes ``emomc_table.json`` and ``emomc_table.csv`` into ``out_dir``."""
   os.makedirs(out_dir, exist_ok=True)
   jpath, cpath = os.path.join(out_dir, TABLE_JSON), os.path.join(out_dir, TABLE_CSV)
-  with open(jpath, "w") as f:
-    json.dump(table, f, indent=1)
+  write_atomic(jpath, lambda f: json.dump(table, f, indent=1), mode="w")
+  write_atomic(cpath, lambda f: _write_csv(f, table), mode="w")
+  return jpath, cpath
+
+
+def _write_csv(f, table: dict) -> None:
   cols = (["method", "keep", "selection_top1", "selection_loss", "top1", "accuracy_loss"]
           + [f"energy_x:{d}" for d in costs_lib.DATAFLOWS]
           + [f"size_x:{c}" for c in costs_lib.CODINGS] + ["w_bits"])
-  with open(cpath, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(cols)
-    for r in table["rows"]:
-      ex, sx = r.get("energy_x") or {}, r.get("size_x") or {}
-      w.writerow([r["method"], r["keep"], r.get("selection_top1"), r.get("selection_loss"),
-                  r["top1"], r["accuracy_loss"]]
-                 + [ex.get(d) for d in costs_lib.DATAFLOWS]
-                 + [sx.get(c) for c in costs_lib.CODINGS]
-                 + [" ".join(map(str, r["w_bits"])) if r["w_bits"] else ""])
-  return jpath, cpath
+  w = csv.writer(f)
+  w.writerow(cols)
+  for r in table["rows"]:
+    ex, sx = r.get("energy_x") or {}, r.get("size_x") or {}
+    w.writerow([r["method"], r["keep"], r.get("selection_top1"), r.get("selection_loss"),
+                r["top1"], r["accuracy_loss"]]
+               + [ex.get(d) for d in costs_lib.DATAFLOWS]
+               + [sx.get(c) for c in costs_lib.CODINGS]
+               + [" ".join(map(str, r["w_bits"])) if r["w_bits"] else ""])
 
 
 # --------------------------------------------------------------------------- from a run
@@ -237,7 +240,8 @@ def _row(label, cand, reference, fp32):
 
 def emomc_report(run_dir: str, quant_run: str | None = None,
                  max_loss: float = DEFAULT_MAX_LOSS, criterion: str | None = None,
-                 out_dir: str | None = None, problem=None, progress: bool = False) -> dict:
+                 out_dir: str | None = None, problem=None, progress: bool = False,
+                 overwrite: bool = False) -> dict:
   """Builds (and writes) the EMOMC table of a finished search directory.
 
   Args:
@@ -250,6 +254,7 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
     out_dir: where to write ``emomc_table.{json,csv}`` (default: ``run_dir``).
     problem: a prebuilt problem for the run's config (else built from ``config.json``).
     progress: progress bars while loading.
+    overwrite: replace an existing table in ``out_dir`` (default: refuse).
 
   Returns:
     The table dict (``fp32_top1`` on the test set, ``fp32_selection_top1`` on the
@@ -260,6 +265,19 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
     raise ValueError(f"max_loss={max_loss!r} is invalid; allowed: a fraction in [0, 1]")
   run = RunDir(run_dir)
   run.require(CONFIG_FILE, FRONT_FILE)
+  target = out_dir or run_dir
+  # Before any work: the table replaces nothing unasked and its directory takes files.
+  for name in (TABLE_JSON, TABLE_CSV):
+    check_output_file(os.path.join(target, name), overwrite, "out")
+  if os.path.realpath(target) != os.path.realpath(run_dir):
+    return _report(run, quant_run, max_loss, criterion, target, problem, progress)
+  with run.lock("nemo-jax emomc-report", "run_dir", create=False):
+    return _report(run, quant_run, max_loss, criterion, target, problem, progress)
+
+
+def _report(run: RunDir, quant_run, max_loss, criterion, target, problem, progress) -> dict:
+  """:func:`emomc_report` with its output checked (and the run locked when written)."""
+  run_dir = run.path
   cfg = run.read_config()
   if cfg.problem.library is None and problem is None:
     raise ValueError(f"run_dir={run_dir!r}: the run has no library; allowed: an EMOMC run "
@@ -312,5 +330,5 @@ def emomc_report(run_dir: str, quant_run: str | None = None,
                       fp32[SELECTION_KEY], selected_on)
   table["fp32_costs"] = reference
   table["run_dir"] = run_dir
-  write_table(table, out_dir or run_dir)
+  write_table(table, target)
   return table

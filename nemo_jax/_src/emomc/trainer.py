@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 import warnings
 from typing import Any, Mapping
@@ -54,8 +55,12 @@ from nemo_jax._src.emomc.io import (DENSE_KEEP, LIBRARY_FILE, LIBRARY_FORMAT,
                                     check_keep_ratios, entry_dir, load_entry,
                                     parse_keep_range, ratio_id, ratio_key, read_library)
 from nemo_jax._src.emomc.masks import is_kernel_path, magnitude_masks, nonzero_counts
-from nemo_jax._src.faults import GracefulStop, probe_writable, write_json
+from nemo_jax._src.faults import DirLock, GracefulStop, probe_writable, write_json
 from nemo_jax._src.run.checkpoint import save_tree
+from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE, HISTORY_FILE
+
+RUN_FILES = (CONFIG_FILE, FRONT_FILE, HISTORY_FILE)
+"""Files of a search run: a directory holding one is never a library's."""
 
 SCHEDULES = ("independent", "chain")
 
@@ -160,7 +165,7 @@ def library_config(d: Mapping[str, Any] | LibraryConfig | None = None,
   v.choice("eval_split", cfg.eval_split, data_lib.DATASETS[cfg.dataset].splits)
   v.optional_integer("eval_max_images", cfg.eval_max_images, 1)
   v.optional_integer("train_max_images", cfg.train_max_images, 1)
-  v.integer("seed", cfg.seed)
+  v.seed("seed", cfg.seed)
   return cfg
 
 
@@ -231,12 +236,25 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
       built with different settings.
   """
   cfg = library_config(cfg)
+  # One writer per directory, and never a search run's directory.
+  with DirLock(cfg.out_dir, "nemo-jax prune-library", "out_dir"):
+    run_files = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+    if run_files:
+      raise ValueError(f"out_dir={cfg.out_dir!r} holds a search run ({', '.join(run_files)});"
+                       " allowed: a library directory of its own (e.g. runs/library), "
+                       "named by the search's library=DIR")
+    return _build(cfg, model, variables, progress)
+
+
+def _build(cfg: LibraryConfig, model, variables, progress: bool) -> dict:
+  """:func:`build_library` in its locked directory."""
   ratios = cfg.ratios
   info = data_lib.DATASETS[cfg.dataset]
   shape = tuple(cfg.input_shape or info.input_shape)
   classes = cfg.num_classes or info.num_classes
   if model is None:
-    model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes)
+    model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes,
+                                       dataset=cfg.dataset)
   steps, batch_size, seed, out_dir = cfg.steps, cfg.batch_size, cfg.seed, cfg.out_dir
   variables = jax.tree.map(jnp.asarray, {"params": variables["params"],
                                          "batch_stats": variables.get("batch_stats", {})})
@@ -275,7 +293,7 @@ def build_library(cfg: LibraryConfig | Mapping[str, Any], model=None, variables=
       load_entry(out_dir, p, variables, meta)
     except ValueError as e:
       warnings.warn(f"{e}; rebuilding it", stacklevel=2)
-      tqdm.write(f"warning: {e}; rebuilding it")
+      tqdm.write(f"warning: {e}; rebuilding it", file=sys.stderr)
       del meta["entries"][ratio_key(p)]
 
   todo = [p for p in ratios if not finished(p)]

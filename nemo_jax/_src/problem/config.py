@@ -210,7 +210,7 @@ class ProblemConfig:
     """Checks every field (``from_dict`` calls it)."""
     v.optional_integer("num_classes", self.num_classes, 1)
     if self.data_seed is not None:
-      v.integer("data_seed", self.data_seed, 0, 2**31 - 1)
+      v.seed("data_seed", self.data_seed)
     v.choice("eval_split", self.eval_split, self.splits)
     v.choice("fitness_labels", self.fitness_labels, FITNESS_LABELS)
     for f in ("eval_per_class", "calib_per_class", "calib_batches", "eval_batch_size"):

@@ -38,7 +38,6 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from nemo_jax._src import calibration as calib_lib
 from nemo_jax._src import checkpoint as ckpt
@@ -336,7 +335,6 @@ def held_out_images(cfg: ProblemConfig, selection_per_class: int) -> tuple[int, 
            "images are training images of the model (selection_top1 is in sample); allowed: "
            "a checkpoint trained with held_out_per_class > 0 (nemo-jax train)")
     warnings.warn(msg, stacklevel=3)
-    tqdm.write("warning: " + msg)
   return None
 
 

@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from nemo_jax._src import data as data_lib
+from nemo_jax._src.faults import check_finite_images
 from nemo_jax._src.problem.config import IN_MEMORY_DATASET, IN_MEMORY_SPLITS, ProblemConfig
 
 
@@ -25,7 +26,8 @@ def data_splits(data) -> dict:
       the final front is re-evaluated). Images are used as given (preprocessed).
 
   Raises:
-    ValueError naming the split and the problem.
+    ValueError naming the split and the problem (also: an image holding NaN / inf,
+    naming the first one).
   """
   if isinstance(data, (tuple, list)):
     data = {"train": data}
@@ -47,6 +49,10 @@ def data_splits(data) -> dict:
         or labels.min() < 0:
       raise ValueError(f"data[{split!r}]: labels of shape {labels.shape} / dtype "
                        f"{labels.dtype}; allowed: non-negative integers [{len(images)}]")
+    if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+      raise ValueError(f"data[{split!r}]: images of dtype {images.dtype}; allowed: numbers")
+    # Non-finite images would give NaN accuracies and an empty front: an error here.
+    check_finite_images(images, f"data[{split!r}]")
     out[split] = (images.astype(np.float32), labels.astype(np.int32))
   shapes = {s: x.shape[1:] for s, (x, _) in out.items()}
   if len(set(shapes.values())) > 1:

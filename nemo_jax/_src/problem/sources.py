@@ -99,15 +99,7 @@ def user_model_source(cfg: ProblemConfig, model, variables) -> ModelSource:
   shape = cfg.resolved_input_shape
   model, variables = nnx_models.quantizable(model, variables)
   variables = jax.tree.map(jnp.asarray, variables)
-  x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  try:
-    out = jax.eval_shape(lambda v, x: model.apply(v, x, None, train=False), variables, x)
-  except Exception as e:  # a model that cannot run on the data's shape
-    raise ValueError(f"model: {type(e).__name__} running it on input_shape={shape}: "
-                     f"{e}") from None
-  if not hasattr(out, "shape") or len(out.shape) != 2:
-    raise ValueError(f"model: output {getattr(out, 'shape', type(out).__name__)} on "
-                     f"input_shape={shape}; allowed: logits [N, classes]")
+  out = intercept_lib.check_runs_on(model, variables, shape)
   nnx_models.check_intercepted(model, variables, shape)
   return ModelSource("checkpoint", model, variables, shape, int(out.shape[-1]), variables)
 
@@ -135,7 +127,8 @@ def load_model_source(cfg: ProblemConfig, progress: bool = True, model=None,
     return user_model_source(cfg, *intercept_lib.load_model_factory(cfg.model))
   shape, classes = cfg.resolved_input_shape, cfg.resolved_num_classes
   if cfg.library is None:
-    model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes, models)
+    model, variables = ckpt.load_model(cfg.model, cfg.checkpoint, shape, classes, models,
+                                       dataset=cfg.dataset)
     return ModelSource("checkpoint", model, variables, shape, classes, variables)
   meta = library_io.read_library(cfg.library)
   check_library_config(cfg, meta, cfg.library)

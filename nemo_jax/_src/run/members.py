@@ -7,6 +7,7 @@ that member as packed integers or ONNX (``export.py``; ``docs/DESIGN.md``, "Expo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from nemo_jax._src import export as export_lib
+from nemo_jax._src import faults
 from nemo_jax._src.problem import Problem
 from nemo_jax._src.qconfig import QuantConfig
 from nemo_jax._src.run.rundir import CONFIG_FILE, FRONT_FILE, FrontMember, RunDir
@@ -71,7 +73,7 @@ def export_problem_member(problem: Problem, config: QuantConfig, format: str, ou
 
 
 def export_member(run_dir: str, member: int, *, format: str = "npz",
-                  out: str | None = None) -> dict:
+                  out: str | None = None, overwrite: bool = False) -> dict:
   """Exports front member ``member`` of a search run as integers (``export.py``).
 
   Args:
@@ -80,22 +82,40 @@ def export_member(run_dir: str, member: int, *, format: str = "npz",
     format: ``"npz"`` (packed integers) or ``"onnx"`` (QDQ model).
     out: the output file (default ``RUN_DIR/member_K.FORMAT``); ``OUT.json`` gets the
       precision JSON.
+    overwrite: replace ``out`` / ``OUT.json`` if they exist (default: refuse).
 
   Returns:
     The precision dict, with ``out`` and the member's ``objectives`` / ``metrics``.
 
   Raises:
-    ValueError: a bad run directory, member index or format.
+    ValueError: a bad run directory, member index or format, an ``out`` that exists
+      (without ``overwrite``), is a directory or cannot be written, or a run directory
+      another process is writing (``faults.LockedError``).
   """
   if format not in export_lib.FORMATS:
     raise ValueError(f"format={format!r} is invalid; allowed: {list(export_lib.FORMATS)}")
-  problem, config, entry = load_run_member(run_dir, member)
+  run = RunDir(run_dir)
+  run.require(CONFIG_FILE, FRONT_FILE)
+  if out is not None and out == "":
+    raise ValueError("out='' is invalid; allowed: a file path (or None for RUN_DIR/member_K."
+                     "FORMAT)")
   out = out or os.path.join(run_dir, f"member_{member}.{format}")
-  parent = os.path.dirname(os.path.abspath(out))
-  if not os.path.isdir(parent):
-    raise ValueError(f"out={out!r}: directory {parent!r} does not exist")
-  extra = {"source": {"run_dir": os.path.abspath(run_dir), "member": int(member)},
-           "objectives": dict(entry.objectives), "metrics": dict(entry.metrics)}
-  info = export_problem_member(problem, config, format, out, extra)
+  for other in export_lib.FORMATS:
+    if other != format and out.lower().endswith("." + other):
+      raise ValueError(f"out={out!r} ends in .{other} but format={format!r}; allowed: an out "
+                       f"file ending in .{format} (or --format {other})")
+  # Before any work: the file replaces nothing unasked, and its directory takes files.
+  faults.check_output_file(out, overwrite, "out", create_parent=False,
+                           extra=(out + ".json",))
+  parent, root = (os.path.realpath(os.path.dirname(os.path.abspath(out))),
+                  os.path.realpath(run_dir))
+  inside = parent == root or parent.startswith(root + os.sep)
+  # Writing into the run: one writer at a time (not while a search resumes there).
+  with (run.lock("nemo-jax export", "run_dir", create=False) if inside
+        else contextlib.nullcontext()):
+    problem, config, entry = load_run_member(run_dir, member)
+    extra = {"source": {"run_dir": os.path.abspath(run_dir), "member": int(member)},
+             "objectives": dict(entry.objectives), "metrics": dict(entry.metrics)}
+    info = export_problem_member(problem, config, format, out, extra)
   info["out"] = out
   return info

@@ -120,6 +120,16 @@ def redraw(out_dir: str) -> str:
   Raises:
     ValueError naming the directory and the missing or unreadable file.
   """
+  return redraw_files(out_dir)[0]
+
+
+def redraw_files(out_dir: str) -> tuple[str, list[str]]:
+  """:func:`redraw`, also returning the pictures it drew (none for an empty front or
+  history).
+
+  Raises:
+    ValueError naming the directory, the file and what is wrong in it.
+  """
   run = RunDir(out_dir)
   run.require(FRONT_FILE, HISTORY_FILE, "config.json", what="a search output directory")
   cfg = run.read_config()
@@ -127,13 +137,26 @@ def redraw(out_dir: str) -> str:
   uniform = run.read_uniform()
   history = run.read_history()
   species = species_labels(cfg.search.species)
-  missing = [f"size:{s}" for s in species if history and f"size:{s}" not in history[0]]
-  if missing:
-    raise ValueError(f"run_dir={out_dir!r}: {HISTORY_FILE} lacks the column(s) {missing}; "
-                     "allowed: the history.csv written by nemo-jax search")
+  objectives = cfg.problem.objectives
+  for name, members in ((FRONT_FILE, front), ("uniform.json",
+                                             [m.to_dict() for m in uniform or ()])):
+    for i, m in enumerate(members):
+      missing = [o for o in objectives if o not in m["objectives"]]
+      if missing:
+        raise ValueError(f"run_dir={out_dir!r}: {name}[{i}] lacks the objective(s) "
+                         f"{missing} of the run's config.json; allowed: the {name} "
+                         "written by this run")
+  columns = ["generation", "hypervolume"] + [f"size:{s}" for s in species]
+  for i, row in enumerate(history):
+    bad = [c for c in columns if not isinstance(row.get(c), (int, float))]
+    if bad:
+      raise ValueError(f"run_dir={out_dir!r}: {HISTORY_FILE} row {i + 1} lacks numeric "
+                       f"column(s) {bad}; allowed: the history.csv written by nemo-jax "
+                       "search")
+  drawn = []
   if front:
-    plot_front(out_dir, front, cfg.problem.objectives,
-               None if uniform is None else [m.to_dict() for m in uniform])
+    drawn.append(plot_front(out_dir, front, objectives,
+                            None if uniform is None else [m.to_dict() for m in uniform]))
   if history:
-    plot_species(out_dir, history, species)
-  return front_table(front, cfg.problem.objectives)
+    drawn.append(plot_species(out_dir, history, species))
+  return front_table(front, objectives), drawn

@@ -8,7 +8,9 @@
   (:class:`FrontMember` each);
 * ``history.csv``: one row per generation;
 * ``checkpoints/`` (orbax, one step per generation) and ``damaged_checkpoints/``;
-* pictures (``front.png``, ``species.png``; ``report.py``).
+* pictures (``front.png``, ``species.png``; ``report.py``);
+* ``.lock`` while a writer (search, resume, fine-tuning, an export or report into the
+  run) owns it (:meth:`RunDir.lock`; ``docs/DESIGN.md``, "Faults").
 
 Every other module (export, fine-tuning, the EMOMC report, ``nemo-jax report``) reads a
 run through :class:`RunDir`, so a missing or unreadable file is one error naming the
@@ -25,7 +27,8 @@ import os
 import shutil
 from typing import Any, Iterator, Mapping, Sequence
 
-from nemo_jax._src.faults import write_json
+from nemo_jax._src.emomc.io import LIBRARY_FILE
+from nemo_jax._src.faults import DirLock, write_json
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.run.config import SearchConfig, load_search_config
 
@@ -260,12 +263,26 @@ class RunDir:
   def write_history(self, rows: Sequence[dict]) -> None:
     write_history_csv(self.file(HISTORY_FILE), rows)
 
+  def lock(self, command: str, what: str = "out_dir", create: bool = True) -> DirLock:
+    """The directory's exclusive lock (``with run.lock("nemo-jax search"): ...``).
+
+    A second writer gets a ``faults.LockedError`` naming the owner (pid, host, command,
+    since when); a lock left by a process that is gone is taken over. With ``create``
+    a missing directory is created (and removed again if still empty at release).
+    """
+    return DirLock(self.path, command, what, create)
+
   def claim(self, overwrite: bool) -> None:
     """A new run never writes over a previous run's results unless asked to.
 
     Raises:
-      ValueError: the directory holds a run and ``overwrite`` is False.
+      ValueError: the directory holds a run and ``overwrite`` is False, or it holds an
+        EMOMC library (never replaced).
     """
+    if os.path.exists(self.file(LIBRARY_FILE)):
+      raise ValueError(f"out_dir={self.path!r} holds an EMOMC library ({LIBRARY_FILE}); "
+                       "allowed: another directory (a search names its library with "
+                       "library=DIR and writes its run elsewhere)")
     previous = self.previous_run()
     if not previous:
       return

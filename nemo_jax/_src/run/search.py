@@ -14,6 +14,7 @@ import dataclasses
 import importlib.metadata
 import math
 import os
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from nemo_jax._src import checkpoint as ckpt
 from nemo_jax._src import faults
 from nemo_jax._src.costs.registry import make_objectives_fn
 from nemo_jax._src.graph import policy_graph
 from nemo_jax._src.problem import (ACCURACY_OBJECTIVES, IN_MEMORY_DATASET, USER_MODEL, Problem,
-                                   compose_problem, data_splits)
+                                   compose_problem, data_splits, is_user_model)
 from nemo_jax._src.registries import Registries
 from nemo_jax._src.run import checkpoint as ckpt_lib
 from nemo_jax._src.run import final as final_lib
@@ -216,7 +218,6 @@ def check_feasibility(problem: Problem, cfg: SearchConfig, archive, labels) -> s
   if cfg.search.infeasible == "error":
     raise ValueError(msg + " (infeasible='error'; set infeasible='warn' to go on)")
   warnings.warn(msg, stacklevel=2)
-  tqdm.write("warning: " + msg)
   return msg
 
 
@@ -313,6 +314,17 @@ def _resolve_config(config, out_dir, resume, registries, overrides, splits,
       raise ValueError(f"final_split={final_split!r} is not in data (splits "
                        f"{sorted(splits)}); allowed: one of {sorted(splits)} or None")
     cfg = cfg.replace(final_split=None)
+  classes = cfg.problem.num_classes
+  if splits is not None and classes is not None:
+    for split, (_, y) in splits.items():
+      if int(y.max()) >= classes:
+        raise ValueError(f"data[{split!r}]: label {int(y.max())} at index "
+                         f"{int(np.argmax(y))} with num_classes={classes}; allowed: labels "
+                         f"in 0..{classes - 1} (or num_classes > {int(y.max())})")
+  if splits is None and not is_user_model(cfg.problem.model) and cfg.problem.library is None:
+    # The test re-evaluation must not be on the images the checkpoint was trained on.
+    ckpt.check_held_out(cfg.problem.checkpoint, cfg.problem.dataset, cfg.run.final_split,
+                        "final_split")
   return cfg
 
 
@@ -358,7 +370,11 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
       ``custom_species``) are imported too, also on resume.
     callback: called with each generation's history row.
     overwrite: replace a previous run in ``out_dir`` (without it, a directory that
-      already holds a run is an error: pass ``resume=True`` or another directory).
+      already holds a run is an error: pass ``resume=True`` or another directory). A
+      directory holding an EMOMC library is never used. ``out_dir`` is locked for the
+      whole search (``RunDir.lock``): a second search / resume / fine-tuning there is
+      refused, naming this one; a new directory that the search fails to write into is
+      removed again.
     model, variables: your own linen model and its float variables (every
       ``nn.Conv`` / ``nn.ConvTranspose`` / ``nn.Dense`` / ``nn.DenseGeneral`` call is
       quantized by interception; ``docs/DESIGN.md``, "Your own model"), or an NNX
@@ -380,8 +396,11 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
 
   Raises:
     ValueError: a bad config (naming the field), an unwritable ``out_dir``, a resume
-      whose overrides contradict the saved run, a problem that is not the config's, or
-      a run directory with no checkpoint that restores (``docs/DESIGN.md``, "Faults").
+      whose overrides contradict the saved run, a problem that is not the config's, a
+      run directory with no checkpoint that restores, non-finite ``data`` (naming the
+      split and image), a checkpoint whose metadata contradicts the config, or an
+      ``out_dir`` another process writes (``faults.LockedError``; ``docs/DESIGN.md``,
+      "Faults").
     nemo_jax._src.faults.StopRequested: SIGINT / SIGTERM arrived; the last generation's
       checkpoint is complete, ``front.json`` / ``history.csv`` hold the results so far.
     nemo_jax._src.faults.CheckpointWriteError: a checkpoint write failed (disk full);
@@ -397,13 +416,25 @@ def search(config: Any = None, out_dir: str | None = None, resume: bool = False,
     overrides["input_shape"] = tuple(next(iter(splits.values()))[0].shape[1:])
   cfg = _resolve_config(config, out_dir, resume, registries, overrides, splits,
                         isinstance(data, (tuple, list)))
-  run = None if out_dir is None else RunDir(out_dir)
-  if run is not None:
+  if out_dir is None:
+    return _run(cfg, None, resume, problem, registries, progress, callback, model,
+                variables, splits, started)
+  run = RunDir(out_dir)
+  # One writer per directory: a second search / resume / fine-tuning there is refused.
+  with run.lock("nemo-jax search" + (" --resume" if resume else ""), create=not resume):
     if not resume:
       run.claim(overwrite)
     # Before any work: an unwritable directory or a full disk is an error now, not after
     # the calibration and generation 0.
     faults.probe_writable(out_dir, what="out_dir")
+    return _run(cfg, run, resume, problem, registries, progress, callback, model,
+                variables, splits, started)
+
+
+def _run(cfg: SearchConfig, run: RunDir | None, resume: bool, problem, registries,
+         progress, callback, model, variables, splits, started: float) -> SearchResult:
+  """The search of a resolved config (its directory locked and probed); ``started``:
+  the wall clock when :func:`search` was called (the run's ``total_seconds``)."""
   phase = _Phase()
   if problem is None:
     problem = build_problem(cfg, registries, progress=progress, model=model,
@@ -616,7 +647,7 @@ def _restore(manager, run: RunDir, engine: Engine, cfg: SearchConfig):
   if damaged:
     tqdm.write(f"resume: checkpoint step(s) {damaged} in {run.checkpoints} could not be "
                f"restored ({'; '.join(problems)}); resumed from step {step}, moved the "
-               f"damaged step(s) to {run.damaged}")
+               f"damaged step(s) to {run.damaged}", file=sys.stderr)
   return state, history, seen
 
 

@@ -358,6 +358,10 @@ class EvolutionConfig:
       v.fail("population", self.population,
              f"at least len(species) * min_species_size = {n_species * self.min_species_size}")
     v.integer("generations", self.generations, 0)
+    if self.population * (self.generations + 1) > v.INT32_MAX:
+      v.fail("population", self.population,
+             f"population * (generations + 1) <= {v.INT32_MAX} (the engine counts "
+             f"evaluations in int32; generations={self.generations})")
     v.choice("selection", self.selection, SELECTIONS)
     v.boolean("resize", self.resize)
     v.choice("utility", self.utility, UTILITIES)
@@ -383,7 +387,7 @@ class EvolutionConfig:
     if self.budget is not None:
       v.integer("budget", self.budget, 1)
     v.boolean("sensitivity_features", self.sensitivity_features)
-    v.integer("seed", self.seed)
+    v.seed("seed", self.seed)
     v.choice("infeasible", self.infeasible, INFEASIBLE_ACTIONS)
 
 
