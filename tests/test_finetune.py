@@ -58,14 +58,16 @@ def test_accuracies_are_the_evaluators_before_and_after(tuned):
   source = problem.source
   variables = ckpt.load_variables(entry["variables"], source.model, source.input_shape)
   run_cfg = nemo_jax.RunDir(out).read_config()
-  x_fit, y_fit, _ = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class)
+  x_fit, y_fit, _ = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class,
+                                 held_out=problem.held_out)
   evaluator = Evaluator(source.model, variables, problem.scheme, x_fit, y_fit)
   top1 = float(np.asarray(evaluator.run(jax.tree.map(lambda x: x[None],
                                                      _config(problem, entry))).top1)[0])
   assert entry["fitness"]["after"]["top1"] == pytest.approx(top1, abs=1e-6)
   # Before, on the selection set: the PTQ member through the run's own evaluator.
   selection = problem.make_evaluator(*selection_data(problem.cfg, problem.seed,
-                                                     run_cfg.run.selection_per_class))
+                                                     run_cfg.run.selection_per_class,
+                                                     held_out=problem.held_out))
   top1 = float(np.asarray(selection.run(jax.tree.map(lambda x: x[None],
                                                      _config(problem, entry))).top1)[0])
   assert entry["selection"]["before"]["top1"] == pytest.approx(top1, abs=1e-6)
@@ -149,6 +151,11 @@ def test_training_images_leave_the_selection_images_out(tuned):
     idx = ft.train_indices(cfg, settings, labels)
     assert np.intersect1d(idx, selection).size == 0
     assert len(idx) == (len(labels) - len(selection) if max_images is None else 320)
+  # The shipped checkpoint's held-out images (its metadata) all stay out of training.
+  assert problem.held_out is not None
+  held = data_lib.held_out_split(labels, *problem.held_out)[1]
+  idx = ft.train_indices(cfg, ft.FinetuneConfig(), labels, problem.held_out)
+  assert np.intersect1d(idx, held).size == 0 and len(idx) == len(labels) - len(held)
   # Another split than eval_split: all of it; the run's test split: refused.
   other = cfg.replace(eval_split="test", final_split=None)
   assert len(ft.train_indices(other, ft.FinetuneConfig(), labels)) == len(labels)

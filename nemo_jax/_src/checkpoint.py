@@ -21,8 +21,14 @@ from nemo_jax._src import models
 from nemo_jax._src.faults import check_finite, write_atomic
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
-DEFAULT_CHECKPOINT = os.path.join(ASSETS, "resnet20_fashion_mnist.msgpack")
-DEFAULT_CHECKPOINT_INFO = os.path.join(ASSETS, "resnet20_fashion_mnist.json")
+DEFAULT_CHECKPOINTS = {
+    "resnet20": "resnet20_fashion_mnist.msgpack",
+    "mobilenet_v2_small": "mobilenet_v2_small_fashion_mnist.msgpack",
+}
+"""The shipped checkpoint of each zoo model that has one (``checkpoint="default"``): all
+trained on the embedded Fashion-MNIST subset minus its held-out images
+(``experiments/configs/train_*.py``; training config and metrics in the ``.json`` beside
+each)."""
 
 SEP = "/"
 
@@ -73,23 +79,51 @@ def checkpoint_metadata(model: str, input_shape, num_classes: int, dataset: str 
           "source": source}
 
 
-def checkpoint_info(checkpoint: str) -> dict | None:
+def default_checkpoint(model: str = models.DEFAULT_MODEL) -> str:
+  """The shipped variables file ``checkpoint="default"`` means for ``model``.
+
+  Raises:
+    ValueError: ``model`` has no shipped checkpoint.
+  """
+  if model not in DEFAULT_CHECKPOINTS:
+    raise ValueError(f"checkpoint='default': no checkpoint of model={model!r} is shipped; "
+                     f"allowed: checkpoint='default' with model in {sorted(DEFAULT_CHECKPOINTS)}"
+                     ", or a variables file (nemo-jax train / nemo-jax convert)")
+  return os.path.join(ASSETS, DEFAULT_CHECKPOINTS[model])
+
+
+def resolve_checkpoint(checkpoint: str, model: str = models.DEFAULT_MODEL) -> str:
+  """The variables file of a config's ``checkpoint`` for ``model`` (``"default"``: the
+  shipped one, :func:`default_checkpoint`)."""
+  return default_checkpoint(model) if checkpoint == "default" else checkpoint
+
+
+def _sidecar(checkpoint: str, model: str) -> dict | None:
+  """The parsed sidecar of a checkpoint (a JSON object), or None."""
+  if checkpoint == "default" and model not in DEFAULT_CHECKPOINTS:
+    return None
+  path = sidecar_path(resolve_checkpoint(checkpoint, model))
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return {"path": path, "meta": meta} if isinstance(meta, Mapping) else None
+
+
+def checkpoint_info(checkpoint: str, model: str = models.DEFAULT_MODEL) -> dict | None:
   """What a variables file was made for, from its sidecar (``sidecar_path``), or None.
 
   Reads the ``checkpoint`` entry (written by ``nemo-jax train`` / ``nemo-jax convert``)
   or, for older ``nemo-jax train`` sidecars (the shipped default's), derives it from the
   training ``config``: ``{"model", "input_shape", "num_classes", "dataset",
   "train_split", "file"}`` (a field may be None). A ``.json`` next to the file that is
-  neither is not a sidecar (None).
+  neither is not a sidecar (None). ``model``: whose shipped checkpoint ``"default"`` is.
   """
-  path = DEFAULT_CHECKPOINT_INFO if checkpoint == "default" else sidecar_path(checkpoint)
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError):
+  sidecar = _sidecar(checkpoint, model)
+  if sidecar is None:
     return None
-  if not isinstance(meta, Mapping):
-    return None
+  path, meta = sidecar["path"], sidecar["meta"]
   info = meta.get("checkpoint")
   if isinstance(info, Mapping) and isinstance(info.get("model"), str):
     info = dict(info)
@@ -103,9 +137,6 @@ def checkpoint_info(checkpoint: str) -> dict | None:
             "input_shape": None if spec is None else list(spec.input_shape),
             "num_classes": None if spec is None else spec.num_classes,
             "train_split": "train"}
-  if checkpoint == "default":
-    info["input_shape"] = list(models.DEFAULT_INPUT_SHAPE)
-    info["num_classes"] = models.DEFAULT_NUM_CLASSES
   info["file"] = path
   return info
 
@@ -126,7 +157,7 @@ def check_metadata(checkpoint: str, name: str, input_shape, num_classes: int | N
   Raises:
     ValueError naming the field, the sidecar's value and the config's.
   """
-  info = checkpoint_info(checkpoint)
+  info = checkpoint_info(checkpoint, name)
   if info is None:
     return
   for field, want in (("model", name), ("input_shape", list(input_shape)),
@@ -144,7 +175,8 @@ def check_metadata(checkpoint: str, name: str, input_shape, num_classes: int | N
                      f"allowed: dataset={have!r}, or a checkpoint trained on {dataset!r}")
 
 
-def check_held_out(checkpoint: str, dataset: str, split: str | None, field: str) -> None:
+def check_held_out(checkpoint: str, dataset: str, split: str | None, field: str,
+                   model: str = models.DEFAULT_MODEL) -> None:
   """The split a run reports as held out is not the one the checkpoint was trained on.
 
   Raises:
@@ -152,7 +184,7 @@ def check_held_out(checkpoint: str, dataset: str, split: str | None, field: str)
   """
   if split is None:
     return
-  info = checkpoint_info(checkpoint)
+  info = checkpoint_info(checkpoint, model)
   if info is None or info.get("train_split") != split or not same_data(info.get("dataset"),
                                                                        dataset):
     return
@@ -210,17 +242,20 @@ def load_variables(path: str | os.PathLike, model, input_shape, strict: bool = T
   return out
 
 
-def load_default_model():
-  """The shipped default model: ``(model, variables)`` (resnet20 on Fashion-MNIST).
+def load_default_model(name: str = models.DEFAULT_MODEL):
+  """A shipped model: ``(model, variables)`` (default: resnet20 on Fashion-MNIST).
 
-  Made by ``experiments/configs/train_default.py``; its training config and metrics are
-  in ``nemo_jax/assets/resnet20_fashion_mnist.json``.
+  Args:
+    name: a zoo model with a shipped checkpoint (``DEFAULT_CHECKPOINTS``).
+
+  Made by ``experiments/configs/train_default.py`` (resnet20) and
+  ``train_mobilenet.py`` (mobilenet_v2_small); their training configs and metrics are in
+  the ``.json`` beside each file in ``nemo_jax/assets/``.
   """
-  with open(DEFAULT_CHECKPOINT_INFO) as f:
-    info = json.load(f)["config"]
+  path = default_checkpoint(name)
   shape, classes = models.DEFAULT_INPUT_SHAPE, models.DEFAULT_NUM_CLASSES
-  model = models.get_model(info["model"], input_shape=shape, num_classes=classes)
-  return model, load_variables(DEFAULT_CHECKPOINT, model, shape)
+  model = models.get_model(name, input_shape=shape, num_classes=classes)
+  return model, load_variables(path, model, shape)
 
 
 def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
@@ -248,13 +283,13 @@ def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
   models.check_model_name(name, registry=registry)
   shape = tuple(input_shape)
   if checkpoint == "default":
-    default = (models.DEFAULT_MODEL, tuple(models.DEFAULT_INPUT_SHAPE),
-               models.DEFAULT_NUM_CLASSES)
-    if (name, shape, num_classes) != default:
-      raise ValueError(f"checkpoint='default' is the {default[0]} {default[1]} model with "
-                       f"{default[2]} classes; for model={name!r} input_shape={shape} "
+    default_checkpoint(name)   # a model without a shipped checkpoint: the error
+    default = (tuple(models.DEFAULT_INPUT_SHAPE), models.DEFAULT_NUM_CLASSES)
+    if (shape, num_classes) != default:
+      raise ValueError(f"checkpoint='default' is the {name} {default[0]} model with "
+                       f"{default[1]} classes; for input_shape={shape} "
                        f"num_classes={num_classes} give a checkpoint path")
-    return load_default_model()
+    return load_default_model(name)
   if not os.path.exists(checkpoint):
     raise ValueError(f"checkpoint={checkpoint!r}: no such file; give 'default' or a "
                      "variables file written by `nemo-jax convert` / `nemo-jax train`")
@@ -266,18 +301,14 @@ def load_model(name: str, checkpoint: str, input_shape, num_classes: int,
   return model, load_variables(checkpoint, model, shape)
 
 
-def training_images(checkpoint: str) -> dict | None:
+def training_images(checkpoint: str, model: str = models.DEFAULT_MODEL) -> dict | None:
   """What a ``nemo-jax train`` checkpoint was trained on, from its sidecar's training
   config: ``{"dataset", "split", "held_out_per_class", "held_out_seed"}`` (the split is
   ``"train"`` minus ``held_out_per_class`` images per class, ``data.held_out_split``),
-  or None for a checkpoint without such a sidecar (converted, or written elsewhere)."""
-  path = DEFAULT_CHECKPOINT_INFO if checkpoint == "default" else \
-      os.path.splitext(os.fspath(checkpoint))[0] + ".json"
-  try:
-    with open(path) as f:
-      config = json.load(f).get("config")
-  except (OSError, ValueError, AttributeError):
-    return None
+  or None for a checkpoint without such a sidecar (converted, or written elsewhere).
+  ``model``: whose shipped checkpoint ``"default"`` is."""
+  sidecar = _sidecar(checkpoint, model)
+  config = None if sidecar is None else sidecar["meta"].get("config")
   if not isinstance(config, Mapping) or "epochs" not in config:
     return None
   return {"dataset": config.get("dataset"), "split": "train",

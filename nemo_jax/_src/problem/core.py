@@ -322,10 +322,9 @@ def held_out_images(cfg: ProblemConfig, selection_per_class: int) -> tuple[int, 
   """
   if is_user_model(cfg.model) or cfg.library is not None:
     return None
-  trained = ckpt.training_images(cfg.checkpoint)
-  if trained is None or cfg.eval_split != trained["split"] or not (
-      trained["dataset"] == cfg.dataset or {trained["dataset"], cfg.dataset} <= set(
-          ("fashion_mnist", "fashion_mnist_embedded"))):
+  trained = ckpt.training_images(cfg.checkpoint, cfg.model)
+  if (trained is None or cfg.eval_split != trained["split"]
+      or not ckpt.same_data(trained["dataset"], cfg.dataset)):
     return None
   if trained["held_out_per_class"] > 0:
     return trained["held_out_per_class"], trained["held_out_seed"]

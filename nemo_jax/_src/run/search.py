@@ -324,7 +324,7 @@ def _resolve_config(config, out_dir, resume, registries, overrides, splits,
   if splits is None and not is_user_model(cfg.problem.model) and cfg.problem.library is None:
     # The test re-evaluation must not be on the images the checkpoint was trained on.
     ckpt.check_held_out(cfg.problem.checkpoint, cfg.problem.dataset, cfg.run.final_split,
-                        "final_split")
+                        "final_split", cfg.problem.model)
   return cfg
 
 
