@@ -531,8 +531,11 @@ def plot(runs, table, images, path):
                                gridspec_kw={"width_ratios": [1.4, 1]})
   for name in dict.fromkeys(r["method"] for r in runs):
     rs = [r for r in runs if r["method"] == name]
-    ev = np.array([e for e, _ in rs[0]["curve"]])
-    hv = np.array([[h for _, h in r["curve"]] for r in rs])
+    # Budgets count distinct evaluations, so seeds may run different numbers of
+    # generations: the curves up to the shortest, at the seeds' mean evaluation counts.
+    n = min(len(r["curve"]) for r in rs)
+    ev = np.array([[e for e, _ in r["curve"][:n]] for r in rs]).mean(0)
+    hv = np.array([[h for _, h in r["curve"][:n]] for r in rs])
     if len(ev) == 1:
       ax.plot(ev, hv.mean(0), "k*", markersize=10, label=name)
       continue

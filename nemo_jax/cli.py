@@ -389,6 +389,24 @@ def enable_compilation_cache() -> str:
 LOG_FILE = "nemo_jax.log"
 
 
+class _ThreadStderr:
+  """``sys.stderr`` while a command runs: the main thread's writes (the command's own
+  lines, progress bars) pass through; other threads' (library threads printing a
+  traceback when they fail, e.g. orbax's event loop after a full disk) go to the log."""
+
+  def __init__(self, stream, lines: list[str]):
+    self._stream, self._lines = stream, lines
+
+  def write(self, text):
+    if threading.current_thread() is threading.main_thread():
+      return self._stream.write(text)
+    self._lines.append(text.rstrip("\n"))
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 class _LogCollector(logging.Handler):
   """Collects what libraries log (orbax, absl, jax: warnings and errors with their
   tracebacks) and what background threads raise, instead of printing it; saved to the
@@ -421,6 +439,7 @@ class _LogCollector(logging.Handler):
     root.addHandler(self)
     self._hook, threading.excepthook = threading.excepthook, self._thread_exception
     self._showwarning, warnings.showwarning = warnings.showwarning, self._warning
+    self._stderr, sys.stderr = sys.stderr, _ThreadStderr(sys.stderr, self.lines)
     return self
 
   def _warning(self, message, category, filename, lineno, file=None, line=None):
@@ -439,6 +458,7 @@ class _LogCollector(logging.Handler):
       root.addHandler(h)
     threading.excepthook = self._hook
     warnings.showwarning = self._showwarning
+    sys.stderr = self._stderr
 
   def save(self, directory: str | None, argv) -> str | None:
     """Appends the collected lines to ``directory/nemo_jax.log``; returns its path."""

@@ -211,7 +211,9 @@ def test_public_building_blocks_with_defaults_evaluate_what_a_default_search_doe
                                     keep_choices=[0.6, 1.0])
   assert cfg.problem.quant == QuantSpec()
   problem = nemo_jax.build_problem(cfg, progress=False)
-  x_fit, y_fit, x_calib = fitness_data(cfg.problem, cfg.image_seed, 0)
+  # The shipped checkpoint's held-out images (its metadata) are not fitness images.
+  x_fit, y_fit, x_calib = fitness_data(cfg.problem, cfg.image_seed, 0,
+                                       held_out=problem.held_out)
   model, variables = models.load_default_model()
   batch = max(1, len(x_calib) // cfg.problem.calib_batches)
   calibration = evaluation.calibrate(model, variables, x_calib, batch_size=batch)

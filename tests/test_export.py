@@ -176,7 +176,8 @@ def test_npz_is_the_fake_quantized_model_bit_for_bit_and_its_size_is_model_bits(
 def test_onnx_runtime_matches_the_fake_quantized_jax_forward(run_dir, tmp_path):
   out_dir, problem, front = run_dir
   run_cfg = RunDir(out_dir).read_config()
-  x = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class)[0]
+  x = fitness_data(problem.cfg, problem.seed, run_cfg.run.selection_per_class,
+                   held_out=problem.held_out)[0]
   figures = {}
   for k in (0, 1):           # uniform W8A8, pruned mixed precision
     path = str(tmp_path / f"m{k}.onnx")

@@ -60,7 +60,7 @@ def test_the_batch_equals_each_configuration_evaluated_alone(problem, tmp_path, 
 
 def _fitness(problem):
   from nemo_jax._src.problem import fitness_data
-  x, y, _ = fitness_data(problem.cfg, problem.seed, 0, problem.data)
+  x, y, _ = fitness_data(problem.cfg, problem.seed, 0, problem.data, problem.held_out)
   return x, y
 
 
