@@ -42,12 +42,14 @@ def run_once(work: str, name: str, extra: list[str]) -> dict:
   with open(os.path.join(out, "history.csv")) as f:
     history = list(csv.DictReader(f))
   t = saved["timing"]
-  evaluation = t.get("accuracy_seconds", 0.0) + t.get("final_seconds", 0.0)
+  evaluation = (t.get("accuracy_seconds", 0.0) + t.get("final_seconds", 0.0)
+                + t.get("sensitivity_seconds", 0.0))
   quality = saved.get("quality", {})
   return {
       "wall_seconds": round(wall, 2),
       "phases": {"startup_and_import": round(wall - t["total_seconds"], 2),
-                 "setup": t.get("setup_seconds"), "search_loop": t.get("search_seconds"),
+                 "setup": t.get("setup_seconds"), "sensitivity": t.get("sensitivity_seconds"),
+                 "search_loop": t.get("search_seconds"),
                  "final_phase": t.get("final_seconds"), "outputs": t.get("output_seconds")},
       "compile_seconds": {"setup": t.get("setup_compile_seconds"),
                           "search_loop": t.get("search_compile_seconds"),
