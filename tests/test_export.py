@@ -40,6 +40,9 @@ ort = pytest.importorskip("onnxruntime")
 FLOAT_NOISE = 1e-4        # x max|logit|: an image "agrees" (no rounding flip reached it)
 AGREEING_IMAGES = 0.5     # at least this fraction of the images agrees
 GROSS = 0.1               # x max|logit|: no image differs more
+GROSS_COARSE = 0.25       # ... for a member with an activation below 4 bits, where one
+                          # flipped step is a third (2 bits) or a seventh (3 bits) of
+                          # that tensor's range
 TOP1_AGREEMENT = 0.9
 
 
@@ -51,8 +54,9 @@ def _agreement(onnx_logits, jax_logits) -> dict:
           "top1": float(np.mean(onnx_logits.argmax(1) == jax_logits.argmax(1)))}
 
 
-def _agrees(a: dict) -> bool:
-  return (a["agreeing"] >= AGREEING_IMAGES and a["max_abs_diff"] <= GROSS * a["logit_scale"]
+def _agrees(a: dict, min_act_bits: int = 8) -> bool:
+  gross = GROSS if min_act_bits >= 4 else GROSS_COARSE
+  return (a["agreeing"] >= AGREEING_IMAGES and a["max_abs_diff"] <= gross * a["logit_scale"]
           and a["top1"] >= TOP1_AGREEMENT)
 
 
@@ -191,7 +195,7 @@ def test_onnx_runtime_matches_the_fake_quantized_jax_forward(run_dir, tmp_path):
     want = member_logits(problem.model, problem.source.variables, problem.scheme, config, x)
     got = _onnx_logits(proto, x)
     figures[k] = _agreement(got, want)
-    assert _agrees(figures[k]), figures[k]
+    assert _agrees(figures[k], min(front[k]["a_bits"])), (k, front[k]["a_bits"], figures[k])
   print("resnet20 onnx vs jax:", figures)
 
 
