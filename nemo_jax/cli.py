@@ -440,7 +440,14 @@ class _LogCollector(logging.Handler):
     self._hook, threading.excepthook = threading.excepthook, self._thread_exception
     self._showwarning, warnings.showwarning = warnings.showwarning, self._warning
     self._stderr, sys.stderr = sys.stderr, _ThreadStderr(sys.stderr, self.lines)
+    self._unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable_exception
     return self
+
+  def _unraisable_exception(self, u):
+    """What a library's callback raises where nobody can catch it (asyncio's "Event loop
+    is closed" in orbax's writers after a full disk): to the log."""
+    self.lines.append(f"exception ignored in {u.object!r}:\n" + "".join(
+        traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
 
   def _warning(self, message, category, filename, lineno, file=None, line=None):
     """nemo_jax's own warnings are for the user: one ``warning: ...`` line on stderr
@@ -459,6 +466,7 @@ class _LogCollector(logging.Handler):
     threading.excepthook = self._hook
     warnings.showwarning = self._showwarning
     sys.stderr = self._stderr
+    sys.unraisablehook = self._unraisable
 
   def save(self, directory: str | None, argv) -> str | None:
     """Appends the collected lines to ``directory/nemo_jax.log``; returns its path."""
