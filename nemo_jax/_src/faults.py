@@ -193,6 +193,18 @@ def exit_at_once_on_signals(status: int) -> None:
     signal.signal(s, handler)
 
 
+def _write_probe(directory: str) -> None:
+  """Writes, syncs and removes a ``PROBE_BYTES`` file in ``directory`` (raises OSError)."""
+  fd, probe = tempfile.mkstemp(prefix=".nemo_jax_probe_", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(b"\0" * PROBE_BYTES)
+      f.flush()
+      os.fsync(f.fileno())
+  finally:
+    os.remove(probe)
+
+
 def probe_writable(path: str, needed_bytes: int = 0, what: str = "out_dir") -> None:
   """Checks before any work that ``path`` (created if needed) takes files and has room.
 
@@ -204,14 +216,7 @@ def probe_writable(path: str, needed_bytes: int = 0, what: str = "out_dir") -> N
   """
   try:
     os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".nemo_jax_probe_", dir=path)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(b"\0" * PROBE_BYTES)
-        f.flush()
-        os.fsync(f.fileno())
-    finally:
-      os.remove(probe)
+    _write_probe(path)
   except OSError as e:
     raise ValueError(f"{what}={path!r} is not writable ({e.strerror or e}); allowed: a "
                      "directory this user can write, on a disk with free space") from None
@@ -331,14 +336,7 @@ def check_output_file(path, overwrite: bool = False, what: str = "--out",
     raise ValueError(f"{what}={path!r}: {existing!r} is not a directory; allowed: a path "
                      "whose parents are directories")
   try:
-    fd, probe = tempfile.mkstemp(prefix=".nemo_jax_probe_", dir=existing)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(b"\0" * PROBE_BYTES)
-        f.flush()
-        os.fsync(f.fileno())
-    finally:
-      os.remove(probe)
+    _write_probe(existing)
   except OSError as e:
     raise ValueError(f"{what}={path!r}: {existing!r} is not writable ({e.strerror or e}); "
                      "allowed: a directory this user can write, on a disk with free "
